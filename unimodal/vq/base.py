@@ -1,0 +1,59 @@
+"""What every image tokenizer in unimodal offers, so the vocabulary, data and generation code
+works the same on a learned VQ-GAN and on the pixel-level baseline.
+
+An image tokenizer maps pixels ``[B, 3, H, W]`` in ``[-1, 1]`` to codes ``LongTensor[B, h, w]``
+with ``h = H / downsample_factor`` and back. Its config carries ``codebook_size`` and
+``image_size`` (the training resolution, which fixes the ``h * w`` tokens of a generated image).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ImageTokenizerMixin:
+    """Shared shape logic and input checks for `VQGAN` and `PixelTokenizer`."""
+
+    @property
+    def downsample_factor(self) -> int:  # pragma: no cover - each tokenizer defines it
+        raise NotImplementedError
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.config.codebook_size)
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        """``(h, w)`` of the code grid for an image of ``config.image_size`` pixels."""
+        side = int(self.config.image_size) // self.downsample_factor
+        return side, side
+
+    @property
+    def num_image_tokens(self) -> int:
+        h, w = self.grid_shape
+        return h * w
+
+    def check_pixels(self, pixels: torch.Tensor) -> None:
+        """Raise a clear ``ValueError`` unless ``pixels`` is ``[B, 3, H, W]`` with H, W divisible."""
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected pixels of shape [B, 3, H, W], got {tuple(pixels.shape)}")
+        f = self.downsample_factor
+        h, w = pixels.shape[-2:]
+        if h % f or w % f:
+            raise ValueError(
+                f"image size {h}x{w} is not divisible by the downsample factor {f}; "
+                f"resize or crop to a multiple of {f} (e.g. {max(f, h // f * f)}x{max(f, w // f * f)})"
+            )
+
+    def check_codes(self, codes: torch.Tensor) -> None:
+        """Raise a clear ``ValueError`` unless ``codes`` is an integer ``[B, h, w]`` grid in range."""
+        if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+            raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+        if codes.ndim != 3:
+            raise ValueError(f"expected codes of shape [B, h, w], got {tuple(codes.shape)}")
+        bad = (codes < 0) | (codes >= self.codebook_size)
+        if bad.any():
+            pos = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"code {int(codes[pos])} at position {pos} is outside [0, {self.codebook_size})"
+            )
