@@ -1,0 +1,359 @@
+"""Generation: sampler, KV-cache decoding, batched CFG, span constraints, text and interleaved output.
+
+Reference implementations here are deliberately naive: one row at a time, no KV cache, the full
+sequence re-run every step, guidance computed from two separate forwards.
+"""
+
+import pytest
+import torch
+from PIL import Image
+from transformers import ClassifierFreeGuidanceLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from unimodal import PixelTokenizer, PixelTokenizerConfig, add_image_tokens
+from unimodal.generation import (
+    ImageSpanConstraint, KVDecoder, RowUniforms, SamplingConfig, decode_image_ids, generate_images, generate_text,
+    logits_warpers, resolve_sampling, sample_image_tokens, sample_tokens,
+)
+from unimodal.images import tensor_to_pil
+from unimodal.lm import TINY_ARCHITECTURES, build_causal_lm, train_text_tokenizer
+
+PROMPTS = ["a cat", "the quick brown fox jumps over the lazy dog", "a handwritten digit seven"]
+
+
+def make_lm(model_type="llama", image_size=6, pixel_size=2, hidden_size=32, seed=0):
+    """A tiny random LM extended with a 16-colour pixel tokenizer (3x3 = 9 image tokens)."""
+    tok = train_text_tokenizer()
+    image_tokenizer = PixelTokenizer(PixelTokenizerConfig(codebook_size=16, image_size=image_size,
+                                                          pixel_size=pixel_size))
+    model = build_causal_lm(model_type, vocab_size=len(tok), hidden_size=hidden_size, seed=seed)
+    processor = add_image_tokens(model, tok, image_tokenizer)
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: a second intra-op thread only adds synchronisation, and on a busy
+    2-core machine it made the tests ~20x slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return make_lm()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny LM that learned captions, text-to-image and interleaved text+image (2x2 images).
+
+    It puts most probability on <boi> after "the quick brown fox", so it is the model that
+    would emit image ids in text mode if nothing stopped it."""
+    model, processor = make_lm(image_size=2, pixel_size=1, hidden_size=64)
+    black, white = torch.zeros(2, 2, dtype=torch.long), torch.full((2, 2), 15)
+    captions = ["a handwritten digit zero", "a handwritten digit one"]
+    seqs = []
+    for caption, grid in zip(captions, (black, white)):
+        seqs += [processor.text_to_image_ids(caption, grid), processor.image_to_text_ids(grid, caption)]
+    seqs.append([processor.bos_token_id, *processor.encode_text("the quick brown fox"), *processor.image_span_ids(black),
+                 *processor.encode_text(" jumps over"), *processor.image_span_ids(white), processor.eos_token_id])
+    batch = processor.tokenizer.pad({"input_ids": seqs}, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(80):
+        loss = model(**batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5
+    images = tensor_to_pil(processor.image_tokenizer.decode(torch.stack([black, white])))
+    return model.eval(), processor, captions, images
+
+
+# ---------------------------------------------------------------------------- references
+
+@torch.no_grad()
+def reference_image_tokens(model, processor, prompt, sampling, uniforms, negative=None):
+    """One row, no cache: full forwards of cond and uncond sequences, guidance by hand."""
+    lo, hi = processor.image_token_range
+    cond, uncond = list(prompt), list(negative or processor.unconditional_prompt_ids())
+    warpers = []
+    if sampling.temperature != 1:
+        warpers.append(TemperatureLogitsWarper(float(sampling.temperature)))
+    if sampling.top_k:
+        warpers.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+    out = []
+    for t in range(processor.num_image_tokens):
+        scores = model(torch.tensor([cond])).logits[:, -1, lo:hi]
+        if sampling.guidance_scale != 1:
+            u = model(torch.tensor([uncond])).logits[:, -1, lo:hi]
+            scores = u + sampling.guidance_scale * (scores - u)
+        for w in warpers:
+            scores = w(None, scores)
+        token = int(sample_tokens(scores, uniforms[t:t + 1] if sampling.do_sample else None)) + lo
+        out.append(token)
+        cond.append(token)
+        uncond.append(token)
+    return out
+
+
+def prompt_rows(processor, prompts=PROMPTS):
+    return [processor.text_to_image_ids(p) for p in prompts]
+
+
+# ---------------------------------------------------------------------------- sampler pieces
+
+def test_sample_tokens_follows_the_distribution_and_never_picks_forbidden_ids():
+    scores = torch.tensor([[0.0, 1.0, float("-inf"), 2.0, -1.0]]).expand(20000, 5)
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    picked = sample_tokens(scores, u)
+    freq = torch.bincount(picked, minlength=5).double() / len(picked)
+    probs = scores[0].softmax(-1).double()
+    assert freq[2] == 0
+    assert torch.allclose(freq, probs, atol=0.015), (freq, probs)
+    assert sample_tokens(scores[:3], None).tolist() == [3, 3, 3]
+    # Row results do not depend on the other rows.
+    mixed = torch.randn(6, 50, generator=torch.Generator().manual_seed(1))
+    u6 = u[:6]
+    assert [int(sample_tokens(mixed[i:i + 1], u6[i:i + 1])) for i in range(6)] == sample_tokens(mixed, u6).tolist()
+
+
+def test_row_uniforms_give_each_row_its_own_stream():
+    assert torch.equal(RowUniforms(3, 5, seed=7).values[1], RowUniforms(1, 5, seed=8).values[0])
+    assert torch.equal(RowUniforms(2, 4, seed=[8, 7]).values, RowUniforms(3, 4, seed=7).values[[1, 0]])
+    gens = [torch.Generator().manual_seed(s) for s in (7, 8)]
+    assert torch.equal(RowUniforms(2, 5, generator=gens).values, RowUniforms(2, 5, seed=7).values)
+    single = RowUniforms(2, 5, generator=torch.Generator().manual_seed(0)).values
+    assert torch.equal(single, torch.rand(2, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    with pytest.raises(ValueError, match="not both"):
+        RowUniforms(1, 1, seed=0, generator=torch.Generator())
+    with pytest.raises(ValueError, match="one per output row"):
+        RowUniforms(3, 1, seed=[1, 2])
+
+
+def test_presets_overrides_and_warpers():
+    liquid = resolve_sampling("liquid")
+    assert (liquid.guidance_scale, liquid.temperature, liquid.top_k, liquid.top_p) == (7.0, 0.9, 4096, 0.99)
+    assert resolve_sampling("liquid", temperature=0.5, top_k=None).temperature == 0.5
+    assert resolve_sampling(SamplingConfig(top_k=3), top_p=0.5) == SamplingConfig(top_k=3, top_p=0.5)
+    with pytest.raises(ValueError, match="unknown sampling preset"):
+        resolve_sampling("liqiud")
+    with pytest.raises(ValueError, match="guidance_scale"):
+        SamplingConfig(guidance_scale=0.5)
+    with pytest.raises(ValueError, match="do_sample=False"):
+        SamplingConfig(temperature=0)
+    # top-k at or above the vocabulary changes nothing, so it is not applied
+    kinds = [type(w) for w in logits_warpers(liquid, vocab_size=1024)]
+    assert kinds == [TemperatureLogitsWarper, TopPLogitsWarper]
+    assert TopKLogitsWarper in [type(w) for w in logits_warpers(liquid, vocab_size=16384)]
+    assert len(logits_warpers(resolve_sampling("greedy"), 10)) == 0
+
+
+# ---------------------------------------------------------------------------- KV-cache decoding
+
+@pytest.mark.parametrize("model_type", sorted(TINY_ARCHITECTURES))
+def test_kv_decoder_matches_uncached_forward_with_left_padding(model_type):
+    model = build_causal_lm(model_type, vocab_size=64).eval()
+    rows = [[1, 5, 6], [1, 7, 8, 9, 10, 11], [1, 12]]
+    steps = torch.tensor([[20, 21, 22], [23, 24, 25], [26, 27, 28]])  # [B, 3] fed one column at a time
+    ids = torch.zeros(3, 6, dtype=torch.long)
+    mask = torch.zeros(3, 6, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, 6 - len(r):], mask[i, 6 - len(r):] = torch.tensor(r), 1
+    with torch.no_grad():
+        full, sliced = KVDecoder(model), KVDecoder(model, vocab_slice=(30, 50))
+        got_full, got_sliced = [full.prefill(ids, mask)], [sliced.prefill(ids, mask)]
+        for t in range(3):
+            got_full.append(full.step(steps[:, t]))
+            got_sliced.append(sliced.step(steps[:, t]))
+        for i, r in enumerate(rows):
+            ref = model(torch.tensor([r + steps[i].tolist()])).logits[0, len(r) - 1:]  # [4, V]
+            assert torch.allclose(torch.stack([g[i] for g in got_full]), ref, atol=1e-5)
+            assert torch.allclose(torch.stack([g[i] for g in got_sliced]), ref[:, 30:50], atol=1e-5)
+    assert model.get_output_embeddings().weight.shape[0] == 64  # head restored after slicing
+
+
+def test_kv_decoder_slices_after_the_fact_when_the_head_is_wrapped():
+    from peft import LoraConfig, get_peft_model
+
+    model = build_causal_lm("llama", vocab_size=64)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["lm_head", "q_proj"], init_lora_weights=False))
+    model = lora.base_model.model.eval()  # the LM with LoRA layers injected, head no longer nn.Linear
+    ids, mask = torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, dtype=torch.long)
+    with torch.no_grad():
+        got = KVDecoder(model, vocab_slice=(10, 20)).prefill(ids, mask)
+        assert torch.allclose(got, model(ids).logits[:, -1, 10:20], atol=1e-5)
+
+
+def test_kv_decoder_rejects_right_padding(lm):
+    model, _ = lm
+    with pytest.raises(ValueError, match="left-padded"):
+        KVDecoder(model).prefill(torch.tensor([[1, 2, 0]]), torch.tensor([[1, 1, 0]]))
+
+
+def test_batched_cfg_logits_equal_two_unbatched_forwards(lm):
+    """One forward over [cond rows; uncond rows] on one cache == separate forwards, per step."""
+    model, processor = lm
+    lo, hi = processor.image_token_range
+    cond = prompt_rows(processor)
+    uncond = processor.unconditional_prompt_ids()
+    ids = torch.full((6, max(map(len, cond))), processor.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(cond + [uncond] * 3):
+        ids[i, ids.shape[1] - len(r):], mask[i, ids.shape[1] - len(r):] = torch.tensor(r), 1
+    cfg = ClassifierFreeGuidanceLogitsProcessor(4.0)
+    tokens = torch.randint(lo, hi, (3, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        decoder = KVDecoder(model, vocab_slice=(lo, hi))
+        guided = [cfg(tokens[:, :0], decoder.prefill(ids, mask))]
+        for t in range(3):
+            guided.append(cfg(tokens[:, :0], decoder.step(tokens[:, t].repeat(2))))
+        for i in range(3):
+            c = model(torch.tensor([cond[i] + tokens[i, :3].tolist()])).logits[0, -4:, lo:hi]
+            u = model(torch.tensor([uncond + tokens[i, :3].tolist()])).logits[0, -4:, lo:hi]
+            assert torch.allclose(torch.stack([g[i] for g in guided]), u + 4.0 * (c - u), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- text-to-image
+
+@pytest.mark.parametrize("sampling", [
+    SamplingConfig(guidance_scale=3.0, temperature=0.9, top_k=8, top_p=0.9),
+    SamplingConfig(guidance_scale=7.0, do_sample=False),
+])
+def test_sample_image_tokens_matches_unbatched_uncached_reference(lm, sampling):
+    model, processor = lm
+    rows = prompt_rows(processor)
+    got = sample_image_tokens(model, processor, rows, sampling, seed=11, progress=False)
+    u = RowUniforms(3, processor.num_image_tokens, seed=11).values
+    for i, row in enumerate(rows):
+        assert got[i].tolist() == reference_image_tokens(model, processor, row, sampling, u[i])
+
+
+def test_guidance_one_is_plain_sampling_without_the_unconditional_rows(lm):
+    model, processor = lm
+    rows = prompt_rows(processor)
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    try:
+        got = sample_image_tokens(model, processor, rows, SamplingConfig(guidance_scale=1.0), seed=3, progress=False)
+    finally:
+        hook.remove()
+    assert set(seen) == {3}  # B rows per forward, not 2B
+    u = RowUniforms(3, processor.num_image_tokens, seed=3).values
+    for i, row in enumerate(rows):
+        assert got[i].tolist() == reference_image_tokens(model, processor, row, SamplingConfig(), u[i])
+
+
+def test_a_row_does_not_depend_on_its_batch(lm):
+    model, processor = lm
+    sampling = resolve_sampling("liquid", top_k=8)
+    rows = [r for r in prompt_rows(processor) for _ in range(2)]  # 2 images per prompt
+    together = sample_image_tokens(model, processor, rows, sampling, seed=100, progress=False)
+    chunked = sample_image_tokens(model, processor, rows, sampling, seed=100, batch_size=4, progress=False)
+    assert torch.equal(together, chunked)
+    for i in (0, 3, 5):
+        alone = sample_image_tokens(model, processor, rows[i:i + 1], sampling, seed=100 + i, progress=False)
+        assert torch.equal(alone[0], together[i])
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_generated_spans_are_well_formed_over_many_seeds(lm, batch):
+    model, processor = lm
+    lo, hi = processor.image_token_range
+    prompts = (PROMPTS * 3)[:batch]
+    for seed in range(6):
+        ids = sample_image_tokens(model, processor, prompt_rows(processor, prompts), resolve_sampling("liquid"),
+                                  seed=seed * 1000, progress=False)
+        assert ids.shape == (batch, processor.num_image_tokens)
+        assert ((ids >= lo) & (ids < hi)).all()
+        for row, prompt in zip(ids, prompts):
+            full = [*processor.text_to_image_ids(prompt), *row.tolist(), processor.eoi_token_id]
+            segments = processor.decode(full, strict=True)
+            assert isinstance(segments[-1], Image.Image) and segments[-1].size == (6, 6)
+
+
+def test_generate_images_api(lm):
+    model, processor = lm
+    images = generate_images(model, processor, PROMPTS[:2], num_images_per_prompt=2, seed=5, top_k=8, progress=False)
+    assert len(images) == 4 and all(im.size == (6, 6) and im.mode == "RGB" for im in images)
+    again = generate_images(model, processor, PROMPTS[1], seed=7, top_k=8, progress=False)
+    assert again[0].tobytes() == images[2].tobytes()  # image 2 = prompt 1 with seed 5 + 2
+    negative = generate_images(model, processor, PROMPTS[1], seed=7, top_k=8, negative_prompt="a cat",
+                               do_sample=False, progress=False)
+    assert len(negative) == 1
+    with pytest.raises(ValueError, match="must end with <boi>"):
+        sample_image_tokens(model, processor, [[processor.bos_token_id]], SamplingConfig(), progress=False)
+
+
+def test_decode_image_ids_names_the_bad_position(lm):
+    model, processor = lm
+    lo, _ = processor.image_token_range
+    ids = torch.full((2, processor.num_image_tokens), lo)
+    assert len(decode_image_ids(processor, ids)) == 2
+    ids[1, 3] = 5  # a text id inside the span
+    with pytest.raises(ValueError, match="position"):
+        decode_image_ids(processor, ids)
+
+
+def test_trained_model_draws_the_captioned_image(trained):
+    model, processor, captions, images = trained
+    out = generate_images(model, processor, captions, num_images_per_prompt=2, preset="liquid",
+                          guidance_scale=3.0, temperature=0.5, seed=0, progress=False)
+    assert [im.getpixel((0, 0)) for im in out] == [(0, 0, 0)] * 2 + [(255, 255, 255)] * 2
+
+
+# ---------------------------------------------------------------------------- text and interleaved
+
+def test_captioning_and_text_continuation(trained):
+    model, processor, captions, images = trained
+    assert generate_text(model, processor, ["", ""], images=images, max_new_tokens=12) == captions
+    one = generate_text(model, processor, "", images=images[1], max_new_tokens=12)
+    assert one == captions[1]
+    with_placeholder = generate_text(model, processor, "<image>", images=[images[0]], max_new_tokens=12)
+    assert with_placeholder == captions[0]
+    with pytest.raises(ValueError, match="one image per text"):
+        generate_text(model, processor, ["", ""], images=images[:1])
+
+
+def test_generate_text_never_emits_image_ids(trained):
+    model, processor, _, _ = trained
+    prompt = "the quick brown fox"  # the model's next token here is <boi>
+    ids = processor(prompt, return_tensors="pt")
+    unconstrained = model.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert unconstrained[0, -3].item() == processor.boi_token_id  # so the test below can fail
+    constrained = model.generate(**ids, max_new_tokens=12, do_sample=False,
+                                 logits_processor=[ImageSpanConstraint.from_processor(processor)])
+    new = constrained[0, ids["input_ids"].shape[1]:]
+    assert not processor.vocab.is_image(new).any() and processor.boi_token_id not in new.tolist()
+    # generate_text decodes strictly: a stray image id or <eoi> would raise
+    out = generate_text(model, processor, [prompt] * 8, max_new_tokens=12, temperature=1.5, seed=0)
+    assert all(isinstance(s, str) for s in out) and len(set(out)) > 1
+
+
+def test_interleaved_output_alternates_text_and_images(trained):
+    model, processor, _, images = trained
+    out = generate_text(model, processor, ["the quick brown fox"] * 3, max_new_tokens=20, allow_images=True,
+                        preset="plain", temperature=0.3, seed=1)
+    for segments in out:
+        kinds = [isinstance(s, Image.Image) for s in segments]
+        assert kinds[:3] == [True, False, True], segments
+        assert all(a != b for a, b in zip(kinds, kinds[1:]))  # never two of a kind in a row
+        assert segments[1] == " jumps over" and segments[0].size == (2, 2)
+    # No room for a whole span before max_new_tokens: <boi> is not opened at all.
+    short = generate_text(model, processor, "the quick brown fox", max_new_tokens=4, allow_images=True)
+    assert all(isinstance(s, str) for s in short)
+
+
+def test_constraint_in_transformers_generate_closes_spans(trained):
+    model, processor, _, _ = trained
+    ids = processor(["the quick brown fox"] * 4, return_tensors="pt")
+    constraint = ImageSpanConstraint.from_processor(processor, allow_images=True,
+                                                    max_length=ids["input_ids"].shape[1] + 16)
+    out = model.generate(**ids, max_new_tokens=16, do_sample=True, temperature=2.0, logits_processor=[constraint])
+    for row in out:
+        processor.decode(row, strict=True)  # raises on any malformed span

@@ -1,0 +1,95 @@
+"""UnimodalPipeline: one folder holds LM + tokenizer + processor config + image tokenizer."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import HfApi
+from transformers import AutoModelForCausalLM
+
+from unimodal import PixelTokenizer, PixelTokenizerConfig, UnimodalPipeline, add_image_tokens
+from unimodal.lm import build_causal_lm, train_text_tokenizer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: a second intra-op thread only adds synchronisation (see test_generation.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def pipeline():
+    tok = train_text_tokenizer()
+    model = build_causal_lm("qwen2", vocab_size=len(tok), tie_word_embeddings=True)
+    image_tokenizer = PixelTokenizer(PixelTokenizerConfig(codebook_size=16, image_size=4, pixel_size=1))
+    processor = add_image_tokens(model, tok, image_tokenizer)
+    return UnimodalPipeline(model.eval(), processor)
+
+
+def test_save_load_gives_the_same_images_and_text(pipeline, tmp_path):
+    images = pipeline.generate_images(["a cat", "a dog"], num_images_per_prompt=2, seed=3, top_k=8, progress=False)
+    text = pipeline.generate_text(["a cat", "the quick"], max_new_tokens=8, temperature=1.0, seed=4)
+    pipeline.save_pretrained(tmp_path)
+
+    names = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json",
+            "image_tokenizer/config.json", "image_tokenizer/model.safetensors"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)  # a standard causal-LM checkpoint
+    assert plain.config.vocab_size == pipeline.model.config.vocab_size
+
+    loaded = UnimodalPipeline.from_pretrained(tmp_path)
+    again = loaded.generate_images(["a cat", "a dog"], num_images_per_prompt=2, seed=3, top_k=8, progress=False)
+    assert [im.tobytes() for im in again] == [im.tobytes() for im in images]
+    assert loaded.generate_text(["a cat", "the quick"], max_new_tokens=8, temperature=1.0, seed=4) == text
+
+
+def test_bf16_load_generates(pipeline, tmp_path):
+    pipeline.save_pretrained(tmp_path)
+    loaded = UnimodalPipeline.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cpu")
+    assert loaded.model.dtype == torch.bfloat16
+    images = loaded.generate_images("a cat", num_images_per_prompt=3, seed=0, progress=False)
+    assert len(images) == 3 and images[0].size == (4, 4)
+    captions = loaded.generate_text("", images=images[:1], max_new_tokens=4)
+    assert isinstance(captions, str)
+
+
+def test_push_to_hub_uploads_the_whole_folder(pipeline, monkeypatch):
+    uploaded = {}
+
+    class Repo:
+        repo_id = "someone/tiny-unimodal"
+
+    def fake_create_repo(self, repo_id, **kwargs):
+        uploaded["created"] = repo_id
+        return Repo()
+
+    def fake_upload_folder(self, *, repo_id, folder_path, **kwargs):
+        folder = Path(folder_path)
+        uploaded["repo_id"] = repo_id
+        uploaded["files"] = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+        uploaded["reloaded"] = UnimodalPipeline.from_pretrained(folder)  # what was uploaded loads
+        return "commit"
+
+    monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
+    assert pipeline.push_to_hub("tiny-unimodal") == "commit"
+    assert uploaded["created"] == "tiny-unimodal" and uploaded["repo_id"] == "someone/tiny-unimodal"
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
+            "image_tokenizer/model.safetensors"} <= uploaded["files"]
+    assert uploaded["reloaded"].processor.image_token_range == pipeline.processor.image_token_range
+
+
+def test_mismatched_lm_and_processor_are_rejected(pipeline):
+    tok = train_text_tokenizer()
+    with pytest.raises(ValueError, match="add_image_tokens"):
+        UnimodalPipeline(build_causal_lm("llama", vocab_size=len(tok)), pipeline.processor)
+    other = build_causal_lm("llama", vocab_size=len(tok))
+    # extended for a bigger codebook: ids differ from the pipeline's processor
+    add_image_tokens(other, tok, PixelTokenizer(PixelTokenizerConfig(codebook_size=27, grayscale=False)))
+    other.config.unimodal["image_token_range"] = [1, 28]
+    with pytest.raises(ValueError, match="different checkpoints"):
+        UnimodalPipeline(other, pipeline.processor)

@@ -1,0 +1,28 @@
+"""Generation with a unified text+image LM: text-to-image with batched classifier-free guidance,
+image-to-text / text-to-text, and interleaved output. See docs/generation.md.
+
+- `generate_images`: prompts -> PIL images (`sample_image_tokens` + `decode_image_ids`).
+- `generate_text`: prompts (+ images) -> text, or text/image segments with ``allow_images``.
+- `SamplingConfig`, `PRESETS`: sampling settings; ``"liquid"`` is the Liquid demo's.
+- `ImageSpanConstraint`: a transformers logits processor keeping image spans well formed.
+- `KVDecoder`: left-padded incremental decoding on a KV cache.
+"""
+
+from .decoder import KVDecoder
+from .images import decode_image_ids, generate_images, left_pad, sample_image_tokens
+from .sampling import (
+    PRESETS,
+    ImageSpanConstraint,
+    RowUniforms,
+    SamplingConfig,
+    logits_warpers,
+    resolve_sampling,
+    sample_tokens,
+)
+from .text import generate_text
+
+__all__ = [
+    "PRESETS", "ImageSpanConstraint", "KVDecoder", "RowUniforms", "SamplingConfig", "decode_image_ids",
+    "generate_images", "generate_text", "left_pad", "logits_warpers", "resolve_sampling",
+    "sample_image_tokens", "sample_tokens",
+]

@@ -1,0 +1,96 @@
+"""Incremental forward passes of a Hugging Face causal LM over a left-padded batch with a KV cache.
+
+Left padding needs two things transformers' default model call does not do for us: position ids
+that skip the pads (the default counts them) and a 2-D attention mask that grows by one column per
+step. In transformers 5.x the cache goes in as ``cache=`` and comes back as ``outputs.cache``.
+
+`KVDecoder` can also compute logits for a slice of the vocabulary only (the image ids inside an
+image span): it swaps the LM head for a view of its rows during the call, so any elementwise
+post-processing the model does (e.g. Gemma's logit soft-capping) still applies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _RowSlicedHead(nn.Module):
+    """``head`` restricted to output rows ``lo:hi`` (a view of its weight, nothing copied)."""
+
+    def __init__(self, head: nn.Linear, lo: int, hi: int):
+        super().__init__()
+        self.head, self.lo, self.hi = head, lo, hi
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.head.weight
+        bias = None if self.head.bias is None else self.head.bias[self.lo:self.hi]
+        # .to(): under a device map the last layer and the head can sit on different devices.
+        return F.linear(hidden.to(weight.device), weight[self.lo:self.hi], bias)
+
+
+class KVDecoder:
+    """Feeds ``[B, L]`` left-padded prompts, then one token per row per step, keeping the cache.
+
+    Args:
+        model: any ``*ForCausalLM`` (eval mode; called under ``torch.no_grad`` by the user).
+        vocab_slice: ``(lo, hi)`` to return logits of ids ``lo:hi`` only (``[B, hi - lo]``);
+            ``None`` returns the whole vocabulary.
+    """
+
+    def __init__(self, model: nn.Module, vocab_slice: tuple[int, int] | None = None):
+        self.model = model
+        self.vocab_slice = vocab_slice
+        head = model.get_output_embeddings()
+        # A wrapped head (e.g. PEFT trainable tokens) cannot be sliced: compute all, then slice.
+        self._sliced = (
+            _RowSlicedHead(head, *vocab_slice)
+            if vocab_slice is not None and type(head) is nn.Linear
+            else None
+        )
+        self.cache = None
+        self.attention_mask: torch.Tensor | None = None  # [B, past + new]
+        self.positions: torch.Tensor | None = None  # [B, 1] position of the last fed token
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run the prompts; returns next-token logits ``[B, V']`` (float32)."""
+        input_ids = input_ids.to(self.device)
+        self.attention_mask = attention_mask.to(self.device, torch.long)
+        if not (self.attention_mask[:, -1] == 1).all():
+            raise ValueError("prompts must be left-padded (the last column of attention_mask all ones)")
+        self.cache = None
+        positions = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)  # pads get 0, masked anyway
+        self.positions = positions[:, -1:]
+        return self._forward(input_ids, positions)
+
+    def step(self, next_ids: torch.Tensor) -> torch.Tensor:
+        """Feed one id per row ``[B]``; returns the following logits ``[B, V']``."""
+        if self.cache is None:
+            raise RuntimeError("call prefill() before step()")
+        ones = self.attention_mask.new_ones(self.attention_mask.shape[0], 1)
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
+        self.positions = self.positions + 1
+        return self._forward(next_ids.to(self.device).view(-1, 1), self.positions)
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(input_ids=input_ids, attention_mask=self.attention_mask, position_ids=position_ids,
+                      cache=self.cache, use_cache=True, logits_to_keep=1)
+        if self._sliced is None:
+            out = self.model(**kwargs)
+        else:
+            full = self.model.get_output_embeddings()
+            self.model.set_output_embeddings(self._sliced)
+            try:
+                out = self.model(**kwargs)
+            finally:
+                self.model.set_output_embeddings(full)
+        self.cache = out.cache
+        logits = out.logits[:, -1]
+        if self.vocab_slice is not None and self._sliced is None:
+            logits = logits[:, self.vocab_slice[0]:self.vocab_slice[1]]
+        return logits.float()

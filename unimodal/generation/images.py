@@ -1,0 +1,155 @@
+"""Text-to-image sampling: batched classifier-free guidance on one KV cache, image span constrained.
+
+Per step, conditional and unconditional rows go through ONE forward pass (``[2B, 1]`` new tokens
+on a shared cache), with logits computed for the image ids only (the prompt ends in ``<boi>``, so
+the next ``h*w`` tokens can only be image ids and ``<eoi>`` follows). transformers' own CFG
+(``guidance_scale`` + negative prompt in ``generate``) runs a second, unbatched forward with its
+own cache instead; ``benchmarks/generate.py`` compares the two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import ClassifierFreeGuidanceLogitsProcessor
+
+from .decoder import KVDecoder
+from .sampling import RowUniforms, SamplingConfig, logits_warpers, resolve_sampling, sample_tokens
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Id lists -> ``input_ids``, ``attention_mask`` ``[B, L]``, padded on the left."""
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if len(row):
+            ids[i, length - len(row):] = torch.as_tensor(row, dtype=torch.long)
+            mask[i, length - len(row):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def sample_image_tokens(
+    model,
+    processor,
+    prompt_ids: Sequence[Sequence[int]],
+    sampling: SamplingConfig,
+    *,
+    negative_prompt_ids: Sequence[int] | None = None,
+    seed: int | Sequence[int] | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> torch.LongTensor:
+    """Sample one image span per prompt row; returns image ids ``[N, h*w]`` (without <boi>/<eoi>).
+
+    Args:
+        model: a causal LM extended with `add_image_tokens`.
+        processor: its `UnimodalProcessor`.
+        prompt_ids: one id list per output image, each ending in ``<boi>``
+            (`UnimodalProcessor.text_to_image_ids(caption)`).
+        sampling: guidance, temperature, top-k, top-p (see `SamplingConfig`).
+        negative_prompt_ids: the unconditional branch; default
+            `UnimodalProcessor.unconditional_prompt_ids` (the form condition dropout trained).
+        seed, generator: one random stream per row (see `RowUniforms`): results per row do not
+            depend on the batch they were made in.
+        batch_size: rows per forward (doubled with guidance); ``None``: all at once.
+        progress: show a progress bar.
+    """
+    for i, row in enumerate(prompt_ids):
+        if not row or row[-1] != processor.boi_token_id:
+            raise ValueError(f"prompt {i} must end with <boi> (id {processor.boi_token_id}); "
+                             "build it with processor.text_to_image_ids(caption)")
+    n_rows, n_tokens = len(prompt_ids), processor.num_image_tokens
+    lo, hi = processor.image_token_range
+    guided = sampling.guidance_scale > 1
+    uncond = list(negative_prompt_ids or processor.unconditional_prompt_ids())
+    uniforms = RowUniforms(n_rows, n_tokens, seed, generator) if sampling.do_sample else None
+    warpers = logits_warpers(sampling, hi - lo)
+    if guided:  # transformers' batched CFG: scores [2B, K] (cond rows, then uncond rows) -> [B, K]
+        warpers.insert(0, ClassifierFreeGuidanceLogitsProcessor(sampling.guidance_scale))
+    batch_size = batch_size or n_rows
+    out = torch.empty(n_rows, n_tokens, dtype=torch.long)
+    bar = tqdm(total=n_rows * n_tokens, desc="image tokens", unit="tok", disable=not progress)
+    for start in range(0, n_rows, batch_size):
+        stop = min(start + batch_size, n_rows)
+        rows = list(prompt_ids[start:stop])
+        ids, mask = left_pad(rows + [uncond] * len(rows) if guided else rows, processor.pad_token_id)
+        decoder = KVDecoder(model, vocab_slice=(lo, hi))
+        logits = decoder.prefill(ids, mask)  # [R, K] logits of the K image ids, R = B or 2B
+        u = None if uniforms is None else uniforms.rows(start, stop, logits.device)  # [B, h*w]
+        codes = torch.empty(stop - start, n_tokens, dtype=torch.long, device=logits.device)
+        for t in range(n_tokens):
+            scores = warpers(codes[:, :t], logits)  # [B, K]
+            codes[:, t] = sample_tokens(scores, None if u is None else u[:, t])
+            if t + 1 < n_tokens:  # the uncond rows continue with the same image tokens
+                step = codes[:, t] + lo
+                logits = decoder.step(torch.cat([step, step]) if guided else step)
+            bar.update(stop - start)
+        out[start:stop] = codes.cpu() + lo
+    bar.close()
+    return out
+
+
+def decode_image_ids(processor, image_ids: torch.Tensor) -> list[Image.Image]:
+    """Image ids ``[N, h*w]`` -> N PIL images in one batched image-tokenizer decode.
+
+    Goes through `UnimodalProcessor.batch_decode(strict=True)`, so a wrong length or a non-image
+    id raises a ``ValueError`` naming its position.
+    """
+    boi, eoi = processor.boi_token_id, processor.eoi_token_id
+    spans = [[boi, *row.tolist(), eoi] for row in torch.as_tensor(image_ids).view(len(image_ids), -1)]
+    decoded = processor.batch_decode(spans, strict=True)
+    return [segments[0] for segments in decoded]
+
+
+def generate_images(
+    model,
+    processor,
+    prompts: str | Sequence[str],
+    num_images_per_prompt: int = 1,
+    *,
+    preset: str | SamplingConfig = "liquid",
+    guidance_scale: float | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    do_sample: bool | None = None,
+    negative_prompt: str | None = None,
+    seed: int | Sequence[int] | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> list[Image.Image]:
+    """Generate images from text prompts with batched classifier-free guidance.
+
+    Args:
+        model: a causal LM extended with `unimodal.add_image_tokens` (any dtype/device).
+        processor: its `UnimodalProcessor`.
+        prompts: one caption or a list; output images are ordered prompt by prompt,
+            ``num_images_per_prompt`` each.
+        preset: named settings from `unimodal.generation.PRESETS` (``"liquid"``: guidance 7,
+            temperature 0.9, top-k 4096, top-p 0.99) or a `SamplingConfig`; the explicit
+            arguments below override it.
+        guidance_scale, temperature, top_k, top_p, do_sample: see `SamplingConfig`.
+        negative_prompt: caption for the unconditional branch instead of the empty caption.
+        seed: ``int`` (image ``i`` uses ``seed + i``, so it is reproduced alone with ``seed + i``),
+            or one seed per image. ``generator``: one ``torch.Generator`` or one per image.
+        batch_size: images per forward pass (``None``: all).
+        progress: show a progress bar.
+
+    Returns:
+        ``len(prompts) * num_images_per_prompt`` RGB images.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    sampling = resolve_sampling(preset, guidance_scale=guidance_scale, temperature=temperature,
+                                top_k=top_k, top_p=top_p, do_sample=do_sample)
+    rows = [processor.text_to_image_ids(p) for p in prompts for _ in range(num_images_per_prompt)]
+    negative = None if negative_prompt is None else processor.text_to_image_ids(negative_prompt)
+    ids = sample_image_tokens(model, processor, rows, sampling, negative_prompt_ids=negative, seed=seed,
+                              generator=generator, batch_size=batch_size, progress=progress)
+    return decode_image_ids(processor, ids)

@@ -1,0 +1,273 @@
+"""Image data for training image tokenizers: robust loading, crop policy, three sources.
+
+Every dataset here yields ``[3, S, S]`` float tensors in ``[-1, 1]`` (``S = policy.image_size``):
+
+- `ImageFolderDataset`: image files under a folder (recursively);
+- `HFImageDataset`: a ``datasets.Dataset`` with an image column;
+- `ShippedCrops`: the default that needs no download, random crops of the photographs that ship
+  inside scikit-learn and scikit-image, with a fixed held-out region of every photo.
+
+Odd modes (greyscale, RGBA, CMYK, 16-bit, palette) are converted by `unimodal.images.to_rgb`.
+Unreadable or corrupt images are found by decoding every image once when the dataset is built:
+they are skipped, counted (``dataset.skipped``) and reported in one warning, or raise
+`CorruptImageError` with ``strict=True``. Checking up front (not on first use) keeps every
+process of a multi-process run on the same list of images, and a strict run fails before training.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .images import to_rgb
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+# Photographs that load offline (scikit-learn's sample images, scikit-image's bundled data);
+# greyscale ones become grey RGB. Synthetic images (logo, colour wheel, checkerboard) are left out.
+SHIPPED_IMAGES = (
+    "china", "flower", "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
+    "immunohistochemistry", "retina", "motorcycle", "camera", "coins", "moon", "grass",
+    "gravel", "brick", "clock", "cell",
+)
+
+
+class CorruptImageError(ValueError):
+    """An image could not be decoded and the dataset was built with ``strict=True``."""
+
+
+@dataclass
+class CropPolicy:
+    """How a source image of any size becomes an ``image_size x image_size`` example.
+
+    A square of side ``scale * min(width, height)`` is cut out, ``scale`` drawn uniformly from
+    ``[min_scale, max_scale]`` at a random position (``random=True``, training) or taken from
+    the centre at ``max_scale`` (``random=False``, evaluation), then resized to ``image_size``.
+    ``min_scale = max_scale = 1`` is the usual "resize the shorter side, then crop"; smaller
+    scales zoom in (the shipped photos are 300-1400 px, so 32 px training crops use ~0.1-0.4).
+    """
+
+    image_size: int
+    random: bool = True
+    min_scale: float = 1.0
+    max_scale: float = 1.0
+    flip: bool = False  # random horizontal flip (training only)
+
+    def __post_init__(self):
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if not 0 < self.min_scale <= self.max_scale <= 1:
+            raise ValueError(
+                f"need 0 < min_scale <= max_scale <= 1, got min_scale={self.min_scale}, max_scale={self.max_scale}"
+            )
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> Image.Image:
+        """Crop and resize an RGB image; ``rng`` makes the random choices reproducible."""
+        rng = rng if rng is not None else np.random.default_rng(torch.randint(2**31, ()).item())
+        w, h = image.size
+        if not self.random:
+            side = max(1, round(self.max_scale * min(w, h)))
+            left, top = (w - side) // 2, (h - side) // 2
+        else:
+            side = max(1, round(rng.uniform(self.min_scale, self.max_scale) * min(w, h)))
+            left, top = int(rng.integers(w - side + 1)), int(rng.integers(h - side + 1))
+        image = image.crop((left, top, left + side, top + side))
+        if side != self.image_size:
+            image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
+        if self.random and self.flip and rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        return image
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> ``[3, H, W]`` float tensor in [-1, 1]."""
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # [H, W, 3]
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def open_image(source: str | os.PathLike | bytes) -> Image.Image:
+    """Decode a file path or encoded bytes fully and convert it to RGB (raises on corrupt data)."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        image.load()  # decode now: a truncated file fails here, not later in a worker
+        return to_rgb(image)
+
+
+def _report_skipped(skipped: list[tuple[str, str]], total: int, strict: bool, what: str) -> None:
+    if not skipped:
+        return
+    listing = "; ".join(f"{name}: {reason}" for name, reason in skipped[:5])
+    more = f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else ""
+    if strict:
+        raise CorruptImageError(
+            f"{len(skipped)} of {total} {what} could not be read: {listing}{more}. "
+            "Remove or fix them, or build the dataset with strict=False to skip them."
+        )
+    warnings.warn(f"skipped {len(skipped)} of {total} unreadable {what}: {listing}{more}", stacklevel=3)
+
+
+class _CheckedImages(Dataset):
+    """Items that decoded at construction time; subclasses say how to read item ``i``."""
+
+    def __init__(self, read: Callable[[int], Image.Image], names: list[str], policy: CropPolicy,
+                 strict: bool, what: str):
+        self.policy = policy
+        self.keep: list[int] = []  # indices into the source that decode
+        self.skipped: list[tuple[str, str]] = []  # (name, error) of those that do not
+        for i, name in enumerate(names):
+            try:
+                read(i)
+                self.keep.append(i)
+            except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError...)
+                self.skipped.append((name, f"{type(err).__name__}: {err}"))
+        _report_skipped(self.skipped, len(names), strict, what)
+        if not self.keep:
+            raise ValueError(f"no readable {what} found (all {len(names)} failed to decode)")
+        self._read = read
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return to_tensor(self.policy(self._read(self.keep[i])))
+
+
+class ImageFolderDataset(_CheckedImages):
+    """Every image file under ``root`` (recursively, sorted), cropped by ``policy``.
+
+    ``split="train"``/``"eval"`` with ``eval_fraction > 0`` keeps a fixed held-out set: a file is
+    held out when a hash of its relative path says so, so adding files never moves old ones
+    between the splits. ``split=None`` takes every file.
+    """
+
+    def __init__(self, root: str | os.PathLike, policy: CropPolicy, split: str | None = None,
+                 eval_fraction: float = 0.0, strict: bool = False):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if split is not None:
+            if split not in ("train", "eval"):
+                raise ValueError(f"split must be 'train', 'eval' or None, got {split!r}")
+            files = [p for p in files if _held_out(str(p.relative_to(self.root)), eval_fraction) == (split == "eval")]
+        if not files:
+            raise ValueError(
+                f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}"
+                + (f" for split {split!r} (eval_fraction={eval_fraction})" if split else "")
+            )
+        self.files = files
+        super().__init__(lambda i: open_image(self.files[i]), [str(p) for p in files], policy, strict, "image files")
+
+
+def _held_out(name: str, fraction: float) -> bool:
+    return zlib.crc32(name.encode()) % 10_000 < fraction * 10_000
+
+
+class HFImageDataset(_CheckedImages):
+    """A ``datasets.Dataset`` with an image column (``datasets.Image`` feature or raw bytes/paths)."""
+
+    def __init__(self, dataset, policy: CropPolicy, image_column: str = "image", strict: bool = False):
+        from datasets import Image as ImageFeature
+
+        if image_column not in dataset.column_names:
+            raise ValueError(f"dataset has no column {image_column!r}; columns: {dataset.column_names}")
+        if isinstance(dataset.features[image_column], ImageFeature):
+            # Read the encoded bytes ourselves so a corrupt image is skipped, not raised by datasets.
+            dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
+        self.dataset = dataset.select_columns([image_column])
+        self.image_column = image_column
+        super().__init__(self._read_row, [f"row {i}" for i in range(len(dataset))], policy, strict, "images")
+
+    def _read_row(self, i: int) -> Image.Image:
+        value = self.dataset[i][self.image_column]
+        if isinstance(value, Image.Image):
+            return to_rgb(value)
+        if isinstance(value, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
+            value = value.get("bytes") or value.get("path")
+        if not isinstance(value, (bytes, str)):
+            raise ValueError(f"cannot read an image from a {type(value).__name__}")
+        return open_image(value)
+
+
+@lru_cache(maxsize=1)
+def load_shipped_images() -> dict[str, Image.Image]:
+    """The `SHIPPED_IMAGES` photographs as RGB PIL images (no network; cached per process)."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    sample = load_sample_images()
+    arrays = {Path(f).stem: a for f, a in zip(sample.filenames, sample.images)}
+    for name in SHIPPED_IMAGES:
+        if name not in arrays:
+            arrays[name] = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+    return {name: to_rgb(Image.fromarray(arrays[name])) for name in SHIPPED_IMAGES}
+
+
+class ShippedCrops(Dataset):
+    """``num_samples`` crops of the shipped photos: the default data, no download needed.
+
+    Each photo is split once: the right ``holdout_fraction`` of its width is kept for
+    ``split="eval"``, the rest for ``split="train"``, so held-out crops share no pixel with
+    training crops. Crop ``i`` (photo, position, scale, flip) depends only on ``(seed, split, i)``:
+    every process, every resumed run and every benchmark variant sees the same data.
+    """
+
+    def __init__(self, policy: CropPolicy, split: str = "train", num_samples: int = 20_000,
+                 holdout_fraction: float = 0.25, seed: int = 0):
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        if not 0 < holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+        self.policy, self.split, self.num_samples, self.seed = policy, split, num_samples, seed
+        self.regions = []
+        for image in load_shipped_images().values():
+            w, h = image.size
+            cut = round(w * (1 - holdout_fraction))
+            self.regions.append(image.crop((0, 0, cut, h)) if split == "train" else image.crop((cut, 0, w, h)))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(i)
+        rng = np.random.default_rng((self.seed, self.split == "eval", i))
+        region = self.regions[int(rng.integers(len(self.regions)))]
+        return to_tensor(self.policy(region, rng))
+
+
+def load_image_dataset(source: str | None, policy: CropPolicy, split: str, *, image_column: str = "image",
+                       eval_fraction: float = 0.05, num_samples: int = 20_000, strict: bool = False,
+                       seed: int = 0) -> Dataset:
+    """One entry point for the recipe: ``split`` is ``"train"`` or ``"eval"``.
+
+    ``source`` is None or ``"shipped"`` (`ShippedCrops`), a folder of image files
+    (`ImageFolderDataset`, hashed held-out split), a folder written by ``Dataset.save_to_disk``,
+    or a Hub dataset name (`HFImageDataset`; its ``test``/``validation`` split is the held-out
+    set when it has one, else a seeded ``eval_fraction`` of ``train``).
+    """
+    if source in (None, "", "shipped"):
+        return ShippedCrops(policy, split, num_samples, seed=seed)
+    path = Path(source)
+    if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+        return ImageFolderDataset(path, policy, split, eval_fraction, strict)
+    import datasets
+
+    data = datasets.load_from_disk(source) if path.is_dir() else datasets.load_dataset(source)
+    if isinstance(data, datasets.DatasetDict):
+        held = next((s for s in ("test", "validation") if s in data), None)
+        if held is not None:
+            return HFImageDataset(data["train" if split == "train" else held], policy, image_column, strict)
+        data = data["train"] if "train" in data else next(iter(data.values()))
+    parts = data.train_test_split(test_size=eval_fraction, seed=seed)
+    return HFImageDataset(parts["train" if split == "train" else "test"], policy, image_column, strict)

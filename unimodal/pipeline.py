@@ -1,0 +1,127 @@
+"""`UnimodalPipeline`: the extended LM and its processor, loaded from and saved to ONE folder.
+
+Folder layout (what `save_pretrained` writes and `from_pretrained` reads, locally or from the Hub):
+
+```
+config.json, generation_config.json, model.safetensors   the LM: AutoModelForCausalLM loads it
+tokenizer.json, tokenizer_config.json, ...               the extended text tokenizer
+processor_config.json                                    the UnimodalProcessor settings
+image_tokenizer/config.json, model.safetensors           VQGAN or PixelTokenizer
+```
+
+Nothing custom is needed to load the LM: any serving stack that reads a causal-LM checkpoint can.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from huggingface_hub import HfApi
+from PIL import Image
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .generation import generate_images, generate_text
+from .processor import UnimodalProcessor
+
+
+class UnimodalPipeline:
+    """Text-to-image, image-to-text and text-to-text with one unified LM.
+
+    Args:
+        model: a causal LM extended with `unimodal.add_image_tokens`.
+        processor: its `UnimodalProcessor`.
+    """
+
+    def __init__(self, model: PreTrainedModel, processor: UnimodalProcessor):
+        rows = model.get_input_embeddings().num_embeddings
+        if processor.image_token_range[1] > rows:
+            raise ValueError(
+                f"the LM has {rows} embedding rows but the processor's image ids reach "
+                f"{processor.image_token_range[1] - 1}: extend the LM with unimodal.add_image_tokens "
+                "(or load the LM saved together with this processor)"
+            )
+        recorded = getattr(model.config, "unimodal", None)
+        if recorded and list(recorded["image_token_range"]) != list(processor.image_token_range):
+            raise ValueError(
+                f"the LM was extended for image ids {recorded['image_token_range']} but the processor "
+                f"uses {list(processor.image_token_range)}: they come from different checkpoints"
+            )
+        self.model = model
+        self.processor = processor
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        revision: str | None = None,
+        token: str | None = None,
+        **model_kwargs,
+    ) -> "UnimodalPipeline":
+        """Load the LM, text tokenizer and image tokenizer from one folder or Hub repo.
+
+        Args:
+            path_or_repo: a folder written by `save_pretrained`, or a Hub repo id.
+            dtype: LM weights dtype (e.g. ``torch.bfloat16``: ~4.5x faster matmuls on CPUs with
+                AVX-512 bf16); the image tokenizer stays float32.
+            device: where both models go.
+            revision, token: Hub revision and token.
+            model_kwargs: passed to ``AutoModelForCausalLM.from_pretrained``.
+        """
+        hub = {k: v for k, v in {"revision": revision, "token": token}.items() if v is not None}
+        model = AutoModelForCausalLM.from_pretrained(path_or_repo, dtype=dtype, **hub, **model_kwargs)
+        processor = UnimodalProcessor.from_pretrained(path_or_repo, **hub)
+        pipeline = cls(model.eval(), processor)
+        return pipeline.to(device) if device is not None else pipeline
+
+    def to(self, device: torch.device | str) -> "UnimodalPipeline":
+        """Move the LM and the image tokenizer to ``device``; returns self."""
+        self.model.to(device)
+        self.processor.image_tokenizer.to(device)
+        return self
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """Write the folder described in the module docstring. With ``push_to_hub=True`` also
+        upload it; ``repo_id`` (default: the folder name) and `push_to_hub` arguments in ``kwargs``."""
+        save_directory = Path(save_directory)
+        self.model.save_pretrained(save_directory)
+        self.processor.save_pretrained(save_directory)
+        if push_to_hub:
+            self._upload(save_directory, kwargs.pop("repo_id", save_directory.name), **kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload UnimodalPipeline",
+    ):
+        """Create ``repo_id`` if needed and upload the `save_pretrained` folder; returns the commit."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return self._upload(tmp, repo_id, private=private, token=token, revision=revision,
+                                commit_message=commit_message)
+
+    @staticmethod
+    def _upload(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                revision: str | None = None, commit_message: str = "Upload UnimodalPipeline"):
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
+                                 commit_message=commit_message)
+
+    def generate_images(self, prompts: str | Sequence[str], num_images_per_prompt: int = 1, **kwargs) -> list[Image.Image]:
+        """`unimodal.generate_images` with this pipeline's model and processor."""
+        return generate_images(self.model, self.processor, prompts, num_images_per_prompt, **kwargs)
+
+    def generate_text(self, text: str | Sequence[str], images=None, **kwargs):
+        """`unimodal.generate_text` with this pipeline's model and processor."""
+        return generate_text(self.model, self.processor, text, images, **kwargs)

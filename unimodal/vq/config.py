@@ -1,0 +1,118 @@
+"""`VQGANConfig`: the architecture of the learned image tokenizer.
+
+Field names follow taming-transformers' ``ddconfig`` (``ch``, ``ch_mult``, ``num_res_blocks``,
+``attn_resolutions``, ``z_channels``, ``embed_dim``, ``dropout``) so that taming, Chameleon and
+LlamaGen checkpoints map onto `VQGAN` by copying numbers from their configs. Training knobs (loss
+weights, discriminator, LPIPS path) live in the recipe's `VQGANLossConfig`, not here.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+
+class VQGANConfig(PretrainedConfig):
+    """Encoder/decoder and quantizer settings of a `VQGAN`.
+
+    The defaults are LlamaGen's VQ-16 (f16, 16384 codes of 8 l2-normalised dims, ~70M params).
+
+    Args:
+        codebook_size: number of codes K (image tokens added to the LM vocabulary).
+        image_size: training resolution in pixels; fixes the ``(image_size / f) ** 2`` tokens of a
+            generated image and the resolutions ``attn_resolutions`` refers to.
+        in_channels: image channels fed to the encoder.
+        out_channels: image channels produced by the decoder.
+        ch: base channel count of the first encoder level.
+        ch_mult: channel multiplier per level; ``len(ch_mult) - 1`` stride-2 downsamplings, so the
+            downsample factor is ``f = 2 ** (len(ch_mult) - 1)``.
+        num_res_blocks: residual blocks per encoder level (the decoder uses one more, as taming).
+        attn_resolutions: feature-map sides (in pixels of that level) that get self-attention after
+            every residual block; the middle block always has one attention layer.
+        z_channels: channels of the encoder output / decoder input.
+        embed_dim: dimension of the codes. ``quant_conv`` projects ``z_channels -> embed_dim`` and
+            ``post_quant_conv`` projects back, so ``embed_dim < z_channels`` gives LlamaGen-style
+            low-dimensional (factorised) codes.
+        dropout: dropout inside residual blocks.
+        num_groups: GroupNorm groups; must divide every channel count (taming uses 32).
+        beta: weight of the commitment loss.
+        use_l2_norm: l2-normalise latents and codes before the lookup (cosine-similarity codes).
+        ema_decay: if set, the codebook follows an exponential moving average of the latents
+            assigned to each code instead of being trained by the codebook loss.
+        kmeans_init: initialise the codebook with k-means on the first training batch.
+        kmeans_iters: Lloyd iterations of that k-means.
+        dead_code_threshold: a code picked fewer than this many times over the last
+            ``usage_window`` training batches is restarted from a random latent; 0 disables.
+        usage_window: number of recent training batches the codebook usage is measured over.
+    """
+
+    model_type = "unimodal_vqgan"
+
+    def __init__(
+        self,
+        codebook_size: int = 16384,
+        image_size: int = 256,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        ch: int = 128,
+        ch_mult: list[int] | tuple[int, ...] = (1, 1, 2, 2, 4),
+        num_res_blocks: int = 2,
+        attn_resolutions: list[int] | tuple[int, ...] = (),
+        z_channels: int = 256,
+        embed_dim: int = 8,
+        dropout: float = 0.0,
+        num_groups: int = 32,
+        beta: float = 0.25,
+        use_l2_norm: bool = True,
+        ema_decay: float | None = None,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        dead_code_threshold: int = 0,
+        usage_window: int = 100,
+        **kwargs,
+    ):
+        self.codebook_size = codebook_size
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.ch = ch
+        self.ch_mult = list(ch_mult)
+        self.num_res_blocks = num_res_blocks
+        self.attn_resolutions = list(attn_resolutions)
+        self.z_channels = z_channels
+        self.embed_dim = embed_dim
+        self.dropout = dropout
+        self.num_groups = num_groups
+        self.beta = beta
+        self.use_l2_norm = use_l2_norm
+        self.ema_decay = ema_decay
+        self.kmeans_init = kmeans_init
+        self.kmeans_iters = kmeans_iters
+        self.dead_code_threshold = dead_code_threshold
+        self.usage_window = usage_window
+        super().__init__(**kwargs)
+        self._check()
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def _check(self) -> None:
+        f = self.downsample_factor
+        if not self.ch_mult:
+            raise ValueError("ch_mult needs at least one level, e.g. (1, 2, 2, 4)")
+        if self.image_size % f:
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by the downsample factor {f} "
+                f"(2 ** (len(ch_mult) - 1)); pick a multiple of {f}"
+            )
+        channels = {self.ch * m for m in self.ch_mult}
+        bad = sorted(c for c in channels if c % self.num_groups)
+        if bad:
+            raise ValueError(
+                f"num_groups={self.num_groups} must divide every channel count; {bad} are not "
+                f"divisible (channels are ch * ch_mult = {sorted(channels)})"
+            )
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if self.codebook_size < 2:
+            raise ValueError(f"codebook_size must be at least 2, got {self.codebook_size}")

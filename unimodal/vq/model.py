@@ -1,0 +1,165 @@
+"""`VQGAN`: the learned image tokenizer (encoder -> vector quantizer -> decoder).
+
+Data flow for pixels ``[B, 3, H, W]`` in ``[-1, 1]`` and downsample factor ``f``::
+
+    encoder -> [B, z_channels, H/f, W/f] -> quant_conv -> [B, embed_dim, h, w]
+      -> quantize -> codes [B, h, w] / quantised latents [B, embed_dim, h, w]
+      -> post_quant_conv -> [B, z_channels, h, w] -> decoder -> [B, 3, H, W]
+
+Parameter names follow taming-transformers' ``VQModel`` (``encoder.*``, ``quant_conv``,
+``quantize.embedding``, ``post_quant_conv``, ``decoder.*``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .base import ImageTokenizerMixin
+from .config import VQGANConfig
+from .modules import Decoder, Encoder
+from .quantizer import VectorQuantizer
+
+
+@dataclass
+class VQGANOutput(ModelOutput):
+    """What `VQGAN.forward` returns; the losses are fp32 scalars.
+
+    Attributes:
+        reconstruction: decoded pixels ``[B, 3, H, W]``.
+        codes: ``LongTensor[B, h, w]``.
+        quant_loss: ``codebook_loss + beta * commitment_loss``, the quantizer's term of the loss.
+        codebook_loss: ``||sg[z] - e||^2`` (zero with EMA codebook updates).
+        commitment_loss: ``||z - sg[e]||^2`` (unweighted).
+        perplexity: ``exp(entropy)`` of the batch's code histogram; at most ``codebook_size``.
+        usage: fraction of codes used over the quantizer's rolling window of training batches.
+        latents: encoder latents after ``quant_conv``, ``[B, embed_dim, h, w]``, before quantisation.
+        quantized: quantised latents ``[B, embed_dim, h, w]`` (straight-through to ``latents``).
+    """
+
+    reconstruction: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+    quant_loss: torch.Tensor | None = None
+    codebook_loss: torch.Tensor | None = None
+    commitment_loss: torch.Tensor | None = None
+    perplexity: torch.Tensor | None = None
+    usage: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+    quantized: torch.Tensor | None = None
+
+
+class VQGAN(ImageTokenizerMixin, PreTrainedModel):
+    """VQ-GAN image tokenizer: ``encode`` pixels to codes, ``decode`` codes to pixels.
+
+    ``forward`` runs the whole autoencoder for training and returns a `VQGANOutput` with the
+    reconstruction and every quantizer loss term; the GAN and perceptual terms live in
+    `unimodal.vq.losses.VQGANLoss`.
+
+    Example::
+
+        vq = VQGAN(VQGANConfig(codebook_size=1024, image_size=64, ch=64, ch_mult=(1, 2, 2, 4)))
+        codes = vq.encode(pixels)        # [B, 8, 8]
+        images = vq.decode(codes)        # [B, 3, 64, 64]
+    """
+
+    config_class = VQGANConfig
+    base_model_prefix = "vqgan"
+    main_input_name = "pixel_values"
+    # The codebook stays fp32 when loaded with dtype=torch.bfloat16: the argmin is the tokenizer.
+    _keep_in_fp32_modules_strict = ["quantize"]
+    _no_split_modules = ["ResnetBlock", "AttnBlock"]
+
+    def __init__(self, config: VQGANConfig):
+        super().__init__(config)
+        arch = dict(
+            ch=config.ch,
+            ch_mult=config.ch_mult,
+            num_res_blocks=config.num_res_blocks,
+            attn_resolutions=config.attn_resolutions,
+            resolution=config.image_size,
+            z_channels=config.z_channels,
+            dropout=config.dropout,
+            num_groups=config.num_groups,
+        )
+        self.encoder = Encoder(in_channels=config.in_channels, **arch)
+        self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
+        self.quantize = VectorQuantizer(
+            config.codebook_size,
+            config.embed_dim,
+            beta=config.beta,
+            use_l2_norm=config.use_l2_norm,
+            ema_decay=config.ema_decay,
+            kmeans_init=config.kmeans_init,
+            kmeans_iters=config.kmeans_iters,
+            dead_code_threshold=config.dead_code_threshold,
+            usage_window=config.usage_window,
+        )
+        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
+        self.decoder = Decoder(out_channels=config.out_channels, **arch)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # PyTorch's default init, as taming trains with; transformers' guard around this call makes
+        # it skip tensors that from_pretrained loaded.
+        if isinstance(module, (nn.Conv2d, nn.GroupNorm, VectorQuantizer)):
+            module.reset_parameters()
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's output conv weight, where the adaptive GAN weight compares gradients."""
+        return self.decoder.conv_out.weight
+
+    # ------------------------------------------------------------------ pieces
+
+    def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B, 3, H, W]`` in [-1, 1] -> continuous latents ``[B, embed_dim, H/f, W/f]``."""
+        self.check_pixels(pixels)
+        return self.quant_conv(self.encoder(pixels.to(self.encoder.conv_in.weight.dtype)))
+
+    def decode_latents(self, quantized: torch.Tensor) -> torch.Tensor:
+        """Quantised latents ``[B, embed_dim, h, w]`` -> pixels ``[B, 3, h*f, w*f]``."""
+        dtype = self.post_quant_conv.weight.dtype
+        return self.decoder(self.post_quant_conv(quantized.to(dtype)))
+
+    # ------------------------------------------------------------------ tokenizer surface
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels ``[B, 3, H, W]`` in [-1, 1] -> codes ``LongTensor[B, H/f, W/f]``.
+
+        Pure inference: codebook statistics are not touched, in train or eval mode.
+        """
+        return self.quantize.lookup(self.encode_latents(pixels))
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes ``LongTensor[B, h, w]`` in ``[0, codebook_size)`` -> pixels ``[B, 3, h*f, w*f]``.
+
+        The output is the decoder's, not clamped; clamp to [-1, 1] before turning it into images.
+        """
+        self.check_codes(codes)
+        return self.decode_latents(self.quantize.embed(codes.to(self.quantize.embedding.weight.device)))
+
+    def forward(self, pixel_values: torch.Tensor) -> VQGANOutput:
+        """Autoencode ``pixel_values [B, 3, H, W]``; updates codebook statistics in training mode."""
+        latents = self.encode_latents(pixel_values)
+        q = self.quantize(latents)
+        return VQGANOutput(
+            reconstruction=self.decode_latents(q.quantized),
+            codes=q.codes,
+            quant_loss=q.loss,
+            codebook_loss=q.codebook_loss,
+            commitment_loss=q.commitment_loss,
+            perplexity=q.perplexity,
+            usage=q.usage,
+            latents=latents,
+            quantized=q.quantized,
+        )
