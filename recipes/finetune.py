@@ -38,8 +38,6 @@ def main(argv: list[str] | None = None) -> Path:
     model_args, data_args, lora_args, args = parse_config(
         (ModelArguments, DataArguments, LoraArguments, FinetuneArguments), argv)
     out = Path(args.output_dir)
-    # DeepSpeed compiles its CPU ops once with ninja; keep them out of ~/.cache.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(out / ".torch_extensions"))
     if lora_args.use_lora and not args.merge_lora and not model_args.model_name_or_path:
         raise ValueError("merge_lora=false saves an adapter on top of a base others can load; "
                          "a model built from a config has none: set model_name_or_path or merge_lora")

@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 import unimodal  # noqa: F401  (registers the image tokenizers with AutoModel)
 from unimodal.data import PretokenizeOptions, load_source, merge_shards, pretokenize, save_pretokenized, shard_bounds
 from unimodal.digits import load_digits_dataset
+from unimodal.lm import build_causal_lm
 from unimodal.processor import UnimodalProcessor
 from unimodal.training import make_accelerator, parse_config
 from unimodal.vocab import add_image_tokens
@@ -39,11 +40,12 @@ class TokenizeConfig:
     output_dir: str = "runs/digits/data"
     overwrite: bool = False  # replace an existing output_dir
     output_format: str = "arrow"  # or "parquet"
-    # The ids: a saved UnimodalProcessor, or a base LM (only its config and tokenizer are read)
-    # plus an image tokenizer folder, extended exactly as add_image_tokens will extend the LM.
+    # Where the ids come from: a saved UnimodalProcessor, or the text tokenizer + image tokenizer
+    # extended exactly as add_image_tokens will extend the LM (fine-tuning checks they match).
     processor: str = ""
-    base_model: str = ""
-    image_tokenizer: str = ""
+    image_tokenizer: str = ""  # VQGAN / PixelTokenizer folder
+    base_model: str = ""  # hub name or folder of the LM: its tokenizer and config (no weights read)
+    tokenizer: str = ""  # the text tokenizer, when not base_model's (an LM built from a config)
     tasks: list[str] = field(default_factory=lambda: ["t2i"])  # t2i, i2t, interleaved
     image_column: str = "image"
     caption_column: str = "caption"
@@ -58,13 +60,15 @@ class TokenizeConfig:
 def load_processor(cfg: TokenizeConfig) -> UnimodalProcessor:
     if cfg.processor:
         return UnimodalProcessor.from_pretrained(cfg.processor)
-    if not (cfg.base_model and cfg.image_tokenizer):
-        raise ValueError("set `processor`, or both `base_model` and `image_tokenizer`")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
+    if not (cfg.image_tokenizer and (cfg.base_model or cfg.tokenizer)):
+        raise ValueError("set `processor`, or `image_tokenizer` and `base_model` (or `tokenizer`)")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.base_model)
     image_tokenizer = AutoModel.from_pretrained(cfg.image_tokenizer)
-    # Only the LM's embedding shape decides the new ids: build it on the meta device, no weights.
+    # Only the LM's embedding rows decide the new ids, so the LM is built on the meta device (no
+    # weights); an LM built from a config has exactly one row per text token.
     with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.base_model))
+        lm = (AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.base_model)) if cfg.base_model
+              else build_causal_lm(vocab_size=len(tokenizer)))
     return add_image_tokens(lm, tokenizer, image_tokenizer, mean_resizing=False)
 
 
@@ -100,6 +104,7 @@ def main(args: list[str] | None = None) -> None:
         num_proc=cfg.num_proc if cfg.num_proc > 1 else None, cache_dir=cfg.cache_dir or None,
         index_offset=start,
     )
+    print(f"process {rank}/{world}: rows [{start}, {end}) -> {result.stats.num_samples} samples", flush=True)
     if world == 1:
         save_pretokenized(result, out, processor, options, cfg.output_format)
     else:

@@ -344,7 +344,8 @@ def test_cfg_dropout_is_deterministic_per_seed_epoch_index(processor, samples):
     assert 0.2 < np.mean(many) < 0.4
 
 
-def test_resumed_loader_reproduces_batches_and_dropout(processor, samples):
+@pytest.mark.parametrize("packing", [True, False])
+def test_resumed_loader_reproduces_batches_and_dropout(processor, samples, packing):
     """With infinite_batches, starting at step k yields exactly the batches (dropout included)
     that an uninterrupted run saw from step k on, across an epoch boundary."""
     from unimodal.training import infinite_batches, make_accelerator
@@ -352,21 +353,24 @@ def test_resumed_loader_reproduces_batches_and_dropout(processor, samples):
     accelerator = make_accelerator(log_with=None, seed=5)
 
     def run(start, steps):
-        collator = UnimodalCollator(processor, 96, packing=True, cfg_dropout=0.5, seed=5)
+        collator = UnimodalCollator(processor, 96, packing=packing, cfg_dropout=0.5, seed=5)
         loader = accelerator.prepare(make_dataloader(samples, collator, batch_size=4, seed=5))
         per_epoch = len(loader)
         out = []
         for step, batch in infinite_batches(accelerator, loader, start, per_epoch):
             out.append(batch["input_ids"])
             if len(out) == steps:
-                return out, per_epoch
+                return out, per_epoch, loader
 
-    full, per_epoch = run(0, 40)
+    full, per_epoch, loader = run(0, 40)
     assert per_epoch < 30  # the run crosses into epoch 1
-    resumed, _ = run(per_epoch - 3, 40 - (per_epoch - 3))
+    resumed, _, _ = run(per_epoch - 3, 40 - (per_epoch - 3))
+    assert len(resumed) == len(full[per_epoch - 3 :])
     for a, b in zip(full[per_epoch - 3 :], resumed):
         assert torch.equal(a, b)
     assert not torch.equal(full[0], full[per_epoch])  # epoch 1 is a new order / new dropout
+    # the epoch reached the sampler (accelerate's seedable one, or our length-grouped one)
+    assert loader.batch_sampler.sampler.epoch == 1
 
 
 # ------------------------------------------------------------------------------ attention

@@ -141,6 +141,8 @@ def test_presets_overrides_and_warpers():
     assert (liquid.guidance_scale, liquid.temperature, liquid.top_k, liquid.top_p) == (7.0, 0.9, 4096, 0.99)
     assert resolve_sampling("liquid", temperature=0.5, top_k=None).temperature == 0.5
     assert resolve_sampling(SamplingConfig(top_k=3), top_p=0.5) == SamplingConfig(top_k=3, top_p=0.5)
+    assert resolve_sampling("greedy", temperature=0.7).do_sample  # a sampling knob turns sampling on
+    assert not resolve_sampling("greedy", temperature=0.7, do_sample=False).do_sample
     with pytest.raises(ValueError, match="unknown sampling preset"):
         resolve_sampling("liqiud")
     with pytest.raises(ValueError, match="guidance_scale"):

@@ -1,10 +1,12 @@
 """UnimodalPipeline: one folder holds LM + tokenizer + processor config + image tokenizer."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from huggingface_hub import HfApi
+from PIL import Image
 from transformers import AutoModelForCausalLM
 
 from unimodal import PixelTokenizer, PixelTokenizerConfig, UnimodalPipeline, add_image_tokens
@@ -23,7 +25,7 @@ def one_thread():
 @pytest.fixture
 def pipeline():
     tok = train_text_tokenizer()
-    model = build_causal_lm("qwen2", vocab_size=len(tok), tie_word_embeddings=True)
+    model = build_causal_lm("llama", vocab_size=len(tok), tie_word_embeddings=True)
     image_tokenizer = PixelTokenizer(PixelTokenizerConfig(codebook_size=16, image_size=4, pixel_size=1))
     processor = add_image_tokens(model, tok, image_tokenizer)
     return UnimodalPipeline(model.eval(), processor)
@@ -93,3 +95,38 @@ def test_mismatched_lm_and_processor_are_rejected(pipeline):
     other.config.unimodal["image_token_range"] = [1, 28]
     with pytest.raises(ValueError, match="different checkpoints"):
         UnimodalPipeline(other, pipeline.processor)
+
+
+def test_generate_recipe_writes_images_grid_and_reproducible_seeds(pipeline, tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("generate_recipe", Path(__file__).parents[1] / "recipes" / "generate.py")
+    recipe = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, recipe)  # dataclasses look their module up there
+    spec.loader.exec_module(recipe)
+    pipeline.save_pretrained(tmp_path / "model")
+    (tmp_path / "prompts.txt").write_text("a dog\n\nthe quick brown fox\n")
+    out = tmp_path / "out"
+    record = recipe.main(["--model", str(tmp_path / "model"), "--prompts", "a cat", "--prompts_file",
+                          str(tmp_path / "prompts.txt"), "--num_images_per_prompt", "2", "--top_k", "8",
+                          "--seed", "10", "--output_dir", str(out)])
+    saved = json.loads((out / "generation.json").read_text())
+    assert saved == json.loads(json.dumps(record))
+    assert [(e["prompt"], e["seed"]) for e in saved["images"]] == [
+        ("a cat", 10), ("a cat", 11), ("a dog", 12), ("a dog", 13), ("the quick brown fox", 14), ("the quick brown fox", 15)]
+    assert saved["sampling"] == {"guidance_scale": 7.0, "temperature": 0.9, "top_k": 8, "top_p": 0.99, "do_sample": True}
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (2 * (4 + 2) + 2, 3 * (4 + 2) + 2)  # one row per prompt
+    # The recorded seed reproduces one image alone.
+    again = pipeline.generate_images("a dog", seed=13, top_k=8, progress=False)[0]
+    assert again.tobytes() == Image.open(out / "images/0003.png").convert("RGB").tobytes()
+
+    captions = recipe.main(["--model", str(tmp_path / "model"), "--mode", "image-to-text", "--images",
+                            str(out / "images/0000.png"), str(out / "images/0001.png"), "--max_new_tokens", "5",
+                            "--output_dir", str(tmp_path / "captions")])
+    assert [t["image"] for t in captions["texts"]] == [str(out / "images/0000.png"), str(out / "images/0001.png")]
+    assert all(isinstance(t["text"], str) for t in captions["texts"])
+    assert captions["sampling"]["do_sample"] is False
+    with pytest.raises(ValueError, match="no prompts"):
+        recipe.main(["--model", str(tmp_path / "model"), "--output_dir", str(tmp_path / "x")])

@@ -100,6 +100,19 @@ def test_padded_vocab_keeps_existing_rows(tokenizer, pixel_tokenizer):
     torch.testing.assert_close(new[600:], old.mean(0).expand(40, -1), atol=1e-5, rtol=0)
 
 
+def test_weightless_meta_model_gives_the_same_layout(tokenizer, pixel_tokenizer):
+    # recipes learn the id layout from an LM built on the meta device (no weights loaded)
+    config = build_causal_lm("qwen2", vocab_size=600).config
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+    real = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+    from_meta = add_image_tokens(meta, copy.deepcopy(tokenizer), pixel_tokenizer)
+    from_real = add_image_tokens(real, tokenizer, pixel_tokenizer)
+    assert meta.config.vocab_size == real.config.vocab_size == 640
+    for attr in ("boi_token_id", "eoi_token_id", "pad_token_id", "image_token_range"):
+        assert getattr(from_meta, attr) == getattr(from_real, attr)
+
+
 def test_tokenizer_without_pad_token_gets_one(pixel_tokenizer):
     from transformers import LlamaTokenizer
 

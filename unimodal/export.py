@@ -3,7 +3,7 @@
 ```
 final/
   config.json  model.safetensors  generation_config.json   the LM (merged LoRA or full weights)
-  (or adapter_config.json  adapter_model.safetensors        LoRA adapter + base reference)
+  (or adapter/ + unimodal_adapter.json                      LoRA adapter + base reference)
   tokenizer.json  tokenizer_config.json  processor_config.json
   image_tokenizer/                                          VQGAN / PixelTokenizer
   README.md                                                 model card with the training config
@@ -12,7 +12,9 @@ final/
 A merged folder loads with ``AutoModelForCausalLM.from_pretrained`` (no unimodal code needed) and
 ``UnimodalProcessor.from_pretrained``. An adapter folder loads with `load_finetuned_model`:
 transformers cannot attach it to the base by itself, because the base first needs the rows the
-image tokens added (PEFT would index rows the base does not have).
+image tokens added (PEFT would index rows the base does not have). The adapter sits in a
+subfolder: an ``adapter_config.json`` at the top would make ``AutoModel.from_pretrained(folder,
+subfolder="image_tokenizer")`` load the adapter's base instead of the image tokenizer.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import torch
 import yaml
 
 from .processor import UnimodalProcessor
+
+ADAPTER_SUBFOLDER = "adapter"
 
 CARD_TEMPLATE = """---
 library_name: transformers
@@ -115,11 +119,7 @@ def save_finetuned(
                 raise ValueError("under ZeRO-3 save_finetuned needs rebuild= to hold the gathered weights")
             with zero3_disabled():  # a plain copy on this process, not one more ZeRO-3 shard
                 model = rebuild()
-            missing, unexpected = model.load_state_dict(state_dict, strict=False)
-            tied = {"lm_head.weight"} if getattr(_base(model).config, "tie_word_embeddings", False) else set()
-            if unexpected or {k.rsplit("model.", 1)[-1] for k in missing} - tied - {"weight"}:
-                raise RuntimeError(f"gathered ZeRO-3 weights do not fit the rebuilt model: missing "
-                                   f"{missing[:5]}, unexpected {unexpected[:5]}")
+            model.load_state_dict(state_dict)
         else:
             model = accelerator.unwrap_model(model)
         is_peft = hasattr(model, "peft_config")
@@ -127,7 +127,7 @@ def save_finetuned(
         output_dir.mkdir(parents=True, exist_ok=True)
         if adapter:
             model.peft_config["default"].base_model_name_or_path = base
-            model.save_pretrained(output_dir)  # adapter + the resized embedding/head rows
+            model.save_pretrained(output_dir / ADAPTER_SUBFOLDER)  # adapter + the resized rows
             (output_dir / "unimodal_adapter.json").write_text(json.dumps(
                 {"base_model_name_or_path": base, "vocab_size": _rows(model)}, indent=2) + "\n")
         else:
@@ -180,7 +180,7 @@ def load_finetuned_model(path: str | os.PathLike, dtype: torch.dtype = torch.flo
     base = AutoModelForCausalLM.from_pretrained(meta["base_model_name_or_path"], dtype=dtype)
     # Values of these rows come from the adapter; skip the costly mean initialisation.
     base.resize_token_embeddings(meta["vocab_size"], mean_resizing=False)
-    model = PeftModel.from_pretrained(base, str(path))
+    model = PeftModel.from_pretrained(base, str(Path(path) / ADAPTER_SUBFOLDER))
     return model.merge_and_unload() if merge else model
 
 

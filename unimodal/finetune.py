@@ -178,11 +178,14 @@ def load_task_data(
     Raises a ``ValueError`` for data tokenised with another processor, an empty data set, a task
     without samples, or weights that do not match the tasks.
     """
-    from .data import load_pretokenized
+    from .data import load_pretokenized, read_metadata
 
+    stats = read_metadata(args.dataset_path)["stats"]
+    if stats["num_samples"] == 0:  # (datasets cannot even load an empty Arrow/parquet folder)
+        raise ValueError(f"{args.dataset_path} holds no samples: {stats['num_skipped']} of {stats['num_examples']} "
+                         f"source rows were skipped ({stats['skipped'][:3]}); fix the source data and "
+                         "re-run recipes/tokenize_dataset.py")
     data = load_pretokenized(args.dataset_path, processor)
-    if len(data) == 0:
-        raise ValueError(f"{args.dataset_path} holds no samples; check recipes/tokenize_dataset.py's report")
     weights = args.task_weights or [1.0] * len(args.tasks)
     if len(weights) != len(args.tasks) or min(weights) <= 0:
         raise ValueError(f"task_weights {weights} must be one positive number per task {args.tasks}")

@@ -271,3 +271,48 @@ def load_image_dataset(source: str | None, policy: CropPolicy, split: str, *, im
         data = data["train"] if "train" in data else next(iter(data.values()))
     parts = data.train_test_split(test_size=eval_fraction, seed=seed)
     return HFImageDataset(parts["train" if split == "train" else "test"], policy, image_column, strict)
+
+
+@dataclass
+class ImageDataArguments:
+    """Where training images come from and how they are cropped (a recipe config section).
+
+    Args:
+        data: ``"shipped"`` (crops of the photos inside scikit-learn / scikit-image), a folder of
+            image files, a ``save_to_disk`` folder, or a Hub dataset name.
+        image_column: the image column of a ``datasets`` source.
+        image_size: side of the training crops; must be a multiple of the downsample factor.
+        min_scale: smallest crop side, as a fraction of the image's shorter side.
+        max_scale: largest crop side (held-out crops of folders / datasets are centred at this scale).
+        flip: random horizontal flips of training crops.
+        eval_fraction: held-out share of a folder / dataset without its own test split.
+        train_samples: crops per epoch of the shipped photos.
+        eval_samples: held-out images evaluated (the first ones of the held-out split).
+        strict: fail on unreadable images instead of skipping them with a warning.
+    """
+
+    data: str = "shipped"
+    image_column: str = "image"
+    image_size: int = 32
+    min_scale: float = 0.1
+    max_scale: float = 0.4
+    flip: bool = True
+    eval_fraction: float = 0.05
+    train_samples: int = 20_000
+    eval_samples: int = 256
+    strict: bool = False
+
+
+def load_image_datasets(args: ImageDataArguments, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """The training dataset (random crops) and the held-out dataset (fixed crops).
+
+    Held-out crops are fixed: centred for folders and ``datasets`` sources, seeded positions
+    inside the held-out region for the shipped photos (their centres would repeat per photo).
+    """
+    shipped = args.data in ("", "shipped")
+    train_policy = CropPolicy(args.image_size, True, args.min_scale, args.max_scale, args.flip)
+    eval_policy = CropPolicy(args.image_size, shipped, args.min_scale, args.max_scale, flip=False)
+    common = dict(image_column=args.image_column, eval_fraction=args.eval_fraction, strict=args.strict, seed=seed)
+    train = load_image_dataset(args.data, train_policy, "train", num_samples=args.train_samples, **common)
+    held = load_image_dataset(args.data, eval_policy, "eval", num_samples=args.eval_samples, **common)
+    return train, held

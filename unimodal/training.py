@@ -139,8 +139,14 @@ class CheckpointManager:
         done = [p for p in self.root.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").exists()]
         return max(done, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), default=None)
 
-    def save(self, accelerator, step: int, state: dict[str, Any] | None = None) -> Path:
-        """Save accelerate state (models, optimizers, schedulers, RNG, registered objects) + ``state``."""
+    def save(self, accelerator, step: int, state: dict[str, Any] | None = None,
+             tensors: dict[str, torch.Tensor] | None = None) -> Path:
+        """Save accelerate state (models, optimizers, schedulers, RNG, registered objects) + ``state``.
+
+        ``tensors`` (e.g. an EMA copy of the weights, buffers ``state_dict`` leaves out) go to
+        ``tensors.safetensors``, read back by `load_tensors`: unlike objects registered with
+        ``accelerator.register_for_checkpointing`` they are never unpickled.
+        """
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f".tmp-step-{step:08d}"
         if accelerator.is_main_process:
@@ -150,6 +156,10 @@ class CheckpointManager:
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            if tensors:
+                from safetensors.torch import save_file
+
+                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / "tensors.safetensors")
             # state.json last: its presence marks the checkpoint complete.
             (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}, indent=2))
             shutil.rmtree(final, ignore_errors=True)
@@ -165,6 +175,14 @@ class CheckpointManager:
             return None
         accelerator.load_state(str(path))
         return json.loads((path / "state.json").read_text())
+
+    def load_tensors(self, path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+        """The ``tensors`` saved with the latest (or given) checkpoint; empty when there are none."""
+        from safetensors.torch import load_file
+
+        path = Path(path) if path else self.latest()
+        file = path / "tensors.safetensors" if path else None
+        return load_file(file) if file is not None and file.exists() else {}
 
     def _prune(self) -> None:
         done = sorted(

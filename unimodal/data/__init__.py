@@ -21,19 +21,8 @@ from .packing import (
     pack_lengths,
     plan_rows,
 )
-from .pretokenize import (
-    TASKS,
-    PretokenizeOptions,
-    PretokenizeResult,
-    PretokenizeStats,
-    load_pretokenized,
-    load_source,
-    merge_shards,
-    pretokenize,
-    read_metadata,
-    save_pretokenized,
-    shard_bounds,
-)
+from .pretokenize import TASKS, PretokenizeOptions, PretokenizeResult, PretokenizeStats, load_source, pretokenize
+from .storage import load_pretokenized, merge_shards, read_metadata, save_pretokenized, shard_bounds
 
 __all__ = [
     "DEFAULT_LOSS_ON", "IGNORE_INDEX", "TASKS", "LengthGroupedSampler", "PretokenizeOptions",

@@ -67,12 +67,19 @@ PRESETS: dict[str, SamplingConfig] = {
 
 
 def resolve_sampling(preset: str | SamplingConfig, **overrides) -> SamplingConfig:
-    """A preset (name or config) with the given non-``None`` fields replaced."""
+    """A preset (name or config) with the given non-``None`` fields replaced.
+
+    Giving ``temperature``, ``top_k`` or ``top_p`` switches sampling on (also for the ``"greedy"``
+    preset) unless ``do_sample=False`` is given too.
+    """
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise ValueError(f"unknown sampling preset {preset!r}; choose one of {sorted(PRESETS)}")
         preset = PRESETS[preset]
-    return dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.keys() & {"temperature", "top_k", "top_p"}:
+        overrides.setdefault("do_sample", True)
+    return dataclasses.replace(preset, **overrides)
 
 
 def logits_warpers(config: SamplingConfig, vocab_size: int) -> LogitsProcessorList:

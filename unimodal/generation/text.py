@@ -70,8 +70,6 @@ def generate_text(
         segments); for a list of prompts a list of those.
     """
     texts = [text] if isinstance(text, str) else list(text)
-    if do_sample is None and any(v is not None for v in (temperature, top_k, top_p)):
-        do_sample = True
     sampling = resolve_sampling(preset, temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample)
     if sampling.guidance_scale != 1:
         raise ValueError("guidance applies to generate_images; generate_text samples with guidance_scale=1")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from .model import VQGANOutput
 from .quantizer import all_reduce_sum_
 
 # ----------------------------------------------------------------------------- discriminator
@@ -309,7 +310,7 @@ class VQGANLoss(nn.Module):
         return global_step >= self.config.disc_start
 
     def generator_loss(
-        self, inputs: torch.Tensor, output, global_step: int, last_layer: torch.Tensor | None = None
+        self, inputs: torch.Tensor, output: VQGANOutput, global_step: int, last_layer: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """Loss of the VQ-GAN (encoder, quantizer, decoder) for one batch.
 

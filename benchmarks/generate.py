@@ -1,0 +1,150 @@
+"""Text-to-image sampling speed: our batched CFG on one KV cache vs what users have today.
+
+    python benchmarks/generate.py                              # tiny Llama, fp32, batch 1/4/16
+    python benchmarks/generate.py --models tiny smollm2 --dtype bfloat16
+
+Rows, all with classifier-free guidance (Liquid's settings: guidance 7, temperature 0.9, top-k
+4096, top-p 0.99) and a 16x16 grid (256 image tokens) over an 8192-code image vocabulary:
+
+- ``ours``: `unimodal.generation.sample_image_tokens` (cond + uncond rows in one forward per step,
+  KV cache, logits over the image ids only, per-row random streams);
+- ``hf``: ``model.generate(guidance_scale=7, negative_prompt_ids=...)``: transformers' CFG runs
+  the unconditional rows in a second forward with its own cache (the span constraint is passed
+  as a logits processor so both sample the same kind of tokens);
+- ``naive``: cond + uncond batched, but every step re-runs the whole sequence (no KV cache);
+  measured over the first ``--naive_steps`` tokens only (it gets slower with length, so its
+  tokens/s here flatters it);
+- ``bare``: our forward steps alone (prefill + 255 cached steps, image-row logits), no guidance,
+  warping or sampling: ``overhead = ours / bare - 1``. ``bare-full`` computes all logits.
+
+Each cell is the best of ``--repeats`` runs (the machines are shared and noisy); the models are
+random (speed does not depend on the weights). Ratios are what to read, not absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from datetime import date
+
+import torch
+
+from unimodal import PixelTokenizer, PixelTokenizerConfig, add_image_tokens
+from unimodal.generation import ImageSpanConstraint, KVDecoder, left_pad, resolve_sampling, sample_image_tokens
+from unimodal.lm import build_causal_lm, train_text_tokenizer
+
+MODELS = {
+    # name -> build_causal_lm kwargs (the text vocabulary is padded to `vocab_size` rows)
+    "tiny": dict(vocab_size=512, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024),
+    "smollm2": dict(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_key_value_heads=3,
+                    intermediate_size=1536, tie_word_embeddings=True),
+}
+PROMPT = "a small house by the sea under a blue sky"
+
+
+def build(name: str, dtype: torch.dtype, codebook_size: int, side: int):
+    tok = train_text_tokenizer()
+    model = build_causal_lm("llama", max_position_embeddings=2048, **MODELS[name])
+    image_tokenizer = PixelTokenizer(PixelTokenizerConfig(codebook_size=codebook_size, image_size=side))
+    processor = add_image_tokens(model, tok, image_tokenizer, mean_resizing=False)
+    return model.to(dtype).eval(), processor
+
+
+def best_of(repeats: int, fn) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@torch.no_grad()
+def run_ours(model, processor, batch, sampling):
+    rows = [processor.text_to_image_ids(PROMPT)] * batch
+    sample_image_tokens(model, processor, rows, sampling, seed=0, progress=False)
+
+
+@torch.no_grad()
+def run_hf(model, processor, batch, sampling):
+    ids, mask = left_pad([processor.text_to_image_ids(PROMPT)] * batch, processor.pad_token_id)
+    neg, neg_mask = left_pad([processor.unconditional_prompt_ids()] * batch, processor.pad_token_id)
+    n = processor.num_image_tokens
+    constraint = ImageSpanConstraint.from_processor(processor, max_length=ids.shape[1] + n)
+    model.generate(input_ids=ids, attention_mask=mask, guidance_scale=sampling.guidance_scale,
+                   negative_prompt_ids=neg, negative_prompt_attention_mask=neg_mask, do_sample=True,
+                   temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                   max_new_tokens=n, min_new_tokens=n, logits_processor=[constraint])
+
+
+@torch.no_grad()
+def run_naive(model, processor, batch, sampling, steps):
+    lo, hi = processor.image_token_range
+    rows = [processor.text_to_image_ids(PROMPT)] * batch + [processor.unconditional_prompt_ids()] * batch
+    ids, mask = left_pad(rows, processor.pad_token_id)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        cond, uncond = logits[:, -1, lo:hi].float().chunk(2)
+        guided = (uncond + sampling.guidance_scale * (cond - uncond)) / sampling.temperature
+        kth = guided.topk(min(sampling.top_k, hi - lo)).values[:, -1:]
+        probs = guided.masked_fill(guided < kth, float("-inf")).softmax(-1)
+        nxt = torch.multinomial(probs, 1, generator=g) + lo  # [B, 1] (top-p left out: flatters naive)
+        ids = torch.cat([ids, nxt.repeat(2, 1)], 1)
+        mask = torch.cat([mask, torch.ones_like(nxt).repeat(2, 1)], 1)
+
+
+@torch.no_grad()
+def run_bare(model, processor, batch, sliced):
+    lo, hi = processor.image_token_range
+    ids, mask = left_pad([processor.text_to_image_ids(PROMPT)] * batch + [processor.unconditional_prompt_ids()] * batch,
+                         processor.pad_token_id)
+    decoder = KVDecoder(model, vocab_slice=(lo, hi) if sliced else None)
+    decoder.prefill(ids, mask)
+    token = torch.full((2 * batch,), lo)
+    for _ in range(processor.num_image_tokens - 1):
+        decoder.step(token)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["tiny"], choices=sorted(MODELS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--codebook_size", type=int, default=8192)
+    parser.add_argument("--grid", type=int, default=16, help="side of the code grid (16 -> 256 tokens)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--naive_steps", type=int, default=32)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["hf", "naive"])
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    sampling = resolve_sampling("liquid")
+    n = args.grid * args.grid
+    print(f"# {date.today()}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, {args.dtype}, {n} image tokens, codebook {args.codebook_size}\n")
+    print("| model | batch | ours tok/s | hf tok/s | naive tok/s | ours / hf | ours / naive | overhead vs bare "
+          "| bare-full / bare |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        model, processor = build(name, dtype, args.codebook_size, args.grid)
+        run_ours(model, processor, 1, sampling)  # warm-up (allocator, kernels)
+        for batch in args.batches:
+            ours = best_of(args.repeats, lambda: run_ours(model, processor, batch, sampling))
+            bare = best_of(args.repeats, lambda: run_bare(model, processor, batch, True))
+            full = best_of(args.repeats, lambda: run_bare(model, processor, batch, False))
+            hf = naive = float("nan")
+            if "hf" not in args.skip:
+                hf = best_of(args.repeats, lambda: run_hf(model, processor, batch, sampling)) / (batch * n)
+            if "naive" not in args.skip:
+                naive = best_of(1, lambda: run_naive(model, processor, batch, sampling, args.naive_steps))
+                naive /= batch * args.naive_steps
+            per_token = ours / (batch * n)
+            print(f"| {name} | {batch} | {1 / per_token:.0f} | {1 / hf:.0f} | {1 / naive:.0f} | "
+                  f"{hf / per_token:.2f}x | {naive / per_token:.1f}x | {100 * (ours / bare - 1):+.1f}% | "
+                  f"{full / bare:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

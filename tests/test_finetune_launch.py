@@ -1,0 +1,176 @@
+"""recipes/finetune.py launched for real: 2-process DDP, DeepSpeed ZeRO-2 and ZeRO-3 on CPU
+(gloo), LoRA under ZeRO-3, SIGKILL + relaunch resuming exactly, NaN stop, FSDP on GPUs."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from test_finetune_lib import build_finetune_data
+from unimodal import UnimodalProcessor
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH_CONFIGS = REPO / "recipes" / "configs" / "accelerate"
+STEPS = 30  # long enough after the first checkpoint (step 3) for the kill test to land mid-run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    # DeepSpeed builds its CPU comm op once with ninja; keep it in the (git-ignored) repo cache.
+    return {**os.environ, "PYTHONPATH": str(REPO), "TORCH_EXTENSIONS_DIR": str(REPO / ".torch_extensions"),
+            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def command(launch: str | None, data_root: Path, out: Path, *extra: str) -> list[str]:
+    args = ["--dataset_path", str(data_root / "data"), "--tokenizer_name_or_path", str(data_root / "text_tokenizer"),
+            "--build_hidden_size", "32", "--tasks", "t2i", "i2t", "--eval_size", "8", "--max_length", "160",
+            "--per_device_batch_size", "4", "--max_steps", str(STEPS), "--save_steps", "3", "--eval_steps", "15",
+            "--log_steps", "5", "--learning_rate", "3e-3", "--warmup_steps", "3", "--mixed_precision", "no",
+            "--report_to", "none", "--output_dir", str(out), *extra]
+    if launch is None:
+        return [sys.executable, str(REPO / "recipes" / "finetune.py"), *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH_CONFIGS / launch),
+            "--main_process_port", str(free_port()), str(REPO / "recipes" / "finetune.py"), *args]
+
+
+def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "final" / "model.safetensors")
+
+
+def assert_loadable(out: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    processor = UnimodalProcessor.from_pretrained(out / "final")
+    ids = torch.tensor([processor.text_to_image_ids("a handwritten digit three")])
+    assert model(input_ids=ids).logits.shape == (1, ids.shape[1], model.config.vocab_size)
+    assert "max_steps: 30" in (out / "final" / "README.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory, text_tokenizer):
+    root = tmp_path_factory.mktemp("ft_launch")
+    build_finetune_data(root, text_tokenizer, num_digits=200)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ddp_run(data_root):
+    """The reference: 2-process DDP over gloo, full fine-tuning, uninterrupted."""
+    out = data_root / "ddp"
+    proc = run(command("ddp_cpu.yaml", data_root, out))
+    return out, proc
+
+
+def test_ddp_two_processes_train_and_save_a_loadable_model(ddp_run):
+    out, proc = ddp_run
+    assert "step 30: eval/t2i" in proc.stdout + proc.stderr
+    assert_loadable(out)
+    # keep_last=2: the two newest checkpoints, complete (state.json written last)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000024", "step-00000027"]
+
+
+def test_deepspeed_zero2_matches_ddp(ddp_run, data_root):
+    out = data_root / "zero2"
+    run(command("zero2.yaml", data_root, out))
+    assert_loadable(out)
+    reference, got = weights(ddp_run[0]), weights(out)
+    assert reference.keys() == got.keys()
+    for name in reference:  # same data, seed and fp32 math: only reduction order differs
+        torch.testing.assert_close(got[name], reference[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_deepspeed_zero3_lora_trains_new_rows_and_adapters(data_root):
+    out = data_root / "zero3_lora"
+    run(command("zero3.yaml", data_root, out, "--use_lora", "true", "--lora_r", "4"))
+    assert_loadable(out)
+    got = weights(out)
+    # The same tiny LM before training: built from the config with the same seed, then extended.
+    from unimodal.finetune import ModelArguments, load_model_and_processor
+
+    base, processor = load_model_and_processor(
+        ModelArguments(tokenizer_name_or_path=str(data_root / "text_tokenizer"), build_hidden_size=32),
+        UnimodalProcessor.from_pretrained(data_root / "data" / "processor"))
+    before = base.state_dict()
+    again, _ = load_model_and_processor(
+        ModelArguments(tokenizer_name_or_path=str(data_root / "text_tokenizer"), build_hidden_size=32),
+        UnimodalProcessor.from_pretrained(data_root / "data" / "processor"))
+    assert all(torch.equal(t, again.state_dict()[k]) for k, t in before.items())  # the init is reproducible
+    boi, end = processor.boi_token_id, processor.image_token_range[1]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(got[name][:boi], before[name][:boi]), f"{name}: old rows changed"
+        assert (got[name][boi:end] != before[name][boi:end]).any(1).all(), f"{name}: a new row did not train"
+    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(got["model.norm.weight"], before["model.norm.weight"])  # not a LoRA target
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL the launcher and its workers: torchrun starts them in their own sessions, so
+    killing the launcher's process group alone would leave them training."""
+    parent = psutil.Process(pid)
+    procs = [parent, *parent.children(recursive=True)]
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=30)
+
+
+def test_sigkill_mid_run_then_relaunch_ends_with_the_same_weights(ddp_run, data_root):
+    out = data_root / "killed"
+    cmd = command("ddp_cpu.yaml", data_root, out)
+    launcher = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    first = out / "checkpoints" / "step-00000003"
+    deadline = time.monotonic() + 300
+    while not first.exists() and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert first.exists(), "the run never wrote its first checkpoint"
+    kill_tree(launcher.pid)
+    assert not (out / "final").exists(), "the run finished before the kill: raise STEPS"
+    resumed = run(command("ddp_cpu.yaml", data_root, out))  # the same command (on a fresh port)
+    log = resumed.stdout + resumed.stderr
+    assert "resuming at step" in log
+    # Exact: the resumed run continues the data order, RNG and optimizer state bit for bit.
+    reference, got = weights(ddp_run[0]), weights(out)
+    for name in reference:
+        assert torch.equal(got[name], reference[name]), name
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(data_root):
+    out = data_root / "nan"
+    proc = subprocess.run(command(None, data_root, out, "--learning_rate", "1e30", "--warmup_steps", "0",
+                                  "--save_steps", "1"), env=env(), cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert re.search(r"NonFiniteLossError: loss is (nan|inf) at step \d+", proc.stderr), proc.stderr[-3000:]
+    assert "the last good checkpoint is" in proc.stderr
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert saved and all(name.startswith("step-") for name in saved)  # complete ones, no .tmp left
+    assert not (out / "final").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP through accelerate needs CUDA")
+def test_fsdp_on_gpus(data_root):
+    out = data_root / "fsdp"
+    cmd = command("fsdp.yaml", data_root, out, "--mixed_precision", "bf16")
+    cmd[cmd.index("--config_file"):cmd.index("--config_file")] = ["--num_processes", str(torch.cuda.device_count())]
+    run(cmd)
+    assert_loadable(out)

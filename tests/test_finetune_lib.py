@@ -1,0 +1,229 @@
+"""Fine-tuning parts in-process: LoRA + new token rows, compatibility checks, task data,
+held-out evaluation, export (merged, adapter, model card, Hub upload)."""
+
+import copy
+import json
+import logging
+import shutil
+
+import datasets
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from unimodal import PixelTokenizer, PixelTokenizerConfig, UnimodalProcessor, add_image_tokens
+from unimodal.data import PretokenizeOptions, pretokenize, save_pretokenized
+from unimodal.digits import load_digits_dataset
+from unimodal.export import load_finetuned_model, save_finetuned
+from unimodal.finetune import DataArguments, check_compatibility, evaluate, load_task_data, new_token_ids
+from unimodal.lm import build_causal_lm
+from unimodal.lora import LoraArguments, apply_lora, frozen_new_rows
+from unimodal.training import make_accelerator
+
+
+def build_finetune_data(root, text_tokenizer, num_digits=None, image_size=8):
+    """Pre-tokenised captioned digits (t2i + i2t) in ``root/data`` and the base text tokenizer in
+    ``root/text_tokenizer``, as ``recipes/tokenize_dataset.py`` would write them."""
+    tokenizer = copy.deepcopy(text_tokenizer)
+    tokenizer.save_pretrained(root / "text_tokenizer")
+    pixels = PixelTokenizer(PixelTokenizerConfig(codebook_size=16, image_size=image_size))
+    processor = add_image_tokens(build_causal_lm("llama", vocab_size=len(tokenizer)), tokenizer, pixels)
+    digits = load_digits_dataset(image_size=image_size, split="train")
+    if num_digits:
+        digits = digits.select(range(num_digits))
+    options = PretokenizeOptions(tasks=("t2i", "i2t"))
+    result = pretokenize(digits, processor, options, cache_dir=root / "cache")
+    return save_pretokenized(result, root / "data", processor, options), processor
+
+
+def extended(text_tokenizer, arch="llama", tied=False, codebook_size=16, image_size=4):
+    tokenizer = copy.deepcopy(text_tokenizer)
+    model = build_causal_lm(arch, vocab_size=len(tokenizer), tie_word_embeddings=tied)
+    pixels = PixelTokenizer(PixelTokenizerConfig(codebook_size=codebook_size, image_size=image_size))
+    return model, add_image_tokens(model, tokenizer, pixels)
+
+
+def every_new_token(processor):
+    """One t2i sample holding <boi>, <eoi> and every image id (a 4x4 grid of the 16 codes)."""
+    codes = torch.arange(16).view(4, 4)
+    ids = processor.text_to_image_ids("a handwritten digit seven", codes) + [processor.eos_token_id]
+    return torch.tensor([ids])
+
+
+@pytest.fixture(scope="module")
+def digits_data(tmp_path_factory, text_tokenizer):
+    root = tmp_path_factory.mktemp("ft_data")
+    path, processor = build_finetune_data(root, text_tokenizer, num_digits=120)
+    return path, processor
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("gpt2", True), ("qwen2", False)])
+def test_lora_trains_new_rows_only(text_tokenizer, arch, tied):
+    model, processor = extended(text_tokenizer, arch, tied)
+    new = new_token_ids(processor)
+    old = slice(0, min(new))
+    emb0 = model.get_input_embeddings().weight.detach().clone()
+    head0 = model.get_output_embeddings().weight.detach().clone()
+    peft = apply_lora(model, new, LoraArguments(use_lora=True, lora_r=4))
+    assert frozen_new_rows(peft, new) == {}
+    ids = every_new_token(processor)
+    optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = peft(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    # Before merging: the effective rows (base rows + PEFT's trainable copies of the new ones).
+    emb, head = peft.get_input_embeddings().weight, peft.get_output_embeddings().weight
+    assert torch.equal(emb[old], emb0[old]) and torch.equal(head[old], head0[old])
+    assert (emb[new] != emb0[new]).any(1).all()  # every new row moved
+    assert (head[new] != head0[new]).any(1).all()
+    peft.eval()  # GPT-2 has dropout
+    with torch.no_grad():
+        expected = peft(input_ids=ids).logits
+        merged = peft.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(merged.get_input_embeddings().weight[old], emb0[old])
+    if tied:
+        assert merged.get_output_embeddings().weight.data_ptr() == merged.get_input_embeddings().weight.data_ptr()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_modules_to_save_trains_whole_matrices_tied_head_follows(text_tokenizer, tied):
+    model, processor = extended(text_tokenizer, tied=tied)
+    new = new_token_ids(processor)
+    peft = apply_lora(model, new, LoraArguments(use_lora=True, lora_r=4, new_token_rows="modules_to_save"))
+    assert frozen_new_rows(peft, new) == {}
+    ids = every_new_token(processor)
+    head0 = peft.get_output_embeddings().weight.detach().clone()
+    optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        peft(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    merged = peft.merge_and_unload()
+    assert (merged.get_output_embeddings().weight[new] != head0[new]).any(1).all()
+    if tied:
+        torch.testing.assert_close(merged.get_output_embeddings().weight, merged.get_input_embeddings().weight)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_frozen_new_rows_are_named_in_a_warning(text_tokenizer, tied, caplog):
+    model, processor = extended(text_tokenizer, tied=tied)
+    new = new_token_ids(processor)
+    with caplog.at_level(logging.WARNING, logger="unimodal.lora"):
+        peft = apply_lora(model, new, LoraArguments(use_lora=True, lora_r=4, new_token_rows="frozen"))
+    frozen = frozen_new_rows(peft, new)
+    assert frozen["input embedding"] == new
+    assert ("lm_head" in frozen) == (not tied)  # a tied head has no rows of its own
+    assert f"input embedding: {min(new)}-{max(new)}" in caplog.text
+    with pytest.raises(ValueError, match="new_token_rows must be one of"):
+        apply_lora(extended(text_tokenizer)[0], new, LoraArguments(use_lora=True, new_token_rows="some"))
+
+
+def test_compatibility_errors_say_what_to_do(text_tokenizer, digits_data):
+    path, data_processor = digits_data
+    data = datasets.load_from_disk(str(path))
+    model, processor = extended(text_tokenizer, image_size=8)
+    check_compatibility(model, processor, data)  # the matching pair passes
+    plain = build_causal_lm("llama", vocab_size=len(text_tokenizer))
+    with pytest.raises(ValueError, match="embedding rows.*add_image_tokens.*codebook_size=16"):
+        check_compatibility(plain, processor, data)
+    # an LM extended for 16 codes with a processor for 8: codebook size vs added tokens
+    _, small = extended(text_tokenizer, codebook_size=8, image_size=8)
+    with pytest.raises(ValueError, match="extended with image_token_range"):
+        check_compatibility(model, small, data)
+    # image spans of the data vs the grid of the image tokenizer (8x8 data, 4x4 tokenizer)
+    model4, processor4 = extended(text_tokenizer, image_size=4)
+    with pytest.raises(ValueError, match="image span of 64 tokens but the image tokenizer makes 16"):
+        check_compatibility(model4, processor4, data)
+    with pytest.raises(ValueError, match="grid_shape"):  # the data's stored processor signature
+        load_task_data(DataArguments(dataset_path=str(path)), processor4)
+
+
+def test_task_data_mix_holdout_and_errors(digits_data):
+    path, processor = digits_data
+    args = DataArguments(dataset_path=str(path), tasks=["t2i", "i2t"], task_weights=[2.0, 0.5], eval_size=10)
+    train, evals = load_task_data(args, processor, seed=3)
+    tasks = train["task"]
+    assert tasks.count("t2i") == 2 * 110 and tasks.count("i2t") == 55
+    held_out = set(evals["t2i"]["source_index"])
+    assert len(held_out) == 10 and not held_out & set(train.filter(lambda t: t == "t2i", input_columns="task")["source_index"])
+    assert load_task_data(args, processor, seed=3)[0]["source_index"] == train["source_index"]  # seeded
+    with pytest.raises(ValueError, match="task 'interleaved' has no samples.*'i2t', 't2i'"):
+        load_task_data(DataArguments(dataset_path=str(path), tasks=["interleaved"]), processor)
+    with pytest.raises(ValueError, match="one positive number per task"):
+        load_task_data(DataArguments(dataset_path=str(path), tasks=["t2i"], task_weights=[1, 1]), processor)
+    with pytest.raises(ValueError, match="not enough to hold out"):
+        load_task_data(DataArguments(dataset_path=str(path), eval_size=500), processor)
+    # What tokenize_dataset writes when every source image was unreadable.
+    empty = path.parent / "empty"
+    shutil.copytree(path, empty)
+    meta = json.loads((empty / "unimodal_data.json").read_text())
+    meta["stats"].update(num_samples=0, num_skipped=120, skipped=["row 0: OSError: truncated"])
+    (empty / "unimodal_data.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="holds no samples: 120 of 120 .*row 0: OSError"):
+        load_task_data(DataArguments(dataset_path=str(empty)), processor)
+
+
+def test_evaluate_equals_the_loss_over_all_held_out_tokens(text_tokenizer, digits_data):
+    from unimodal.data import UnimodalCollator, make_dataloader
+
+    path, processor = digits_data
+    model, _ = extended(text_tokenizer, image_size=8)
+    _, evals = load_task_data(DataArguments(dataset_path=str(path), tasks=["t2i", "i2t"], eval_size=7), processor)
+    accelerator = make_accelerator(log_with=None)
+    collator = UnimodalCollator(processor, 128)
+    loaders = {t: accelerator.prepare(make_dataloader(d, collator, 3, shuffle=False)) for t, d in evals.items()}
+    got = evaluate(accelerator, model, loaders)
+    for task, data in evals.items():
+        batch = collator([data[i] for i in range(len(data))])  # all samples in one batch
+        with torch.no_grad():
+            expected = model(**batch).loss.item()  # mean over every target token
+        assert got[f"eval/{task}"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_export_one_folder_loads_back(tmp_path, text_tokenizer, merge, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from unimodal.export import push_folder_to_hub
+
+    base_dir = tmp_path / "base"
+    base = build_causal_lm("llama", vocab_size=len(text_tokenizer))
+    base.save_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    tokenizer = copy.deepcopy(text_tokenizer)
+    processor = add_image_tokens(model, tokenizer, PixelTokenizer(PixelTokenizerConfig(codebook_size=16, image_size=4)))
+    peft = apply_lora(model, new_token_ids(processor), LoraArguments(use_lora=True, lora_r=4))
+    with torch.no_grad():  # stand-in for training: move the adapters and the new rows off their init
+        for name, p in peft.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    ids = every_new_token(processor)
+    with torch.no_grad():
+        expected = peft(input_ids=ids).logits
+    accelerator = make_accelerator(log_with=None)
+    config = {"learning_rate": 1e-3, "tasks": ["t2i"]}
+    out = save_finetuned(accelerator, peft, processor, tmp_path / "final", config=config, base=str(base_dir),
+                         merge_lora=merge, metrics={"eval/t2i": 1.25})
+    loaded = AutoModelForCausalLM.from_pretrained(out) if merge else load_finetuned_model(out)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    reloaded = UnimodalProcessor.from_pretrained(out)
+    assert reloaded.image_token_range == processor.image_token_range
+    card = (out / "README.md").read_text()
+    assert "learning_rate: 0.001" in card and "| eval/t2i | 1.2500 |" in card
+    assert (out / "adapter" / "adapter_model.safetensors").exists() == (not merge)
+    assert (out / "model.safetensors").exists() == merge
+
+    uploads = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: type("R", (), {"repo_id": repo_id})())
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: uploads.update(
+        kw, files=sorted(p.relative_to(kw["folder_path"]).as_posix() for p in out.rglob("*") if p.is_file())))
+    push_folder_to_hub(out, "me/digits-lm")
+    assert uploads["repo_id"] == "me/digits-lm"
+    assert {"README.md", "processor_config.json", "image_tokenizer/config.json"} <= set(uploads["files"])

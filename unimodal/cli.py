@@ -1,0 +1,58 @@
+"""The ``unimodal`` command: one argparse subcommand per task.
+
+    unimodal demo --model outputs/demo/model [--port 7860] [--dtype bfloat16]
+
+Add a subcommand by writing ``_add_<name>(subparsers)`` that registers its options and sets
+``func``; heavy imports go inside ``func`` so ``unimodal --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+
+def _demo(args: argparse.Namespace) -> None:
+    # Before gradio is imported: no telemetry or version checks, uploads where the user says.
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    if args.temp_dir:
+        os.environ["GRADIO_TEMP_DIR"] = os.path.abspath(args.temp_dir)
+    from .webdemo import DemoLimits, load_pipeline, serve
+
+    pipeline = load_pipeline(args.model, dtype=args.dtype, device=args.device)
+    limits = DemoLimits(max_images=args.max_images, max_upload_bytes=int(args.max_upload_mb * 2**20))
+    serve(pipeline, host=args.host, port=args.port, limits=limits, block=True)
+
+
+def _add_demo(subparsers) -> None:
+    demo = subparsers.add_parser(
+        "demo", help="serve the Liquid-style web demo (text to image, image to text, chat)",
+        description="Serve a web demo over a UnimodalPipeline folder on this machine.",
+    )
+    demo.add_argument("--model", required=True,
+                      help="pipeline folder (UnimodalPipeline.save_pretrained), a run folder with "
+                           "model/ or final/ inside, or a Hub repo id")
+    demo.add_argument("--host", default="127.0.0.1",
+                      help="address to listen on (default: this machine only; 0.0.0.0 exposes it)")
+    demo.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    demo.add_argument("--dtype", default="float32", help="LM weights dtype: float32 or bfloat16")
+    demo.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    demo.add_argument("--max-images", type=int, default=8, help="images per text-to-image request at most")
+    demo.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload")
+    demo.add_argument("--temp-dir", default=None, help="where uploads and outputs are cached (GRADIO_TEMP_DIR)")
+    demo.set_defaults(func=_demo)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``unimodal`` console script."""
+    parser = argparse.ArgumentParser(prog="unimodal", description="unimodal: unified text + image-token LMs.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(subparsers)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
