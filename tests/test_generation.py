@@ -4,6 +4,8 @@ Reference implementations here are deliberately naive: one row at a time, no KV 
 sequence re-run every step, guidance computed from two separate forwards.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
@@ -11,8 +13,8 @@ from transformers import ClassifierFreeGuidanceLogitsProcessor, TemperatureLogit
 
 from unimodal import PixelTokenizer, PixelTokenizerConfig, add_image_tokens
 from unimodal.generation import (
-    ImageSpanConstraint, KVDecoder, RowUniforms, SamplingConfig, decode_image_ids, generate_images, generate_text,
-    logits_warpers, resolve_sampling, sample_image_tokens, sample_tokens,
+    ImageSpanConstraint, KVDecoder, RowUniforms, SamplingConfig, TokenSampler, decode_image_ids, generate_images,
+    generate_text, in_top_k_top_p, resolve_sampling, sample_image_tokens,
 )
 from unimodal.images import tensor_to_pil
 from unimodal.lm import TINY_ARCHITECTURES, build_causal_lm, train_text_tokenizer
@@ -80,22 +82,14 @@ def reference_image_tokens(model, processor, prompt, sampling, uniforms, negativ
     """One row, no cache: full forwards of cond and uncond sequences, guidance by hand."""
     lo, hi = processor.image_token_range
     cond, uncond = list(prompt), list(negative or processor.unconditional_prompt_ids())
-    warpers = []
-    if sampling.temperature != 1:
-        warpers.append(TemperatureLogitsWarper(float(sampling.temperature)))
-    if sampling.top_k:
-        warpers.append(TopKLogitsWarper(sampling.top_k))
-    if sampling.top_p < 1:
-        warpers.append(TopPLogitsWarper(sampling.top_p))
+    sampler = TokenSampler(dataclasses.replace(sampling, guidance_scale=1.0))  # guidance done here
     out = []
     for t in range(processor.num_image_tokens):
         scores = model(torch.tensor([cond])).logits[:, -1, lo:hi]
         if sampling.guidance_scale != 1:
             u = model(torch.tensor([uncond])).logits[:, -1, lo:hi]
             scores = u + sampling.guidance_scale * (scores - u)
-        for w in warpers:
-            scores = w(None, scores)
-        token = int(sample_tokens(scores, uniforms[t:t + 1] if sampling.do_sample else None)) + lo
+        token = int(sampler(torch.tensor([out]), scores, uniforms[t:t + 1] if sampling.do_sample else None)) + lo
         out.append(token)
         cond.append(token)
         uncond.append(token)
@@ -108,35 +102,53 @@ def prompt_rows(processor, prompts=PROMPTS):
 
 # ---------------------------------------------------------------------------- sampler pieces
 
-def test_sample_tokens_follows_the_distribution_and_never_picks_forbidden_ids():
-    scores = torch.tensor([[0.0, 1.0, float("-inf"), 2.0, -1.0]]).expand(20000, 5)
-    u = torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    picked = sample_tokens(scores, u)
-    freq = torch.bincount(picked, minlength=5).double() / len(picked)
-    probs = scores[0].softmax(-1).double()
-    assert freq[2] == 0
-    assert torch.allclose(freq, probs, atol=0.015), (freq, probs)
-    assert sample_tokens(scores[:3], None).tolist() == [3, 3, 3]
+def hf_filtered(scores, temperature, top_k, top_p):
+    """transformers' warpers in generate()'s order; -inf marks what they filter out."""
+    for warper in (TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k), TopPLogitsWarper(top_p)):
+        scores = warper(None, scores)
+    return scores
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (64, 0.5), (12, 0.9), (40, 0.97)])
+def test_top_k_top_p_membership_equals_transformers_warpers(top_k, top_p):
+    scores = torch.randn(8, 64, generator=torch.Generator().manual_seed(top_k)) * 2
+    scores[0, :10] = float("-inf")  # forbidden ids (as the span constraint sets them)
+    every_id = torch.arange(64).expand(8, 64)
+    expected = hf_filtered(scores, 1.0, top_k, top_p) > float("-inf")
+    assert torch.equal(in_top_k_top_p(scores, every_id, top_k, top_p), expected)
+
+
+def test_token_sampler_draws_the_distribution_of_transformers_warpers():
+    scores = torch.randn(1, 40, generator=torch.Generator().manual_seed(0)) * 2
+    sampling = SamplingConfig(temperature=0.7, top_k=12, top_p=0.9)
+    n = 40000
+    picked = TokenSampler(sampling)(torch.zeros(n, 0), scores.expand(n, 40), RowUniforms(1, n, seed=0).values[0])
+    freq = torch.bincount(picked, minlength=40).double() / n
+    target = hf_filtered(scores, 0.7, 12, 0.9).softmax(-1)[0].double()
+    assert freq[target == 0].sum() == 0  # never an id the warpers filter out
+    assert torch.allclose(freq, target, atol=0.01), (freq, target)
     # Row results do not depend on the other rows.
-    mixed = torch.randn(6, 50, generator=torch.Generator().manual_seed(1))
-    u6 = u[:6]
-    assert [int(sample_tokens(mixed[i:i + 1], u6[i:i + 1])) for i in range(6)] == sample_tokens(mixed, u6).tolist()
+    mixed, u = torch.randn(6, 50, generator=torch.Generator().manual_seed(1)), RowUniforms(6, 1, seed=3).values[:, 0]
+    alone = [int(TokenSampler(sampling)(torch.zeros(1, 0), mixed[i:i + 1], u[i:i + 1])) for i in range(6)]
+    assert alone == TokenSampler(sampling)(torch.zeros(6, 0), mixed, u).tolist()
+    assert TokenSampler(SamplingConfig(do_sample=False))(torch.zeros(6, 0), mixed, None).tolist() == mixed.argmax(-1).tolist()
 
 
 def test_row_uniforms_give_each_row_its_own_stream():
+    assert RowUniforms(3, 5, seed=7).values.shape == (3, 5, 2)
     assert torch.equal(RowUniforms(3, 5, seed=7).values[1], RowUniforms(1, 5, seed=8).values[0])
     assert torch.equal(RowUniforms(2, 4, seed=[8, 7]).values, RowUniforms(3, 4, seed=7).values[[1, 0]])
     gens = [torch.Generator().manual_seed(s) for s in (7, 8)]
     assert torch.equal(RowUniforms(2, 5, generator=gens).values, RowUniforms(2, 5, seed=7).values)
     single = RowUniforms(2, 5, generator=torch.Generator().manual_seed(0)).values
-    assert torch.equal(single, torch.rand(2, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    assert torch.equal(single, torch.rand(2, 5, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
     with pytest.raises(ValueError, match="not both"):
         RowUniforms(1, 1, seed=0, generator=torch.Generator())
     with pytest.raises(ValueError, match="one per output row"):
         RowUniforms(3, 1, seed=[1, 2])
 
 
-def test_presets_overrides_and_warpers():
+def test_presets_overrides_and_processors():
     liquid = resolve_sampling("liquid")
     assert (liquid.guidance_scale, liquid.temperature, liquid.top_k, liquid.top_p) == (7.0, 0.9, 4096, 0.99)
     assert resolve_sampling("liquid", temperature=0.5, top_k=None).temperature == 0.5
@@ -149,11 +161,10 @@ def test_presets_overrides_and_warpers():
         SamplingConfig(guidance_scale=0.5)
     with pytest.raises(ValueError, match="do_sample=False"):
         SamplingConfig(temperature=0)
-    # top-k at or above the vocabulary changes nothing, so it is not applied
-    kinds = [type(w) for w in logits_warpers(liquid, vocab_size=1024)]
-    assert kinds == [TemperatureLogitsWarper, TopPLogitsWarper]
-    assert TopKLogitsWarper in [type(w) for w in logits_warpers(liquid, vocab_size=16384)]
-    assert len(logits_warpers(resolve_sampling("greedy"), 10)) == 0
+    kinds = [type(p) for p in TokenSampler(liquid).processors]
+    assert kinds == [ClassifierFreeGuidanceLogitsProcessor, TemperatureLogitsWarper]
+    assert [type(p) for p in TokenSampler(resolve_sampling("greedy", guidance_scale=2.0)).processors] == [
+        ClassifierFreeGuidanceLogitsProcessor]  # no temperature when greedy
 
 
 # ---------------------------------------------------------------------------- KV-cache decoding

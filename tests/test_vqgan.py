@@ -204,7 +204,7 @@ def _image_crops(n: int, size: int = 16) -> torch.Tensor:
     """``n`` random ``size``-pixel crops of scikit-learn's sample photos, in [-1, 1]."""
     from sklearn.datasets import load_sample_images
 
-    photos = [torch.from_numpy(im).permute(2, 0, 1).float() / 127.5 - 1 for im in load_sample_images().images]
+    photos = [torch.tensor(im).permute(2, 0, 1).float() / 127.5 - 1 for im in load_sample_images().images]
     g = torch.Generator().manual_seed(0)
     crops = []
     for i in range(n):
@@ -219,13 +219,13 @@ def _image_crops(n: int, size: int = 16) -> torch.Tensor:
 def test_short_training_loop_reduces_reconstruction_loss():
     torch.manual_seed(0)
     vq = VQGAN(tiny_config(dead_code_threshold=1, usage_window=4, use_l2_norm=True)).train()
-    loss_fn = VQGANLoss(VQGANLossConfig(disc_start=15, disc_layers=1, disc_channels=16)).train()
+    loss_fn = VQGANLoss(VQGANLossConfig(disc_start=12, disc_layers=1, disc_channels=16)).train()
     opt_g = torch.optim.Adam(vq.parameters(), lr=3e-3)
     opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=1e-3)
     data = _image_crops(64)
     before = [p.detach().clone() for p in loss_fn.discriminator.parameters()]
     rec = []
-    for step in range(40):
+    for step in range(25):
         x = data[(step * 8) % 64 : (step * 8) % 64 + 8]
         out = vq(x)
         g = loss_fn.generator_loss(x, out, step, vq.last_layer)
@@ -240,6 +240,6 @@ def test_short_training_loop_reduces_reconstruction_loss():
             assert g["adaptive_weight"] > 0
         rec.append(g["reconstruction_loss"].item())
     first, last = sum(rec[:5]) / 5, sum(rec[-5:]) / 5
-    assert last < 0.6 * first, (first, last)
+    assert last < 0.65 * first, (first, last)
     assert any(not torch.equal(a, b) for a, b in zip(before, loss_fn.discriminator.parameters()))
     assert out.usage > 4 / 32

@@ -192,7 +192,7 @@ class DigitClassifier(nn.Module):
         data: datasets.Dataset | torch.Tensor | Sequence[Image.Image],
         labels: Sequence[int] | torch.Tensor | None = None,
         epochs: int = 8,
-        batch_size: int = 64,
+        batch_size: int = 128,
         lr: float = 1e-2,
         augment: bool = True,
         seed: int = 0,

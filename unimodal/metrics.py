@@ -14,6 +14,9 @@ images also accept a list of PIL images (what `generate_images` returns). What i
 FID with the usual Inception backbone needs pretrained weights that cannot be downloaded
 everywhere; `fid` therefore takes the feature extractor as an argument (e.g. a classifier's
 penultimate layer, or torchmetrics' Inception when its weights are at hand).
+
+Classifiers and feature extractors (modules, or bound methods of modules) are put in eval mode
+and run without gradients, in batches, on the device of their parameters.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from .images import to_rgb
 from .pipeline import UnimodalPipeline
 
 LIQUID = PRESETS["liquid"]  # guidance 7, temperature 0.9, top-k 4096, top-p 0.99
+MAX_TOP_K = 2**18  # the largest image codebooks in use (LFQ); more than the codebook = no top-k
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # Low-resolution model outputs are upscaled by the browser: keep the pixels sharp.
 CSS = ".pixelated img { image-rendering: pixelated; }"
@@ -114,7 +116,11 @@ class DemoHandlers:
     def __init__(self, pipeline: UnimodalPipeline, limits: DemoLimits = DemoLimits()):
         self.pipeline = pipeline
         self.limits = limits
-        config = pipeline.model.config
+        # One generation at a time, also for direct calls from several threads: generation swaps
+        # the LM head for a sliced view during image spans (KVDecoder), so it is not re-entrant.
+        # In the page the shared queue slot already serialises requests.
+        self._model_lock = threading.Lock()
+        config = pipeline.model.config.get_text_config()
         # Positions the LM can attend over (None: no fixed limit known).
         self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
@@ -193,7 +199,7 @@ class DemoHandlers:
         num_images = _number("Number of images", num_images, 1, self.limits.max_images, integer=True)
         guidance_scale = _number("Guidance scale", guidance_scale, 1, 20)
         temperature = _number("Temperature", temperature, 0, 2, low_open=True)
-        top_k = _number("Top-k", top_k, 0, 1_000_000, integer=True)
+        top_k = _number("Top-k", top_k, 0, MAX_TOP_K, integer=True)
         top_p = _number("Top-p", top_p, 0, 1, low_open=True)
         seed = self._seed(seed)
         processor = self.pipeline.processor
@@ -202,10 +208,11 @@ class DemoHandlers:
         if self.context is not None and length > self.context:
             raise _refuse(f"The prompt plus {processor.num_image_tokens} image tokens is {length} tokens; "
                            f"the model reads at most {self.context}. Shorten the prompt.")
-        images = self.pipeline.generate_images(
-            prompt, num_images, guidance_scale=guidance_scale, temperature=temperature,
-            top_k=top_k, top_p=top_p, seed=seed, progress=False,
-        )
+        with self._model_lock:
+            images = self.pipeline.generate_images(
+                prompt, num_images, guidance_scale=guidance_scale, temperature=temperature,
+                top_k=top_k, top_p=top_p, seed=seed, progress=False,
+            )
         return [(image, f"seed {seed + i}") for i, image in enumerate(images)]
 
     def image_to_text(self, image: Any, question: Any, max_new_tokens: Any, temperature: Any,
@@ -218,7 +225,8 @@ class DemoHandlers:
         processor = self.pipeline.processor
         prompt_len = 1 + processor.num_image_tokens + 2 + len(processor.encode_text(question))
         sampling = self._text_sampling(max_new_tokens, temperature, top_p, prompt_len)
-        answer = self.pipeline.generate_text(question, images=[picture], seed=self._seed(seed), **sampling)
+        with self._model_lock:
+            answer = self.pipeline.generate_text(question, images=[picture], seed=self._seed(seed), **sampling)
         if not answer.strip():
             gr.Warning("The model produced no text (it ended the answer at once).")
         return answer
@@ -241,7 +249,8 @@ class DemoHandlers:
             gr.Warning(f"The conversation is longer than the model's context: the oldest "
                        f"{len(history) + 1 - len(turns)} messages were left out.")
         sampling = self._text_sampling(max_new_tokens, temperature, top_p, 1 + len(processor.encode_text(prompt)))
-        answer = self.pipeline.generate_text(prompt, seed=self._seed(seed), **sampling)
+        with self._model_lock:
+            answer = self.pipeline.generate_text(prompt, seed=self._seed(seed), **sampling)
         answer = answer.split("\nUser:")[0].strip()  # the model may go on to write the next turn
         if not answer:
             gr.Warning("The model produced no text (it ended the answer at once).")
@@ -282,13 +291,16 @@ def build_demo(pipeline: UnimodalPipeline, limits: DemoLimits = DemoLimits(),
             with gr.Accordion("Advanced Settings", open=False):
                 with gr.Row():
                     num_images = gr.Slider(1, limits.max_images, value=min(4, limits.max_images), step=1,
-                                           label="Number of images")
-                    guidance = gr.Slider(1, 20, value=LIQUID.guidance_scale, step=0.5, label="Guidance scale")
-                    image_seed = gr.Number(0, label="Seed", precision=0, minimum=0)
+                                           label="Number of images", elem_id="t2i-num-images")
+                    guidance = gr.Slider(1, 20, value=LIQUID.guidance_scale, step=0.5, label="Guidance scale",
+                                         elem_id="t2i-guidance")
+                    image_seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="t2i-seed")
                 with gr.Row():
-                    image_temperature = gr.Slider(0.05, 2, value=LIQUID.temperature, step=0.05, label="Temperature")
-                    top_k = gr.Slider(0, 16384, value=LIQUID.top_k, step=1, label="Top-k (0: off)")
-                    image_top_p = gr.Slider(0.01, 1, value=LIQUID.top_p, step=0.01, label="Top-p")
+                    image_temperature = gr.Slider(0.05, 2, value=LIQUID.temperature, step=0.05, label="Temperature",
+                                                  elem_id="t2i-temperature")
+                    top_k = gr.Slider(0, MAX_TOP_K, value=LIQUID.top_k, step=1, label="Top-k (0: off)",
+                                      elem_id="t2i-top-k")
+                    image_top_p = gr.Slider(0.01, 1, value=LIQUID.top_p, step=0.01, label="Top-p", elem_id="t2i-top-p")
             gr.on([generate.click, prompt.submit], handlers.text_to_image,
                   [prompt, num_images, guidance, image_temperature, top_k, image_top_p, image_seed],
                   gallery, api_name="text_to_image", **queued)

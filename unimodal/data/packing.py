@@ -159,7 +159,7 @@ def plan_rows(dataset: datasets.Dataset, collator: UnimodalCollator) -> RowPlan:
 
     Only samples longer than ``max_length`` are read (the ``length`` column plans the rest).
     """
-    lengths = dataset.with_format("numpy", columns=["length"])["length"].astype(np.int64)
+    lengths = np.asarray(dataset.with_format("numpy", columns=["length"])["length"][:], dtype=np.int64)
     keep = np.ones(len(lengths), dtype=bool)
     long = np.flatnonzero(lengths > collator.max_length)
     for i, row in zip(long.tolist(), dataset.select(long) if len(long) else []):

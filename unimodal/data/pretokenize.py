@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from ..processor import UnimodalProcessor
 
 TASKS = ("t2i", "i2t", "interleaved")
+SAMPLE_COLUMNS = ("input_ids", "task", "cond_len", "length", "source_index")
 FORMAT_VERSION = 1  # bump when the stored row layout or the id construction changes
 _SKIPPED = "skipped"  # task value of the placeholder row a failed source row leaves behind
 _MAX_REPORTED = 20  # error messages kept for the report
@@ -58,6 +59,9 @@ class PretokenizeOptions:
         unknown = sorted(set(self.tasks) - set(TASKS))
         if unknown or not self.tasks:
             raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {list(self.tasks)}")
+        clash = sorted(set(self.keep_columns) & {*SAMPLE_COLUMNS, "error"})
+        if clash:
+            raise ValueError(f"keep_columns {clash} clash with the columns pre-tokenisation writes")
 
     def required_columns(self) -> list[str]:
         cols = []
@@ -249,7 +253,8 @@ class _Encoder:
                 ids = p.text_to_image_ids(caption, grid)
                 # The prompt is everything before the image ids: ids = prompt + h*w + <eoi> <eos>.
                 cond_len = len(ids) - p.num_image_tokens - 2
-                assert ids[cond_len - 1] == p.boi_token_id, "t2i format: the prompt must end in <boi>"
+                if ids[cond_len - 1] != p.boi_token_id:
+                    raise RuntimeError("the processor's t2i format changed: the prompt must end in <boi>")
                 emit(ids, "t2i", cond_len, i)
             if "i2t" in o.tasks:
                 emit(p.image_to_text_ids(grid, caption), "i2t", 0, i)

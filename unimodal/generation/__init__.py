@@ -4,6 +4,7 @@ image-to-text / text-to-text, and interleaved output. See docs/generation.md.
 - `generate_images`: prompts -> PIL images (`sample_image_tokens` + `decode_image_ids`).
 - `generate_text`: prompts (+ images) -> text, or text/image segments with ``allow_images``.
 - `SamplingConfig`, `PRESETS`: sampling settings; ``"liquid"`` is the Liquid demo's.
+- `TokenSampler`, `RowUniforms`: batched, per-row reproducible sampling.
 - `ImageSpanConstraint`: a transformers logits processor keeping image spans well formed.
 - `KVDecoder`: left-padded incremental decoding on a KV cache.
 """
@@ -15,14 +16,14 @@ from .sampling import (
     ImageSpanConstraint,
     RowUniforms,
     SamplingConfig,
-    logits_warpers,
+    TokenSampler,
+    in_top_k_top_p,
     resolve_sampling,
-    sample_tokens,
 )
 from .text import generate_text
 
 __all__ = [
-    "PRESETS", "ImageSpanConstraint", "KVDecoder", "RowUniforms", "SamplingConfig", "decode_image_ids",
-    "generate_images", "generate_text", "left_pad", "logits_warpers", "resolve_sampling",
-    "sample_image_tokens", "sample_tokens",
+    "PRESETS", "ImageSpanConstraint", "KVDecoder", "RowUniforms", "SamplingConfig", "TokenSampler",
+    "decode_image_ids", "generate_images", "generate_text", "in_top_k_top_p", "left_pad", "resolve_sampling",
+    "sample_image_tokens",
 ]

@@ -14,10 +14,9 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import ClassifierFreeGuidanceLogitsProcessor
 
 from .decoder import KVDecoder
-from .sampling import RowUniforms, SamplingConfig, logits_warpers, resolve_sampling, sample_tokens
+from .sampling import RowUniforms, SamplingConfig, TokenSampler, resolve_sampling
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,9 +68,7 @@ def sample_image_tokens(
     guided = sampling.guidance_scale > 1
     uncond = list(negative_prompt_ids or processor.unconditional_prompt_ids())
     uniforms = RowUniforms(n_rows, n_tokens, seed, generator) if sampling.do_sample else None
-    warpers = logits_warpers(sampling, hi - lo)
-    if guided:  # transformers' batched CFG: scores [2B, K] (cond rows, then uncond rows) -> [B, K]
-        warpers.insert(0, ClassifierFreeGuidanceLogitsProcessor(sampling.guidance_scale))
+    sampler = TokenSampler(sampling)  # guidance: logits [2B, K] (cond rows, uncond rows) -> [B, K]
     batch_size = batch_size or n_rows
     out = torch.empty(n_rows, n_tokens, dtype=torch.long)
     bar = tqdm(total=n_rows * n_tokens, desc="image tokens", unit="tok", disable=not progress)
@@ -81,11 +78,10 @@ def sample_image_tokens(
         ids, mask = left_pad(rows + [uncond] * len(rows) if guided else rows, processor.pad_token_id)
         decoder = KVDecoder(model, vocab_slice=(lo, hi))
         logits = decoder.prefill(ids, mask)  # [R, K] logits of the K image ids, R = B or 2B
-        u = None if uniforms is None else uniforms.rows(start, stop, logits.device)  # [B, h*w]
+        u = None if uniforms is None else uniforms.rows(start, stop, logits.device)  # [B, h*w, 2]
         codes = torch.empty(stop - start, n_tokens, dtype=torch.long, device=logits.device)
         for t in range(n_tokens):
-            scores = warpers(codes[:, :t], logits)  # [B, K]
-            codes[:, t] = sample_tokens(scores, None if u is None else u[:, t])
+            codes[:, t] = sampler(codes[:, :t], logits, None if u is None else u[:, t])
             if t + 1 < n_tokens:  # the uncond rows continue with the same image tokens
                 step = codes[:, t] + lo
                 logits = decoder.step(torch.cat([step, step]) if guided else step)

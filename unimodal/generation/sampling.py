@@ -1,12 +1,13 @@
-"""Sampling settings, per-row random streams and the image-span constraint.
+"""Sampling settings, per-row random streams, the token sampler and the image-span constraint.
 
-transformers already has the pieces that reshape a distribution (temperature, top-k, top-p,
-batched classifier-free guidance); we use them as they are. What they lack for a unified
-text+image LM is written here:
+transformers already has the pieces that reshape a distribution (batched classifier-free
+guidance, temperature, top-k, top-p); we use them. What they lack for a unified text+image LM,
+sampled fast and reproducibly in batches, is written here:
 
 - `RowUniforms`: one random stream per output row, so row ``i`` samples the same tokens whatever
   else is in the batch (``torch.multinomial`` on a batch draws from one shared stream);
-- `sample_tokens`: inverse-CDF sampling that consumes exactly one uniform per row and step;
+- `TokenSampler`: inverse-CDF sampling from those streams, with top-k/top-p applied without
+  sorting the vocabulary each step (exactly the distribution of transformers' warpers);
 - `ImageSpanConstraint`: after ``<boi>`` only image ids, exactly ``h*w`` of them, then ``<eoi>``;
   outside a span no image ids (and ``<boi>`` only when interleaved output is allowed).
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
+    ClassifierFreeGuidanceLogitsProcessor,
     LogitsProcessor,
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -82,23 +84,9 @@ def resolve_sampling(preset: str | SamplingConfig, **overrides) -> SamplingConfi
     return dataclasses.replace(preset, **overrides)
 
 
-def logits_warpers(config: SamplingConfig, vocab_size: int) -> LogitsProcessorList:
-    """transformers' warpers for ``config``, leaving out the ones that would not change anything
-    (a top-k over at least the whole vocabulary still sorts it)."""
-    warpers = LogitsProcessorList()
-    if not config.do_sample:
-        return warpers
-    if config.temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(float(config.temperature)))
-    if config.top_k and config.top_k < vocab_size:
-        warpers.append(TopKLogitsWarper(int(config.top_k)))
-    if config.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(float(config.top_p)))
-    return warpers
-
-
 class RowUniforms:
-    """Pre-drawn uniforms ``[rows, steps]`` in float64, one independent stream per row.
+    """Pre-drawn uniforms ``[rows, steps, 2]`` in float64, one independent stream per row (two
+    numbers per step: see `TokenSampler`).
 
     With ``seed=s`` row ``i`` uses ``torch.Generator().manual_seed(s + i)``, so an image made as row
     ``i`` of a batch is reproduced by a batch of one with ``seed=s + i`` (or ``seed=[...]``, one per
@@ -119,7 +107,7 @@ class RowUniforms:
         if seed is None and generator is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())  # from torch's global RNG
         if isinstance(generator, torch.Generator):
-            self.values = torch.rand(rows, steps, generator=generator, dtype=torch.float64,
+            self.values = torch.rand(rows, steps, 2, generator=generator, dtype=torch.float64,
                                      device=generator.device).cpu()
             return
         if generator is None:
@@ -128,30 +116,99 @@ class RowUniforms:
         if len(generator) != rows:
             raise ValueError(f"got {len(generator)} seeds/generators for {rows} rows; pass one per output row")
         self.values = torch.stack([
-            torch.rand(steps, generator=g, dtype=torch.float64, device=g.device).cpu() for g in generator
-        ])  # [rows, steps]
+            torch.rand(steps, 2, generator=g, dtype=torch.float64, device=g.device).cpu() for g in generator
+        ])  # [rows, steps, 2]
 
     def rows(self, start: int, stop: int, device: torch.device | str) -> torch.Tensor:
-        """Uniforms of rows ``start:stop`` on ``device``: ``[stop - start, steps]``."""
+        """Uniforms of rows ``start:stop`` on ``device``: ``[stop - start, steps, 2]``."""
         return self.values[start:stop].to(device)
 
 
-def sample_tokens(scores: torch.Tensor, uniforms: torch.Tensor | None) -> torch.LongTensor:
-    """Pick one id per row of ``scores [B, V]`` (processed logits, ``-inf`` = forbidden).
-
-    ``uniforms [B]`` in [0, 1): inverse-CDF sampling (row ``b`` takes the first id whose cumulative
-    probability exceeds ``uniforms[b]``), exact and independent of the other rows; ``None``: argmax.
-    """
-    if uniforms is None:
-        return scores.argmax(-1)
-    probs = scores.float().softmax(-1)  # [B, V]; forbidden ids get exactly 0
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.LongTensor:
+    """Row ``b`` of ``probs [B, V]`` (unnormalised, >= 0) -> the first id whose cumulative mass
+    exceeds ``u[b]`` times the total. Zero-probability ids are never returned."""
     cdf = probs.double().cumsum(-1)  # float64: the tail of a 16k-long cumsum stays exact enough
-    target = uniforms.to(cdf).unsqueeze(-1) * cdf[:, -1:]  # [B, 1]; scaled by the total, not 1
-    ids = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=scores.shape[-1] - 1)
-    # `right=True` skips zero-width (forbidden) ids; the clamp could still land on one when
-    # rounding puts the target on the total: take the argmax in that measure-zero case.
+    ids = torch.searchsorted(cdf, u.to(cdf).unsqueeze(-1) * cdf[:, -1:], right=True)
+    ids = ids.squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    # `right=True` skips zero-width ids; the clamp could still land on one when rounding puts
+    # the target on the total: take the argmax in that measure-zero case.
     chosen = probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     return torch.where(chosen > 0, ids, probs.argmax(-1))
+
+
+def in_top_k_top_p(scores: torch.Tensor, ids: torch.Tensor, top_k: int | None, top_p: float) -> torch.Tensor:
+    """Whether ``ids [B, n]`` survive transformers' ``TopKLogitsWarper`` then ``TopPLogitsWarper``
+    on ``scores [B, V]``, without sorting the vocabulary: ``[B, n]`` bool.
+
+    An id is in the top-k iff fewer than ``k`` ids score strictly higher; it survives top-p iff
+    the (top-k renormalised) mass of the ids scoring strictly higher is below ``top_p``.
+    """
+    vocab = scores.shape[-1]
+    s = scores.gather(-1, ids).unsqueeze(-1)  # [B, n, 1]
+    higher = scores.unsqueeze(1) > s  # [B, n, V]
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    if top_k and top_k < vocab:
+        keep &= higher.sum(-1) < top_k
+    if top_p < 1:
+        probs = scores.softmax(-1)
+        mass = torch.ones(scores.shape[0], 1, dtype=probs.dtype, device=probs.device)
+        if top_k and top_k < vocab:  # O(V) selection, not a sort
+            kth = scores.kthvalue(vocab - top_k + 1, dim=-1, keepdim=True).values
+            mass = (probs * (scores >= kth)).sum(-1, keepdim=True)
+        keep &= (probs.unsqueeze(1) * higher).sum(-1) < top_p * mass
+    return keep
+
+
+class TokenSampler:
+    """Chooses the next id per row: guidance and temperature (transformers' processors), then
+    top-k / top-p sampling, exact and one random stream per row.
+
+    transformers' top-k and top-p warpers each sort the whole vocabulary every step (measured:
+    as slow as the tiny models' forward pass at batch 16). Here a proposal is drawn from the
+    unfiltered distribution with the row's first uniform and kept if it survives the filters
+    (`in_top_k_top_p`, linear time), which it does unless it fell in the thin filtered-out tail;
+    a rejected row instead samples the exactly filtered distribution (transformers' warpers) with
+    its second uniform. Accept-or-fallback draws exactly from the filtered distribution:
+    ``P(S) q(x) + (1 - P(S)) q(x) = q(x)`` for the kept set ``S`` and filtered ``q``.
+
+    Args:
+        config: the `SamplingConfig`.
+    """
+
+    def __init__(self, config: SamplingConfig):
+        self.config = config
+        self.processors = LogitsProcessorList()
+        if config.guidance_scale > 1:  # scores [2B, V] (cond rows, then uncond rows) -> [B, V]
+            self.processors.append(ClassifierFreeGuidanceLogitsProcessor(config.guidance_scale))
+        if config.do_sample and config.temperature != 1.0:
+            self.processors.append(TemperatureLogitsWarper(float(config.temperature)))
+        self.top_k = config.top_k or None
+        self.filters = LogitsProcessorList()
+        if self.top_k:
+            self.filters.append(TopKLogitsWarper(int(self.top_k)))
+        if config.top_p < 1:
+            self.filters.append(TopPLogitsWarper(float(config.top_p)))
+
+    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor, uniforms: torch.Tensor | None) -> torch.LongTensor:
+        """``logits [B or 2B, V]`` (``-inf`` = forbidden), ``uniforms [B, 2]`` -> ids ``[B]``.
+
+        ``input_ids [B, t]`` is what transformers' processors expect (only its batch size is read
+        by the ones used here); ``uniforms=None`` is required for (and means) greedy.
+        """
+        for processor in self.processors:
+            logits = processor(input_ids, logits)
+        if not self.config.do_sample:
+            return logits.argmax(-1)
+        if uniforms is None:
+            raise ValueError("sampling needs uniforms (see RowUniforms); pass do_sample=False for greedy")
+        ids = _inverse_cdf(logits.softmax(-1), uniforms[:, 0])  # proposal: [B]
+        if not self.filters:
+            return ids
+        rejected = ~in_top_k_top_p(logits, ids.unsqueeze(-1), self.top_k, self.config.top_p).squeeze(-1)
+        if rejected.any():
+            filtered = self.filters(input_ids[rejected], logits[rejected])
+            ids[rejected] = _inverse_cdf(filtered.softmax(-1), uniforms[rejected, 1])
+        return ids
 
 
 class ImageSpanConstraint(LogitsProcessor):

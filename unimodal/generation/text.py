@@ -14,7 +14,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .decoder import KVDecoder
-from .sampling import ImageSpanConstraint, RowUniforms, SamplingConfig, logits_warpers, resolve_sampling, sample_tokens
+from .sampling import ImageSpanConstraint, RowUniforms, SamplingConfig, TokenSampler, resolve_sampling
 
 Segment = str | Image.Image
 
@@ -81,13 +81,12 @@ def generate_text(
     uniforms = RowUniforms(len(texts), max_new_tokens, seed, generator) if sampling.do_sample else None
     decoder = KVDecoder(model)
     logits = decoder.prefill(prompt, batch["attention_mask"])  # [B, V]
-    warpers = logits_warpers(sampling, logits.shape[-1])
-    u = None if uniforms is None else uniforms.rows(0, len(texts), logits.device)  # [B, max_new_tokens]
+    sampler = TokenSampler(sampling)
+    u = None if uniforms is None else uniforms.rows(0, len(texts), logits.device)  # [B, max_new_tokens, 2]
     sequence = prompt.to(logits.device)  # [B, L + t]: the constraint reads span state from it
     done = torch.zeros(len(texts), dtype=torch.bool, device=logits.device)
     for t in tqdm(range(max_new_tokens), desc="tokens", disable=not progress):
-        scores = warpers(sequence, constraint(sequence, logits))
-        next_ids = sample_tokens(scores, None if u is None else u[:, t])
+        next_ids = sampler(sequence, constraint(sequence, logits), None if u is None else u[:, t])
         next_ids = next_ids.masked_fill(done, processor.pad_token_id)  # finished rows just pad
         sequence = torch.cat([sequence, next_ids[:, None]], dim=1)
         done |= next_ids == processor.eos_token_id

@@ -38,10 +38,13 @@ class VQGANConfig(PretrainedConfig):
         use_l2_norm: l2-normalise latents and codes before the lookup (cosine-similarity codes).
         ema_decay: if set, the codebook follows an exponential moving average of the latents
             assigned to each code instead of being trained by the codebook loss.
-        kmeans_init: initialise the codebook with k-means on the first training batch.
+        kmeans_init: initialise the codebook with k-means on the first training batch (give it at
+            least ``codebook_size`` latents, else codes repeat until dead-code restart spreads them).
         kmeans_iters: Lloyd iterations of that k-means.
         dead_code_threshold: a code picked fewer than this many times over the last
-            ``usage_window`` training batches is restarted from a random latent; 0 disables.
+            ``usage_window`` training batches is restarted from a random latent of the batch; 0
+            disables. Codes are judged once a full window has passed since the start or since their
+            last restart.
         usage_window: number of recent training batches the codebook usage is measured over.
     """
 
@@ -56,7 +59,7 @@ class VQGANConfig(PretrainedConfig):
         ch: int = 128,
         ch_mult: list[int] | tuple[int, ...] = (1, 1, 2, 2, 4),
         num_res_blocks: int = 2,
-        attn_resolutions: list[int] | tuple[int, ...] = (),
+        attn_resolutions: list[int] | tuple[int, ...] = (16,),
         z_channels: int = 256,
         embed_dim: int = 8,
         dropout: float = 0.0,

@@ -357,7 +357,9 @@ class VQGANLoss(nn.Module):
         Call only while `disc_active`; before ``disc_start`` there is nothing to train.
         """
         if not self.disc_active(global_step):
-            raise ValueError(f"the discriminator starts at step {self.config.disc_start}; check disc_active(step) first")
+            raise ValueError(
+                f"the discriminator starts at step {self.config.disc_start}; check disc_active(step) first"
+            )
         cfg = self.config
         logits_real = self.discriminator(inputs.contiguous().detach())
         logits_fake = self.discriminator(reconstructions.contiguous().detach())
@@ -378,9 +380,8 @@ class VQGANLoss(nn.Module):
     @torch.no_grad()
     def _update_lecam_emas(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> None:
         # Means over all ranks' logits, so every rank's EMAs (and discriminator losses) agree.
-        stats = torch.stack([logits_real.float().sum(), logits_fake.float().sum(),
-                             torch.tensor(float(logits_real.numel()), device=logits_real.device),
-                             torch.tensor(float(logits_fake.numel()), device=logits_fake.device)])
-        all_reduce_sum_(stats)
+        sums = torch.stack([logits_real.float().sum(), logits_fake.float().sum()])
+        counts = torch.tensor([logits_real.numel(), logits_fake.numel()], dtype=torch.float32, device=sums.device)
+        stats = all_reduce_sum_(torch.cat([sums, counts]))  # [sum_real, sum_fake, n_real, n_fake]
         self.lecam_ema_real.lerp_(stats[0] / stats[2], 1 - self.config.lecam_decay)
         self.lecam_ema_fake.lerp_(stats[1] / stats[3], 1 - self.config.lecam_decay)

@@ -188,7 +188,9 @@ class Decoder(nn.Module):
         levels: list[_Level] = []
         for i in reversed(range(len(ch_mult))):
             c_out = ch * ch_mult[i]
-            blocks = [ResnetBlock(c if j == 0 else c_out, c_out, dropout, num_groups) for j in range(num_res_blocks + 1)]
+            blocks = [
+                ResnetBlock(c if j == 0 else c_out, c_out, dropout, num_groups) for j in range(num_res_blocks + 1)
+            ]
             attns = [AttnBlock(c_out, num_groups) for _ in blocks] if res in attn_resolutions else []
             levels.insert(0, _Level(blocks, attns, Upsample(c_out) if i else None, "upsample"))
             c, res = c_out, (res * 2 if i else res)

@@ -68,7 +68,9 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, chunk: int = 8192) -> 
     return torch.cat(out) if out else z.new_zeros(0, dtype=torch.long)
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int, cosine: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+def kmeans(
+    x: torch.Tensor, k: int, iters: int, cosine: bool = False, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Lloyd's k-means of ``x [N, D]`` into ``k`` centres ``[k, D]`` (spherical when ``cosine``).
 
     k-means++ seeding (each new centre drawn with probability ~ squared distance to the nearest
@@ -166,7 +168,8 @@ class VectorQuantizer(nn.Module):
         if kmeans_init:
             self.register_buffer("initted", torch.tensor(False))  # saved: a loaded codebook is not re-initialised
         # Training statistics, rebuilt within `usage_window` batches after a load, so not saved.
-        self.register_buffer("usage_counts", torch.zeros(usage_window, codebook_size, dtype=torch.int32), persistent=False)
+        counts = torch.zeros(usage_window, codebook_size, dtype=torch.int32)  # [W, K] picks per batch
+        self.register_buffer("usage_counts", counts, persistent=False)
         self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=False)  # training batches seen
         self.register_buffer("restarted_at", torch.zeros(codebook_size, dtype=torch.long), persistent=False)
         self.reset_parameters()
