@@ -12,18 +12,16 @@ Config reference: docs/finetune.md; launchers: docs/distributed.md.
 
 import dataclasses
 import math
-import os
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from unimodal.data import UnimodalCollator, load_pretokenized, make_dataloader
+from unimodal.data import UnimodalCollator, make_dataloader
 from unimodal.export import push_folder_to_hub, save_finetuned
 from unimodal.finetune import (
-    DataArguments, FinetuneArguments, ModelArguments, check_compatibility, evaluate,
+    DataArguments, FinetuneArguments, ModelArguments, Throughput, check_compatibility, evaluate,
     load_model_and_processor, load_task_data, new_token_ids,
 )
 from unimodal.images import make_grid
@@ -93,44 +91,51 @@ def main(argv: list[str] | None = None) -> Path:
     #    would step once per process per optimizer step, and nothing has to be checkpointed.
     zero3 = getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="fine-tuning")
+    meter, metrics = Throughput(), {}
     model.train()
-    tokens, window_start, metrics = 0, time.perf_counter(), {}
-    batches = infinite_batches(accelerator, train_loader, state["micro_step"], len(train_loader))
-    for micro_step, batch in batches:
+    for micro_step, batch in infinite_batches(accelerator, train_loader, state["micro_step"], len(train_loader)):
         if step >= total_steps:
             break
         lr = args.learning_rate * cosine_with_warmup(step, args.warmup_steps, total_steps, args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        tokens += int((batch["input_ids"] != processor.pad_token_id).sum()) * accelerator.num_processes
         with accelerator.accumulate(model):
             loss = model(**batch).loss
-            # Averaged over processes: a NaN anywhere stops every process (no rank left waiting).
-            mean_loss = accelerator.reduce(loss.detach(), reduction="mean")
+            # One all-reduce for [loss, tokens, positions]: a NaN on any process stops them all
+            # (none is left waiting in a collective), and tokens/s counts every process.
+            ids = batch["input_ids"]  # [B, T]
+            local = torch.stack([loss.detach().float(), (ids != processor.pad_token_id).sum().float(),
+                                 torch.tensor(float(ids.numel()), device=ids.device)])
+            sums = accelerator.reduce(local, reduction="sum")
+            mean_loss = sums[0] / accelerator.num_processes
             check_finite(mean_loss, step, checkpoints)
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
+        meter.tick(int(sums[1]), int(sums[2]))
         if not accelerator.sync_gradients:
             continue
         step += 1
         progress.update()
         if step % args.log_steps == 0 or step == total_steps:
-            speed = tokens / (time.perf_counter() - window_start)
+            speed = meter.window_rate()
             progress.set_postfix(loss=f"{mean_loss.item():.3f}", tok_s=f"{speed:.0f}")
             accelerator.log({"train/loss": mean_loss.item(), "train/lr": lr, "train/tokens_per_s": speed}, step=step)
-            tokens, window_start = 0, time.perf_counter()
         if (args.eval_steps and step % args.eval_steps == 0) or step == total_steps:
             metrics = evaluate(accelerator, model, eval_loaders)
             accelerator.log(metrics, step=step)
             accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if args.sample_prompts and not zero3:
                 save_samples(accelerator, model, processor, args, step)
+            meter.skip()
         if step % args.save_steps == 0 and step < total_steps:
             checkpoints.save(accelerator, step, {"micro_step": micro_step + 1})
+            meter.skip()
     progress.close()
+    if accelerator.is_main_process:
+        meter.save(out / "train_stats.json", steps=step, num_processes=accelerator.num_processes)
 
     # 4. One folder: LM (merged or adapter) + processor + image tokenizer + model card.
     final = save_finetuned(

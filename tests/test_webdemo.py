@@ -6,6 +6,7 @@ queue the page uses). A tiny random Llama + PixelTokenizer pipeline is built in-
 
 import math
 import threading
+from importlib.metadata import entry_points
 
 import gradio as gr
 import httpx
@@ -19,7 +20,15 @@ from unimodal import PixelTokenizer, PixelTokenizerConfig, UnimodalPipeline, add
 from unimodal.cli import main as cli_main
 from unimodal.generation import PRESETS
 from unimodal.lm import build_causal_lm, train_text_tokenizer
-from unimodal.webdemo import DemoHandlers, DemoLimits, build_demo, load_pipeline, offline_theme, resolve_model_dir, serve
+from unimodal.webdemo import (
+    DemoHandlers,
+    DemoLimits,
+    build_demo,
+    load_pipeline,
+    offline_theme,
+    resolve_model_dir,
+    serve,
+)
 
 LIQUID_ARGS = dict(guidance_scale=7.0, temperature=0.9, top_k=4096, top_p=0.99)
 GOOD_T2I = dict(prompt="a cat", num_images=2, seed=3, **LIQUID_ARGS)
@@ -79,6 +88,8 @@ def test_resolve_model_dir_accepts_pipeline_run_and_hub_names(pipeline, tmp_path
         resolve_model_dir(tmp_path / "missing" / "model")
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         cli_main(["demo", "--model", str(tmp_path / "missing" / "model")])
+    (script,) = entry_points(group="console_scripts", name="unimodal")
+    assert script.value == "unimodal.cli:main"
 
     loaded = load_pipeline(tmp_path / "run", dtype="float32", device="cpu")
     expected = pipeline.generate_images("a cat", 2, seed=3, progress=False, **LIQUID_ARGS)
@@ -94,7 +105,8 @@ def test_page_has_liquid_defaults_tabs_and_offline_settings(pipeline):
     by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
     liquid = PRESETS["liquid"]
     assert (liquid.guidance_scale, liquid.temperature, liquid.top_k, liquid.top_p) == (7.0, 0.9, 4096, 0.99)
-    settings = {name: by_id[f"t2i-{name}"].value for name in ("guidance", "temperature", "top-k", "top-p", "num-images")}
+    names = ("guidance", "temperature", "top-k", "top-p", "num-images")
+    settings = {name: by_id[f"t2i-{name}"].value for name in names}
     assert settings == {"guidance": 7.0, "temperature": 0.9, "top-k": 4096, "top-p": 0.99, "num-images": 4}
     labels = {getattr(b, "label", None) for b in demo.blocks.values()}
     assert {"Text To Image", "Image To Text", "Text To Text", "Advanced Settings"} <= labels
@@ -188,7 +200,8 @@ def test_image_to_text_rejects_bad_uploads_and_settings(pipeline, tmp_path):
         (lambda: i2t(handlers, str(text_file)), "not an image this demo can read"),
         (lambda: i2t(handlers, str(truncated)), "not an image this demo can read"),
         (lambda: i2t(handlers, str(tmp_path / "big.png")), r"MB; the limit is"),
-        (lambda: i2t(handlers, str(tmp_path / "many_pixels.png")), r"\(65x65\) has more pixels than the limit of 4,096"),
+        (lambda: i2t(handlers, str(tmp_path / "many_pixels.png")),
+         r"\(65x65\) has more pixels than the limit of 4,096"),
         (lambda: i2t(handlers, good, "two <image> here"), "Remove <image>"),
         (lambda: i2t(handlers, good, max_new_tokens=0), r"Max new tokens must be in \[1, 512\]"),
         (lambda: i2t(handlers, good, temperature=-0.1), r"Temperature must be in \[0, 2\]"),
@@ -231,8 +244,13 @@ def test_direct_calls_from_threads_take_turns_on_the_model(handlers):
         except Exception as error:  # collected: an exception in a thread would pass silently
             errors.append(error)
 
-    threads = [threading.Thread(target=run, args=(lambda: [im.tobytes() for im, _ in t2i(handlers, num_images=2, seed=1)],)),
-               threading.Thread(target=run, args=(lambda: handlers.chat("hi", [], 24, 0, 0.9, 0)[1],))]
+    def images():
+        return [im.tobytes() for im, _ in t2i(handlers, num_images=2, seed=1)]
+
+    def chat():
+        return handlers.chat("hi", [], 24, 0, 0.9, 0)[1]
+
+    threads = [threading.Thread(target=run, args=(images,)), threading.Thread(target=run, args=(chat,))]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -261,7 +279,7 @@ def test_queue_serves_concurrent_requests_in_turn(served, handlers):
     chat_results = [job.result(timeout=120) for job in chats]
     assert sorted(len(messages) for messages, _ in chat_results) == [2, 4]
     assert all(box == "" for _, box in chat_results)
-    for seed, gallery in zip((0, 10, 20, 30), results):
+    for seed, gallery in zip((0, 10, 20, 30), results, strict=True):
         assert [item["caption"] for item in gallery] == [f"seed {seed}", f"seed {seed + 1}"]
     # What came through the queue is what the handler makes directly (the server is idle now:
     # these handlers share its model).

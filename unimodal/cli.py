@@ -19,7 +19,12 @@ def _demo(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     if args.temp_dir:
         os.environ["GRADIO_TEMP_DIR"] = os.path.abspath(args.temp_dir)
-    from .webdemo import DemoLimits, load_pipeline, serve
+    try:
+        from .webdemo import DemoLimits, load_pipeline, serve
+    except ModuleNotFoundError as error:
+        if error.name != "gradio":
+            raise
+        raise SystemExit("the web demo needs gradio: pip install 'unimodal[demo]'") from error
 
     pipeline = load_pipeline(args.model, dtype=args.dtype, device=args.device)
     limits = DemoLimits(max_images=args.max_images, max_upload_bytes=int(args.max_upload_mb * 2**20))

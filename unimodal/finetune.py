@@ -8,13 +8,16 @@
   with a held-out split per task.
 - `check_compatibility`: model vs processor vs data, before any training step.
 - `evaluate`: held-out loss per task, exact under data parallelism.
+- `Throughput`: trained tokens/s and padding share of the training loop.
 
 Export (merge, adapter, model card, Hub) lives in `unimodal.export`.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -274,3 +277,55 @@ def evaluate(accelerator, model, loaders: dict[str, torch.utils.data.DataLoader]
         results[f"eval/{task}"] = (total[0] / total[1].clamp(min=1)).item()
     model.train(was_training)
     return results
+
+
+# ----------------------------------------------------------------------------- throughput
+class Throughput:
+    """Trained (non-pad) tokens per second of the training loop.
+
+    Counts the time from the end of one micro-step to the end of the next (data loading
+    included), except across evaluation, sampling and checkpoints: call `skip` after those. The
+    first micro-step of a launch is not counted (lazy initialisation, allocator warm-up).
+    """
+
+    def __init__(self):
+        self.tokens = self.positions = 0  # summed over processes
+        self.seconds = 0.0
+        self._last: float | None = None
+        self._window = [0, 0.0]  # tokens, seconds since the last `window_rate`
+
+    def skip(self) -> None:
+        """Restart the clock: the time since the last tick is not training time."""
+        self._last = time.perf_counter()
+
+    def tick(self, tokens: int, positions: int) -> None:
+        """One micro-step done: ``tokens`` non-pad tokens out of ``positions`` (batch x length)."""
+        now = time.perf_counter()
+        if self._last is not None:
+            self.seconds += now - self._last
+            self.tokens += tokens
+            self.positions += positions
+            self._window[0] += tokens
+            self._window[1] += now - self._last
+        self._last = now
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.tokens / self.positions if self.positions else 0.0
+
+    def window_rate(self) -> float:
+        """Tokens/s since the previous call (for the progress bar and logs)."""
+        tokens, seconds = self._window
+        self._window = [0, 0.0]
+        return tokens / seconds if seconds else 0.0
+
+    def save(self, path: str | os.PathLike, **extra) -> None:
+        """Write ``train_stats.json``: tokens, seconds, tokens/s, padding share (+ ``extra``)."""
+        stats = {"tokens": self.tokens, "seconds": self.seconds, "tokens_per_s": self.tokens_per_s,
+                 "padding_fraction": self.padding_fraction, **extra}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(stats, indent=2) + "\n")

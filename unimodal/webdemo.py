@@ -219,14 +219,16 @@ class DemoHandlers:
                       top_p: Any, seed: Any) -> str:
         """Caption ``image`` (empty question) or answer a question about it."""
         question = self._text("question", question, required=False)
+        seed = self._seed(seed)
+        processor = self.pipeline.processor
+        # <bos> <boi> h*w image ids <eoi> question
+        prompt_len = 1 + processor.num_image_tokens + 2 + len(processor.encode_text(question))
+        sampling = self._text_sampling(max_new_tokens, temperature, top_p, prompt_len)
         picture = self._read_image(image)
         if picture.width != picture.height:
             gr.Warning(f"The image is {picture.width}x{picture.height}: its centre square is what the model sees.")
-        processor = self.pipeline.processor
-        prompt_len = 1 + processor.num_image_tokens + 2 + len(processor.encode_text(question))
-        sampling = self._text_sampling(max_new_tokens, temperature, top_p, prompt_len)
         with self._model_lock:
-            answer = self.pipeline.generate_text(question, images=[picture], seed=self._seed(seed), **sampling)
+            answer = self.pipeline.generate_text(question, images=[picture], seed=seed, **sampling)
         if not answer.strip():
             gr.Warning("The model produced no text (it ended the answer at once).")
         return answer
@@ -236,6 +238,7 @@ class DemoHandlers:
         """One chat turn; returns (chatbot messages, the same for the history state, "" for the
         message box). ``history`` is a list of ``{"role": "user" | "assistant", "content": str}``."""
         message = self._text("message", message, required=True)
+        seed = self._seed(seed)
         history = list(history or [])
         processor = self.pipeline.processor
         turns = [*history, {"role": "user", "content": message}]
@@ -250,7 +253,7 @@ class DemoHandlers:
                        f"{len(history) + 1 - len(turns)} messages were left out.")
         sampling = self._text_sampling(max_new_tokens, temperature, top_p, 1 + len(processor.encode_text(prompt)))
         with self._model_lock:
-            answer = self.pipeline.generate_text(prompt, seed=self._seed(seed), **sampling)
+            answer = self.pipeline.generate_text(prompt, seed=seed, **sampling)
         answer = answer.split("\nUser:")[0].strip()  # the model may go on to write the next turn
         if not answer:
             gr.Warning("The model produced no text (it ended the answer at once).")

@@ -132,30 +132,42 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.LongTensor:
     ids = ids.squeeze(-1).clamp_(max=probs.shape[-1] - 1)
     # `right=True` skips zero-width ids; the clamp could still land on one when rounding puts
     # the target on the total: take the argmax in that measure-zero case.
-    chosen = probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    return torch.where(chosen > 0, ids, probs.argmax(-1))
+    missed = probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1) <= 0
+    if missed.any():
+        ids[missed] = probs[missed].argmax(-1)
+    return ids
 
 
-def in_top_k_top_p(scores: torch.Tensor, ids: torch.Tensor, top_k: int | None, top_p: float) -> torch.Tensor:
+def in_top_k_top_p(
+    scores: torch.Tensor, ids: torch.Tensor, top_k: int | None, top_p: float, probs: torch.Tensor | None = None
+) -> torch.Tensor:
     """Whether ``ids [B, n]`` survive transformers' ``TopKLogitsWarper`` then ``TopPLogitsWarper``
     on ``scores [B, V]``, without sorting the vocabulary: ``[B, n]`` bool.
 
     An id is in the top-k iff fewer than ``k`` ids score strictly higher; it survives top-p iff
     the (top-k renormalised) mass of the ids scoring strictly higher is below ``top_p``.
+    ``probs``: ``scores.softmax(-1)`` when the caller has it.
     """
     vocab = scores.shape[-1]
+    top_k = top_k if top_k and top_k < vocab else None
     s = scores.gather(-1, ids).unsqueeze(-1)  # [B, n, 1]
     higher = scores.unsqueeze(1) > s  # [B, n, V]
     keep = torch.ones_like(ids, dtype=torch.bool)
-    if top_k and top_k < vocab:
+    if top_k:
         keep &= higher.sum(-1) < top_k
     if top_p < 1:
-        probs = scores.softmax(-1)
-        mass = torch.ones(scores.shape[0], 1, dtype=probs.dtype, device=probs.device)
-        if top_k and top_k < vocab:  # O(V) selection, not a sort
-            kth = scores.kthvalue(vocab - top_k + 1, dim=-1, keepdim=True).values
-            mass = (probs * (scores >= kth)).sum(-1, keepdim=True)
-        keep &= (probs.unsqueeze(1) * higher).sum(-1) < top_p * mass
+        probs = scores.softmax(-1) if probs is None else probs
+        above = (probs.unsqueeze(1) * higher).sum(-1)  # [B, n]: mass of the ids scoring higher
+        mass = torch.ones_like(above)  # [B, n]: mass of the top-k
+        if top_k:
+            # For a top-k id the top-k mass lies in [above + p(id), 1]: the verdict is the same at
+            # both ends for most ids; only the others need the exact mass (an O(V) selection).
+            unsure = keep & (above >= top_p * (above + probs.gather(-1, ids))) & (above < top_p)
+            rows = unsure.any(-1)
+            if rows.any():
+                kth = scores[rows].kthvalue(vocab - top_k + 1, dim=-1, keepdim=True).values
+                mass[rows] = (probs[rows] * (scores[rows] >= kth)).sum(-1, keepdim=True).to(mass)
+        keep &= above < top_p * mass
     return keep
 
 
@@ -201,10 +213,11 @@ class TokenSampler:
             return logits.argmax(-1)
         if uniforms is None:
             raise ValueError("sampling needs uniforms (see RowUniforms); pass do_sample=False for greedy")
-        ids = _inverse_cdf(logits.softmax(-1), uniforms[:, 0])  # proposal: [B]
+        probs = logits.softmax(-1)
+        ids = _inverse_cdf(probs, uniforms[:, 0])  # proposal: [B]
         if not self.filters:
             return ids
-        rejected = ~in_top_k_top_p(logits, ids.unsqueeze(-1), self.top_k, self.config.top_p).squeeze(-1)
+        rejected = ~in_top_k_top_p(logits, ids.unsqueeze(-1), self.top_k, self.config.top_p, probs).squeeze(-1)
         if rejected.any():
             filtered = self.filters(input_ids[rejected], logits[rejected])
             ids[rejected] = _inverse_cdf(filtered.softmax(-1), uniforms[rejected, 1])

@@ -1,0 +1,223 @@
+"""Fine-tuning throughput: recipes/finetune.py against TRL's SFTTrainer, same model, data, machine.
+
+Data: captioned scikit-learn digits at 16 px through a 64-colour PixelTokenizer (256 image tokens
+per image), text-to-image + image-to-text samples of ~265 tokens. Model: a Llama built from a
+config (hidden 256, 4 layers), identical initial weights for every run. Each run is a separate
+process (clean peak memory), one process per run, fp32 and bf16 autocast. Reported:
+
+- trained tokens/s: non-pad tokens per second of training steps, first step excluded;
+- peak memory: the process's maximum resident set (CPU) / max allocated (GPU);
+- padding waste: pad positions / all positions of the batches that were trained;
+- MFU: achieved model FLOP/s (6 x matmul parameters + causal attention, per token) over the bf16
+  matmul peak measured here (a 2048^3 matmul).
+
+    python benchmarks/finetune.py              # ~6 min on 2 CPU cores
+    python benchmarks/finetune.py --steps 5    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import runpy
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = dict(build_hidden_size=256, build_num_layers=4, build_num_heads=4)
+ROWS, MAX_LENGTH, LR, WARMUP = 4, 1024, 1e-3, 5  # ours: 4 packed rows of <= 1024 tokens per step
+
+
+def prepare(root: Path) -> None:
+    """Text tokenizer + pre-tokenised digits in ``root`` (once)."""
+    from unimodal import PixelTokenizer, PixelTokenizerConfig, add_image_tokens
+    from unimodal.data import PretokenizeOptions, pretokenize, save_pretokenized
+    from unimodal.digits import load_digits_dataset
+    from unimodal.lm import build_causal_lm, train_text_tokenizer
+
+    if (root / "data" / "unimodal_data.json").exists():
+        return
+    tokenizer = train_text_tokenizer()
+    tokenizer.save_pretrained(root / "text_tokenizer")
+    pixels = PixelTokenizer(PixelTokenizerConfig(codebook_size=64, image_size=16))
+    processor = add_image_tokens(build_causal_lm("llama", vocab_size=len(tokenizer)), copy.deepcopy(tokenizer), pixels)
+    options = PretokenizeOptions(tasks=("t2i", "i2t"))
+    result = pretokenize(load_digits_dataset(image_size=16, split="train"), processor, options,
+                         cache_dir=root / "cache")
+    save_pretokenized(result, root / "data", processor, options)
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run_ours(root: Path, precision: str, steps: int) -> dict:
+    out = root / f"ours-{precision}"
+    argv = ["--dataset_path", str(root / "data"), "--tokenizer_name_or_path", str(root / "text_tokenizer"),
+            *[x for k, v in MODEL.items() for x in (f"--{k}", str(v))], "--tasks", "t2i", "i2t",
+            "--max_length", str(MAX_LENGTH), "--per_device_batch_size", str(ROWS), "--max_steps", str(steps),
+            "--learning_rate", str(LR), "--warmup_steps", str(WARMUP), "--mixed_precision", precision,
+            "--save_steps", str(10**9), "--log_steps", str(10**9), "--report_to", "none", "--eval_size", "16",
+            "--output_dir", str(out)]
+    sys.argv = ["finetune.py", *argv]
+    runpy.run_path(str(REPO / "recipes" / "finetune.py"), run_name="__main__")
+    stats = json.loads((out / "train_stats.json").read_text())
+    return {**stats, "peak_gb": peak_memory_gb()}
+
+
+def run_trl(root: Path, precision: str, steps: int, packing: bool) -> dict:
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from unimodal.finetune import DataArguments, ModelArguments, load_model_and_processor, load_task_data
+    from unimodal.processor import UnimodalProcessor
+
+    data_processor = UnimodalProcessor.from_pretrained(root / "data" / "processor")
+    model, processor = load_model_and_processor(
+        ModelArguments(tokenizer_name_or_path=str(root / "text_tokenizer"), **MODEL), data_processor)
+    train, _ = load_task_data(DataArguments(dataset_path=str(root / "data"), tasks=["t2i", "i2t"], eval_size=16),
+                              processor)
+    mean_len = sum(train["length"]) / len(train)
+    train = train.select_columns(["input_ids"])  # pre-tokenised: TRL skips its own tokenisation
+    # Same tokens per step as ours: padded batches of as many samples as our packed rows hold.
+    batch = ROWS if packing else max(1, round(ROWS * MAX_LENGTH / mean_len))
+    config = SFTConfig(
+        output_dir=str(root / "trl"), max_steps=steps, per_device_train_batch_size=batch, max_length=MAX_LENGTH,
+        packing=packing, learning_rate=LR, warmup_steps=WARMUP, lr_scheduler_type="cosine", weight_decay=0.0,
+        max_grad_norm=1.0, optim="adamw_torch", bf16=precision == "bf16", use_cpu=not torch.cuda.is_available(),
+        report_to=[], save_strategy="no", logging_steps=10**9, dataloader_num_workers=0, seed=0,
+    )
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=processor.tokenizer)
+    counts = {"tokens": 0, "positions": 0}
+    collate = trainer.data_collator
+
+    def counting_collator(examples):
+        out = collate(examples)
+        ids = out["input_ids"]
+        real = out["attention_mask"].sum() if "attention_mask" in out else ids.numel()  # padding-free: all real
+        counts["tokens"] += int(real)
+        counts["positions"] += ids.numel()
+        return out
+
+    trainer.data_collator = counting_collator
+    marks = {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:  # like ours: the first step is warm-up
+                marks["start"], marks["counts"] = time.perf_counter(), dict(counts)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            marks["end"] = time.perf_counter()
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    tokens = counts["tokens"] - marks["counts"]["tokens"]
+    positions = counts["positions"] - marks["counts"]["positions"]
+    seconds = marks["end"] - marks["start"]
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "padding_fraction": 1 - tokens / positions, "peak_gb": peak_memory_gb()}
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of an n^3 matmul."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def flops_per_token(root: Path) -> float:
+    """6 x matmul parameters (all linear layers incl. the LM head, not the embedding lookup) +
+    causal attention (6 x layers x hidden x mean sample length: QK^T and AV, forward + backward,
+    each token attending to half its sample on average)."""
+    import datasets
+
+    from unimodal.lm import build_causal_lm
+
+    model = build_causal_lm("llama", vocab_size=1024, hidden_size=MODEL["build_hidden_size"],
+                            num_layers=MODEL["build_num_layers"], num_heads=MODEL["build_num_heads"])
+    vocab = json.loads((root / "data" / "processor" / "processor_config.json").read_text())["image_token_range"][1]
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    linear += (vocab - 1024) * MODEL["build_hidden_size"]  # the head at the real vocabulary size
+    lengths = datasets.load_from_disk(str(root / "data"))["length"]
+    attention = 6 * MODEL["build_num_layers"] * MODEL["build_hidden_size"] * (sum(lengths) / len(lengths))
+    return 6 * linear + attention
+
+
+def worker(args) -> None:
+    torch.set_num_threads(args.threads)
+    root = Path(args.root)
+    if args.worker == "ours":
+        result = run_ours(root, args.precision, args.steps)
+    else:
+        result = run_trl(root, args.precision, args.steps, packing=args.worker == "trl_packed")
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--root", default=str(REPO / "outputs" / "bench_finetune"))
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per system; best kept")
+    parser.add_argument("--worker", choices=["ours", "trl", "trl_packed"], help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    prepare(root)
+    systems = ["ours", "trl", "trl_packed"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    results: dict[tuple[str, str], dict] = {}
+    for precision in ("no", "bf16"):
+        for _ in range(args.repeats):  # alternate: every system sees the same machine load
+            for system in systems:
+                cmd = [sys.executable, __file__, "--worker", system, "--precision", precision, "--root", str(root),
+                       "--steps", str(args.steps), "--threads", str(args.threads)]
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    raise RuntimeError(f"{system} {precision} failed:\n{proc.stderr[-4000:]}")
+                got = json.loads(line[7:])
+                best = results.get((system, precision))
+                if best is None or got["tokens_per_s"] > best["tokens_per_s"]:
+                    results[(system, precision)] = got
+    torch.set_num_threads(args.threads)
+    peak = matmul_peak(torch.bfloat16)
+    per_token = flops_per_token(root)
+    print(f"\n{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
+          f"bf16 matmul peak {peak / 1e9:.0f} GFLOP/s, fp32 {matmul_peak(torch.float32) / 1e9:.0f} GFLOP/s; "
+          f"{per_token / 1e6:.1f} MFLOP per token; {args.steps} steps, best of {args.repeats}\n")
+    print("| system | precision | tokens/s | vs TRL padded | vs TRL packed | peak memory | padding | MFU (bf16 peak) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    names = {"ours": "recipes/finetune.py (packed)", "trl": "TRL SFTTrainer (padded)",
+             "trl_packed": "TRL SFTTrainer (packing=True)"}
+    for precision in ("no", "bf16"):
+        for system in systems:
+            r = results[(system, precision)]
+            ratio = r["tokens_per_s"] / results[("trl", precision)]["tokens_per_s"]
+            ratio_packed = r["tokens_per_s"] / results[("trl_packed", precision)]["tokens_per_s"]
+            print(f"| {names[system]} | {'fp32' if precision == 'no' else 'bf16'} | {r['tokens_per_s']:.0f} | "
+                  f"{ratio:.2f}x | {ratio_packed:.2f}x | {r['peak_gb']:.2f} GB | {r['padding_fraction']:.1%} | "
+                  f"{r['tokens_per_s'] * per_token / peak:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
