@@ -24,6 +24,7 @@ random (speed does not depend on the weights). Ratios are what to read, not abso
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from datetime import date
@@ -51,13 +52,15 @@ def build(name: str, dtype: torch.dtype, codebook_size: int, side: int):
     return model.to(dtype).eval(), processor
 
 
-def best_of(repeats: int, fn) -> float:
-    times = []
+def best_of(repeats: int, runs: dict) -> dict:
+    """Seconds per run, best of ``repeats``; the runs take turns so drifting load hits all alike."""
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 @torch.no_grad()
@@ -118,11 +121,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--naive_steps", type=int, default=32)
     parser.add_argument("--skip", nargs="*", default=[], choices=["hf", "naive"])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads (1: steadiest on shared machines; ratios barely move)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     sampling = resolve_sampling("liquid")
     n = args.grid * args.grid
-    print(f"# {date.today()}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+    print(f"# {date.today()}, {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {args.dtype}, {n} image tokens, codebook {args.codebook_size}\n")
     print("| model | batch | ours tok/s | hf tok/s | naive tok/s | ours / hf | ours / naive | overhead vs bare "
           "| bare-full / bare |")
@@ -131,20 +137,20 @@ def main() -> None:
         model, processor = build(name, dtype, args.codebook_size, args.grid)
         run_ours(model, processor, 1, sampling)  # warm-up (allocator, kernels)
         for batch in args.batches:
-            ours = best_of(args.repeats, lambda: run_ours(model, processor, batch, sampling))
-            bare = best_of(args.repeats, lambda: run_bare(model, processor, batch, True))
-            full = best_of(args.repeats, lambda: run_bare(model, processor, batch, False))
-            hf = naive = float("nan")
+            runs = {"ours": lambda: run_ours(model, processor, batch, sampling),
+                    "bare": lambda: run_bare(model, processor, batch, True),
+                    "full": lambda: run_bare(model, processor, batch, False)}
             if "hf" not in args.skip:
-                hf = best_of(args.repeats, lambda: run_hf(model, processor, batch, sampling)) / (batch * n)
+                runs["hf"] = lambda: run_hf(model, processor, batch, sampling)
+            t = best_of(args.repeats, runs)
+            naive = float("nan")
             if "naive" not in args.skip:
-                naive = best_of(1, lambda: run_naive(model, processor, batch, sampling, args.naive_steps))
-                naive /= batch * args.naive_steps
-            per_token = ours / (batch * n)
-            print(f"| {name} | {batch} | {1 / per_token:.0f} | {1 / hf:.0f} | {1 / naive:.0f} | "
-                  f"{hf / per_token:.2f}x | {naive / per_token:.1f}x | {100 * (ours / bare - 1):+.1f}% | "
-                  f"{full / bare:.2f}x |", flush=True)
-
+                naive = best_of(1, {"naive": lambda: run_naive(model, processor, batch, sampling, args.naive_steps)})
+                naive = naive["naive"] / (batch * args.naive_steps)
+            ours, hf = t["ours"] / (batch * n), t.get("hf", float("nan")) / (batch * n)
+            print(f"| {name} | {batch} | {1 / ours:.0f} | {1 / hf:.0f} | {1 / naive:.0f} | {hf / ours:.2f}x | "
+                  f"{naive / ours:.1f}x | {100 * (t['ours'] / t['bare'] - 1):+.1f}% | {t['full'] / t['bare']:.2f}x |",
+                  flush=True)
 
 if __name__ == "__main__":
     main()

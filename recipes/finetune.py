@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unimodal.data import UnimodalCollator, make_dataloader
-from unimodal.export import push_folder_to_hub, save_finetuned
+from unimodal.export import push_folder_to_hub, save_finetuned, weights_sharded
 from unimodal.finetune import (
     DataArguments, FinetuneArguments, ModelArguments, Throughput, check_compatibility, evaluate,
     load_model_and_processor, load_task_data, new_token_ids,
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     # 3. Train. The LR is set from the step each time (no scheduler object): a prepared scheduler
     #    would step once per process per optimizer step, and nothing has to be checkpointed.
-    zero3 = getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
+    sharded = weights_sharded(accelerator)  # ZeRO-3 / FSDP: no sampling from one process
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="fine-tuning")
     meter, metrics = Throughput(), {}
     model.train()
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> Path:
             metrics = evaluate(accelerator, model, eval_loaders)
             accelerator.log(metrics, step=step)
             accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if args.sample_prompts and not zero3:
+            if args.sample_prompts and not sharded:
                 save_samples(accelerator, model, processor, args, step)
             meter.skip()
         if step % args.save_steps == 0 and step < total_steps:
@@ -138,12 +138,13 @@ def main(argv: list[str] | None = None) -> Path:
         meter.save(out / "train_stats.json", steps=step, num_processes=accelerator.num_processes)
 
     # 4. One folder: LM (merged or adapter) + processor + image tokenizer + model card.
+    repo_id = (args.hub_model_id or out.name) if args.push_to_hub else None
     final = save_finetuned(
         accelerator, model, processor, out / "final", config=config,
         base=model_args.model_name_or_path or f"{model_args.build_model_type} built from a config",
-        merge_lora=args.merge_lora, rebuild=lambda: build_model()[0], metrics=metrics)
-    if args.push_to_hub and accelerator.is_main_process:
-        push_folder_to_hub(final, args.hub_model_id or out.name, private=args.hub_private)
+        merge_lora=args.merge_lora, rebuild=lambda: build_model()[0], metrics=metrics, card_name=repo_id)
+    if repo_id and accelerator.is_main_process:
+        push_folder_to_hub(final, repo_id, private=args.hub_private)
     accelerator.end_training()
     return final
 

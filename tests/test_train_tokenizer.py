@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -160,11 +161,17 @@ def test_recipe_on_a_folder_skips_corrupt_files_or_fails_when_strict(tmp_path):
     assert results["step"] == 1 and results["num_images"] >= 1 and results["skipped_images"] == 1
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_processes_keep_codebooks_identical(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--main_process_port", "29537", str(ROOT / "recipes" / "train_tokenizer.py"),
+           "--num_machines", "1", "--main_process_port", str(_free_port()), str(ROOT / "recipes" / "train_tokenizer.py"),
            "--config", str(TINY), "--output_dir", str(out), "--report_to", "none",
            "--ema_decay", "0.9", "--kmeans_init", "true"]  # EMA codebook + k-means: every synced path
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)

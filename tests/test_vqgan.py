@@ -1,6 +1,5 @@
-"""VQGAN: shapes, round trips, parity with diffusers' VQModel, saving/loading/pushing, training."""
-
-import re
+"""VQGAN: shapes, round trips, saving/loading/pushing, training (parity with diffusers' VQModel and
+other references: tests/test_convert.py)."""
 
 import pytest
 import torch
@@ -60,50 +59,6 @@ def test_decode_of_encode_equals_decoding_the_quantised_latents(vq):
         from_forward = vq(x).reconstruction
     torch.testing.assert_close(vq.decode(codes), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(from_forward, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_parity_with_diffusers_vqmodel():
-    # diffusers' VQModel descends from taming too; with the same weights both must agree.
-    from diffusers import VQModel
-
-    torch.manual_seed(0)
-    cfg = tiny_config(attn_resolutions=())  # diffusers' VQModel has attention in the middle only
-    ours = VQGAN(cfg).eval()
-    ref = VQModel(
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(16, 32), layers_per_block=1, latent_channels=8, num_vq_embeddings=32,
-        vq_embed_dim=4, norm_num_groups=8, sample_size=16,
-    ).eval()
-    ref.load_state_dict({_diffusers_key(k): v.reshape(ref.state_dict()[_diffusers_key(k)].shape)
-                         for k, v in ours.state_dict().items()})
-    x = pixels()
-    with torch.no_grad():
-        h = ref.encode(x).latents
-        torch.testing.assert_close(ours.encode_latents(x), h, rtol=1e-4, atol=1e-5)
-        _, _, (_, _, ref_codes) = ref.quantize(h)
-        assert torch.equal(ours.encode(x).flatten(), ref_codes.flatten())
-        torch.testing.assert_close(ours.decode(ours.encode(x)), ref.decode(h).sample, rtol=1e-4, atol=1e-5)
-
-
-def _diffusers_key(key: str) -> str:
-    """Our (taming) parameter name -> diffusers VQModel's, for a 2-level model."""
-    rules = [
-        (r"^(encoder|decoder)\.norm_out", r"\1.conv_norm_out"),
-        (r"\.mid\.block_1\.", ".mid_block.resnets.0."),
-        (r"\.mid\.block_2\.", ".mid_block.resnets.1."),
-        (r"\.mid\.attn_1\.norm\.", ".mid_block.attentions.0.group_norm."),
-        (r"\.mid\.attn_1\.([qkv])\.", r".mid_block.attentions.0.to_\1."),
-        (r"\.mid\.attn_1\.proj_out\.", ".mid_block.attentions.0.to_out.0."),
-        (r"^encoder\.down\.(\d)\.block\.", r"encoder.down_blocks.\1.resnets."),
-        (r"^encoder\.down\.(\d)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
-        (r"^decoder\.up\.(\d)\.", lambda m: f"decoder.up_blocks.{1 - int(m[1])}."),  # reversed order
-        (r"(up_blocks\.\d)\.block\.", r"\1.resnets."),
-        (r"(up_blocks\.\d)\.upsample\.", r"\1.upsamplers.0."),
-        (r"\.nin_shortcut\.", ".conv_shortcut."),
-    ]
-    for pattern, repl in rules:
-        key = re.sub(pattern, repl, key)
-    return key
 
 
 def test_straight_through_gradients_reach_the_encoder_not_the_codebook(vq):

@@ -1,6 +1,7 @@
 """The ``unimodal`` command: one argparse subcommand per task.
 
     unimodal demo --model outputs/demo/model [--port 7860] [--dtype bfloat16]
+    unimodal convert --format {taming,llamagen,janus,emu3,diffusers} SRC OUT [--config yaml]
 
 Add a subcommand by writing ``_add_<name>(subparsers)`` that registers its options and sets
 ``func``; heavy imports go inside ``func`` so ``unimodal --help`` stays fast.
@@ -50,11 +51,41 @@ def _add_demo(subparsers) -> None:
     demo.set_defaults(func=_demo)
 
 
+def _convert(args: argparse.Namespace) -> None:
+    from .vq.convert import convert_checkpoint
+
+    conversion = convert_checkpoint(args.format, args.src, args.out, config=args.config, image_size=args.image_size)
+    for note in conversion.notes:
+        print(f"note: {note}")
+    c = conversion.model.config
+    print(f"saved a VQGAN ({c.codebook_size} codes, f={c.downsample_factor}, {c.image_size}px) to {args.out}")
+
+
+def _add_convert(subparsers) -> None:
+    from .vq.convert import FORMATS
+
+    convert = subparsers.add_parser(
+        "convert", help="convert a pretrained VQ tokenizer (taming/Chameleon, LlamaGen, Janus, Emu3, diffusers)",
+        description="Load another project's VQ tokenizer into a unimodal VQGAN and save it as a "
+                    "from_pretrained folder (config.json + model.safetensors). See docs/convert.md.",
+    )
+    convert.add_argument("--format", required=True, choices=FORMATS,
+                         help="taming: Lightning .ckpt (+ --config yaml); llamagen: .pt; janus/emu3/diffusers: "
+                              "a transformers/diffusers folder or Hub repo id")
+    convert.add_argument("src", help="checkpoint file, model folder or Hub repo id")
+    convert.add_argument("out", help="output folder")
+    convert.add_argument("--config", default=None, help="the yaml the taming/Chameleon checkpoint was trained with")
+    convert.add_argument("--image-size", type=int, default=None,
+                         help="resolution the tokenizer is used at (default: the source's own; see docs/convert.md)")
+    convert.set_defaults(func=_convert)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``unimodal`` console script."""
     parser = argparse.ArgumentParser(prog="unimodal", description="unimodal: unified text + image-token LMs.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(subparsers)
+    _add_convert(subparsers)
     args = parser.parse_args(argv)
     args.func(args)
 

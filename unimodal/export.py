@@ -98,25 +98,29 @@ def save_finetuned(
     merge_lora: bool = True,
     rebuild: Callable[[], torch.nn.Module] | None = None,
     metrics: dict[str, float] | None = None,
+    card_name: str | None = None,
 ) -> Path:
-    """Write the final folder (see module docstring). Call it on EVERY process.
+    """Write the final folder (see module docstring). Call it on EVERY process, once, at the end:
+    LoRA is merged into the trained model in place.
 
-    Under DeepSpeed ZeRO-3 each process holds a shard: ``accelerator.get_state_dict`` gathers
-    the full weights (it needs ``zero3_save_16bit_model: true`` in the launch config, and every
-    process must take part or it hangs). The main process then loads them into ``rebuild()``, a
-    fresh copy of the trained model's structure (base + new rows + LoRA), because ZeRO-3 left the
-    module it trained empty. Without ZeRO-3 the unwrapped model is used as is.
+    ``config`` goes into the model card, ``base`` is the base model reference (hub name/folder),
+    ``card_name`` the name the card's usage example loads (default: ``output_dir``; the Hub repo
+    id when the folder is pushed).
+
+    Under DeepSpeed ZeRO-3 or FSDP each process holds a shard: ``accelerator.get_state_dict``
+    gathers the full weights (ZeRO-3 needs ``zero3_save_16bit_model: true`` in the launch config),
+    and every process must take part or it hangs. The main process then loads them into
+    ``rebuild()``, a fresh copy of the trained model's structure (base + new rows + LoRA), because
+    the module it trained holds only its shard. Otherwise the unwrapped model is used as is.
     """
-    from accelerate.utils import DistributedType
-
     output_dir = Path(output_dir)
-    zero3 = accelerator.distributed_type == DistributedType.DEEPSPEED and \
-        accelerator.state.deepspeed_plugin.zero_stage == 3
-    state_dict = accelerator.get_state_dict(model)  # every rank: collective under ZeRO-3
+    sharded = weights_sharded(accelerator)
+    # Every rank: a collective when sharded (elsewhere it would only copy the weights).
+    state_dict = accelerator.get_state_dict(model) if sharded else None
     if accelerator.is_main_process:
-        if zero3:
+        if sharded:
             if rebuild is None:
-                raise ValueError("under ZeRO-3 save_finetuned needs rebuild= to hold the gathered weights")
+                raise ValueError("with sharded weights save_finetuned needs rebuild= to hold the gathered weights")
             with zero3_disabled():  # a plain copy on this process, not one more ZeRO-3 shard
                 model = rebuild()
             model.load_state_dict(state_dict)
@@ -134,10 +138,22 @@ def save_finetuned(
             lm = model.merge_and_unload() if is_peft else model
             lm.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
-        card = model_card(processor, config, base=base, name=output_dir.name, adapter=adapter, metrics=metrics)
+        card = model_card(processor, config, base=base, name=card_name or str(output_dir), adapter=adapter,
+                          metrics=metrics)
         (output_dir / "README.md").write_text(card)
     accelerator.wait_for_everyone()
     return output_dir
+
+
+def weights_sharded(accelerator) -> bool:
+    """Whether each process holds only a shard of the weights (DeepSpeed ZeRO-3, FSDP): then
+    only collective calls (all processes together) can run the model or read its weights."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = accelerator.state.deepspeed_plugin
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin.zero_stage == 3
 
 
 def _base(model: torch.nn.Module) -> torch.nn.Module:

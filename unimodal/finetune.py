@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from .lora import layer_rows
 from .processor import PROCESSOR_CONFIG_NAME, UnimodalProcessor
 
 
@@ -222,12 +223,11 @@ def check_compatibility(model: PreTrainedModel, processor: UnimodalProcessor, da
     """Raise a ``ValueError`` that says what to do when model, processor and data disagree:
     too few embedding rows for the processor's ids, an LM extended for other image/control ids,
     or stored image spans whose length is not the image tokenizer's ``h * w``."""
-    rows_in = int(getattr(model.get_input_embeddings().weight, "ds_shape", model.get_input_embeddings().weight.shape)[0])
-    head = model.get_output_embeddings()
-    rows_out = int(getattr(head.weight, "ds_shape", head.weight.shape)[0]) if head is not None else rows_in
+    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+    rows = min(layer_rows(layer) for layer in layers if layer is not None)
     needed = len(processor.tokenizer)
-    if min(rows_in, rows_out) < needed:
-        raise ValueError(f"the LM has {min(rows_in, rows_out)} embedding rows but the processor uses ids up to "
+    if rows < needed:
+        raise ValueError(f"the LM has {rows} embedding rows but the processor uses ids up to "
                          f"{needed - 1}; extend it with unimodal.add_image_tokens (the image tokenizer has "
                          f"codebook_size={processor.image_tokenizer.codebook_size})")
     recorded = getattr(model.config, "unimodal", None)

@@ -145,12 +145,13 @@ def _trainable_rows(layer: torch.nn.Module) -> set[int] | range:
     if hasattr(layer, "modules_to_save"):  # ModulesToSaveWrapper: the active copy trains
         copies = [layer.modules_to_save[n] for n in layer.active_adapters if n in layer.modules_to_save]
         if any(p.requires_grad for m in copies for p in m.parameters()):
-            return range(_rows(layer))
+            return range(layer_rows(layer))
         return set()
-    return range(_rows(layer)) if _weight(layer).requires_grad else set()
+    return range(layer_rows(layer)) if _weight(layer).requires_grad else set()
 
 
-def _rows(layer: torch.nn.Module) -> int:
+def layer_rows(layer: torch.nn.Module) -> int:
+    """Rows of a (possibly PEFT-wrapped, possibly ZeRO-3-partitioned) embedding or head."""
     weight = _weight(layer)
     return int(getattr(weight, "ds_shape", weight.shape)[0])  # ZeRO-3 keeps the full shape here
 

@@ -127,8 +127,8 @@ class RowUniforms:
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.LongTensor:
     """Row ``b`` of ``probs [B, V]`` (unnormalised, >= 0) -> the first id whose cumulative mass
     exceeds ``u[b]`` times the total. Zero-probability ids are never returned."""
-    cdf = probs.double().cumsum(-1)  # float64: the tail of a 16k-long cumsum stays exact enough
-    ids = torch.searchsorted(cdf, u.to(cdf).unsqueeze(-1) * cdf[:, -1:], right=True)
+    cdf = probs.cumsum(-1)  # [B, V]; its last entry may miss 1 by rounding: scale u by it
+    ids = torch.searchsorted(cdf, u.to(cdf.dtype).unsqueeze(-1) * cdf[:, -1:], right=True)
     ids = ids.squeeze(-1).clamp_(max=probs.shape[-1] - 1)
     # `right=True` skips zero-width ids; the clamp could still land on one when rounding puts
     # the target on the total: take the argmax in that measure-zero case.
@@ -165,6 +165,7 @@ def in_top_k_top_p(
             unsure = keep & (above >= top_p * (above + probs.gather(-1, ids))) & (above < top_p)
             rows = unsure.any(-1)
             if rows.any():
+                rows = slice(None) if rows.all() else rows  # a view, not a copy, when all are
                 kth = scores[rows].kthvalue(vocab - top_k + 1, dim=-1, keepdim=True).values
                 mass[rows] = (probs[rows] * (scores[rows] >= kth)).sum(-1, keepdim=True).to(mass)
         keep &= above < top_p * mass

@@ -46,6 +46,18 @@ class VQGANConfig(PretrainedConfig):
             disables. Codes are judged once a full window has passed since the start or since their
             last restart.
         usage_window: number of recent training batches the codebook usage is measured over.
+        mid_attention: put self-attention in the middle blocks (taming); Chameleon's
+            ``attn_type: none`` and diffusers' ``mid_block_add_attention=False`` leave it out.
+        decoder_norm: ``"group"`` (taming) or ``"spatial"``: every decoder norm becomes MoVQ's
+            SpatialNorm, modulated by the quantised latents (Emu3, diffusers ``norm_type="spatial"``).
+        encoder_latent_convs: output widths of 3x3 conv + swish layers after the encoder's
+            ``conv_out``; the last must be ``z_channels``. With ``latent_res_blocks`` and
+            ``decoder_latent_convs`` this holds Emu3's temporal layers folded to one image frame.
+        latent_res_blocks: BatchNorm residual blocks on the ``z_channels`` latents, after
+            ``encoder_latent_convs`` in the encoder and first thing in the decoder.
+        decoder_latent_convs: 3x3 conv + swish layers (``z_channels`` wide) after the decoder's
+            latent residual blocks. The decoder's latent layers also process the quantised latents
+            that condition spatial norms, so they need ``embed_dim == z_channels``.
     """
 
     model_type = "unimodal_vqgan"
@@ -71,6 +83,11 @@ class VQGANConfig(PretrainedConfig):
         kmeans_iters: int = 10,
         dead_code_threshold: int = 0,
         usage_window: int = 100,
+        mid_attention: bool = True,
+        decoder_norm: str = "group",
+        encoder_latent_convs: list[int] | tuple[int, ...] = (),
+        latent_res_blocks: int = 0,
+        decoder_latent_convs: int = 0,
         **kwargs,
     ):
         self.codebook_size = codebook_size
@@ -92,6 +109,11 @@ class VQGANConfig(PretrainedConfig):
         self.kmeans_iters = kmeans_iters
         self.dead_code_threshold = dead_code_threshold
         self.usage_window = usage_window
+        self.mid_attention = mid_attention
+        self.decoder_norm = decoder_norm
+        self.encoder_latent_convs = list(encoder_latent_convs)
+        self.latent_res_blocks = latent_res_blocks
+        self.decoder_latent_convs = decoder_latent_convs
         super().__init__(**kwargs)
         self._check()
 
@@ -119,3 +141,16 @@ class VQGANConfig(PretrainedConfig):
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
         if self.codebook_size < 2:
             raise ValueError(f"codebook_size must be at least 2, got {self.codebook_size}")
+        if self.decoder_norm not in ("group", "spatial"):
+            raise ValueError(f"decoder_norm must be 'group' or 'spatial', got {self.decoder_norm!r}")
+        if self.encoder_latent_convs and self.encoder_latent_convs[-1] != self.z_channels:
+            raise ValueError(
+                f"the last of encoder_latent_convs {self.encoder_latent_convs} must be z_channels="
+                f"{self.z_channels}: those layers map the latents back to z_channels"
+            )
+        decoder_latent_layers = self.latent_res_blocks or self.decoder_latent_convs
+        if self.decoder_norm == "spatial" and decoder_latent_layers and self.embed_dim != self.z_channels:
+            raise ValueError(
+                f"decoder latent layers also process the quantised latents that condition the spatial "
+                f"norms (as in Emu3), so embed_dim ({self.embed_dim}) must equal z_channels ({self.z_channels})"
+            )

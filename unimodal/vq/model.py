@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .base import ImageTokenizerMixin
@@ -84,8 +85,14 @@ class VQGAN(ImageTokenizerMixin, PreTrainedModel):
             z_channels=config.z_channels,
             dropout=config.dropout,
             num_groups=config.num_groups,
+            mid_attention=config.mid_attention,
         )
-        self.encoder = Encoder(in_channels=config.in_channels, **arch)
+        self.encoder = Encoder(
+            in_channels=config.in_channels,
+            latent_convs=config.encoder_latent_convs,
+            latent_res_blocks=config.latent_res_blocks,
+            **arch,
+        )
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
         self.quantize = VectorQuantizer(
             config.codebook_size,
@@ -99,7 +106,14 @@ class VQGAN(ImageTokenizerMixin, PreTrainedModel):
             usage_window=config.usage_window,
         )
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
-        self.decoder = Decoder(out_channels=config.out_channels, **arch)
+        self.decoder = Decoder(
+            out_channels=config.out_channels,
+            norm_type=config.decoder_norm,
+            cond_channels=config.embed_dim,
+            latent_res_blocks=config.latent_res_blocks,
+            latent_convs=config.decoder_latent_convs,
+            **arch,
+        )
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -107,6 +121,13 @@ class VQGAN(ImageTokenizerMixin, PreTrainedModel):
         # it skip tensors that from_pretrained loaded.
         if isinstance(module, (nn.Conv2d, nn.GroupNorm, VectorQuantizer)):
             module.reset_parameters()
+        elif isinstance(module, nn.BatchNorm2d):
+            # transformers' init functions, not reset_parameters(): they leave loaded running stats be
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
 
     @property
     def downsample_factor(self) -> int:
@@ -127,7 +148,9 @@ class VQGAN(ImageTokenizerMixin, PreTrainedModel):
     def decode_latents(self, quantized: torch.Tensor) -> torch.Tensor:
         """Quantised latents ``[B, embed_dim, h, w]`` -> pixels ``[B, 3, h*f, w*f]``."""
         dtype = self.post_quant_conv.weight.dtype
-        return self.decoder(self.post_quant_conv(quantized.to(dtype)))
+        quantized = quantized.to(dtype)
+        # spatially normalised decoders are also conditioned on the quantised latents themselves
+        return self.decoder(self.post_quant_conv(quantized), quantized)
 
     # ------------------------------------------------------------------ tokenizer surface
 

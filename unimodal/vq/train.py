@@ -9,9 +9,10 @@ A step is two updates with two optimisers, as in taming-transformers:
 
 Multi-process: the VQ-GAN and the discriminator are each prepared by accelerate (DDP), so their
 gradients are averaged across ranks; the quantizer all-reduces its own codebook statistics.
-`VQGANTrainer` also keeps an optional EMA of the VQ-GAN's weights and registers everything a
-resumed run needs: both optimisers go through accelerate's checkpoint, the EMA copy and the
-buffers ``save_state`` leaves out through `VQGANTrainer.state_tensors` (safetensors, no pickle).
+`VQGANTrainer` also keeps an optional EMA of the VQ-GAN's weights. A checkpoint holds what a
+resumed run needs: both networks and both optimisers through accelerate's ``save_state``, and
+the EMA copy and the buffers ``state_dict`` leaves out through `VQGANTrainer.state_tensors`
+(safetensors: nothing is unpickled on resume).
 """
 
 from __future__ import annotations
@@ -54,9 +55,15 @@ class VQGANModelArguments:
     usage_window: int = 100
 
     def build(self, image_size: int) -> VQGAN:
-        """Load ``model_name_or_path`` or build a fresh VQ-GAN for ``image_size`` px images."""
+        """Load ``model_name_or_path`` or build a fresh VQ-GAN for ``image_size`` px images.
+
+        A loaded model trained at another resolution keeps its weights; its ``config.image_size``
+        becomes ``image_size`` (the resolution it is now trained at and generates).
+        """
         if self.model_name_or_path:
-            return VQGAN.from_pretrained(self.model_name_or_path)
+            model = VQGAN.from_pretrained(self.model_name_or_path)
+            model.config.image_size = image_size
+            return model
         fields = {k: v for k, v in asdict(self).items() if k != "model_name_or_path"}
         return VQGAN(VQGANConfig(image_size=image_size, **fields))
 
@@ -159,11 +166,12 @@ class VQGANTrainer:
             self.ema.to(accelerator.device)
 
     def _extra_tensors(self) -> dict[str, torch.Tensor]:
-        # What accelerate's save_state leaves out: every buffer (state_dict skips the quantizer's
-        # rolling usage window and restart history, which an exact resume needs; LeCAM's EMAs) and
-        # the EMA copy of the weights.
+        # What accelerate's save_state leaves out: the VQ-GAN's buffers (state_dict skips the
+        # quantizer's rolling usage window and restart history, which an exact resume needs), the
+        # loss's own buffers (LeCAM's EMAs; the discriminator is saved by accelerate) and the EMA
+        # copy. Names never contain DDP's "module.", so any process count can resume.
         tensors = {f"vqgan.{n}": b for n, b in self.vqgan.named_buffers()}
-        tensors.update({f"loss.{n}": b for n, b in self.loss.named_buffers()})
+        tensors.update({f"loss.{n}": b for n, b in self.loss.named_buffers(recurse=False)})
         if self.ema is not None:
             ema = self.ema.model
             tensors.update({f"ema.{n}": t for n, t in [*ema.named_parameters(), *ema.named_buffers()]})
