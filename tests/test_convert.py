@@ -320,6 +320,8 @@ def test_conversion_errors_say_what_is_wrong(tmp_path):
     (tmp_path / "wrong.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(ValueError, match=r"do not fit .* wrong shape"):
         from_taming(tmp_path / "vq.ckpt", tmp_path / "wrong.yaml")
+    with pytest.raises(ValueError, match="--format llamagen"):  # LlamaGen's names, read as taming's
+        from_taming(_to_llamagen_layout(tiny_janus().state_dict(), levels=2))
     config["model"]["target"] = "taming.models.vqgan.GumbelVQ"
     (tmp_path / "gumbel.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(ValueError, match="Gumbel"):

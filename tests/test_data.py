@@ -412,3 +412,17 @@ def test_collator_rejects_unplanned_rows(processor, samples):
     with pytest.raises(ValueError, match="loss_on"):
         UnimodalCollator(processor, 40, loss_on="images")
     assert Counter(samples["task"]) == {"t2i": 40, "i2t": 40, "interleaved": 24}
+
+
+@pytest.mark.gpu
+def test_gpu_encoding_matches_cpu(processor, captioned, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    options = PretokenizeOptions(tasks=("t2i",))
+    on_cpu = pretokenize(captioned, processor, options, cache_dir=tmp_path / "cpu").dataset
+    processor.image_tokenizer.to("cuda")
+    try:
+        on_gpu = pretokenize(captioned, processor, options, cache_dir=tmp_path / "gpu").dataset
+    finally:
+        processor.image_tokenizer.to("cpu")
+    assert on_gpu["input_ids"] == on_cpu["input_ids"]

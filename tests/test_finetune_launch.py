@@ -1,6 +1,7 @@
 """recipes/finetune.py launched for real: 2-process DDP, DeepSpeed ZeRO-2 and ZeRO-3 on CPU
 (gloo), LoRA under ZeRO-3, SIGKILL + relaunch resuming exactly, NaN stop, FSDP on GPUs."""
 
+import json
 import os
 import re
 import signal
@@ -41,6 +42,9 @@ def command(launch: str | None, data_root: Path, out: Path, *extra: str) -> list
             "--build_hidden_size", "32", "--tasks", "t2i", "i2t", "--eval_size", "8", "--max_length", "160",
             "--per_device_batch_size", "4", "--max_steps", str(STEPS), "--save_steps", "3", "--eval_steps", "15",
             "--log_steps", "5", "--learning_rate", "3e-3", "--warmup_steps", "3", "--mixed_precision", "no",
+            # below the initial gradient norm (~1.5) and not accelerate's DeepSpeed default (1.0), so
+            # DDP/DeepSpeed parity also checks that DeepSpeed clips at the recipe's value
+            "--max_grad_norm", "0.5",
             "--report_to", "none", "--output_dir", str(out), *extra]
     if launch is None:
         return [sys.executable, str(REPO / "recipes" / "finetune.py"), *args]
@@ -95,7 +99,7 @@ def test_deepspeed_zero2_matches_ddp(ddp_run, data_root):
     assert_loadable(out)
     reference, got = weights(ddp_run[0]), weights(out)
     assert reference.keys() == got.keys()
-    for name in reference:  # same data, seed and fp32 math: only reduction order differs
+    for name in reference:  # same data, seed, clipping and fp32 math: only reduction order differs
         torch.testing.assert_close(got[name], reference[name], rtol=0, atol=1e-6, msg=name)
 
 
@@ -164,6 +168,35 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(data_r
     saved = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert saved and all(name.startswith("step-") for name in saved)  # complete ones, no .tmp left
     assert not (out / "final").exists()
+
+
+def test_one_process_lora_adapter_epochs_accumulation_bf16_samples(data_root, text_tokenizer):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from unimodal.export import load_finetuned_model
+    from unimodal.lm import build_causal_lm
+
+    base = data_root / "base_lm"  # adapters need a base others can load
+    build_causal_lm("llama", vocab_size=len(text_tokenizer), hidden_size=32).save_pretrained(base)
+    out = data_root / "single"
+    cmd = command(None, data_root, out, "--model_name_or_path", str(base), "--max_steps", "0", "--num_epochs", "1",
+                  "--gradient_accumulation_steps", "2", "--mixed_precision", "bf16", "--gradient_checkpointing",
+                  "true", "--use_lora", "true", "--merge_lora", "false", "--eval_steps", "10",
+                  "--sample_prompts", "a handwritten digit one", "a handwritten digit two", "--report_to", "tensorboard")
+    run(cmd)
+    stats = json.loads((out / "train_stats.json").read_text())
+    # 2 x 192 training samples (200 digits - 8 held out, t2i + i2t), 2 per packed row of 160 tokens,
+    # 4 rows per micro-batch, 2 micro-batches per step: one epoch is 24 optimizer steps.
+    assert stats["steps"] == 24 and stats["padding_fraction"] < 0.05
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-00000010.png", "step-00000020.png",
+                                                                  "step-00000024.png"]
+    events = EventAccumulator(str(out / "finetune"))  # accelerate's TensorBoard run folder
+    events.Reload()
+    assert "samples" in events.Tags()["images"]
+    assert {"eval/t2i", "eval/i2t", "train/loss", "train/lr"} <= set(events.Tags()["scalars"])
+    model = load_finetuned_model(out / "final")
+    processor = UnimodalProcessor.from_pretrained(out / "final")
+    assert model.config.vocab_size >= len(processor.tokenizer)
 
 
 @pytest.mark.gpu

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch import nn
 
 from ..config import VQGANConfig
 from ..model import VQGAN
@@ -153,6 +154,37 @@ def read_hf_weights(get: Callable[[str], Path | None], select: Callable[[str], b
                             if select(k)})
         return out
     raise FileNotFoundError(f"{source}: no weights found (looked for {', '.join(_WEIGHT_FILES)} and their indexes)")
+
+
+def transformers_vq(
+    source, vq_class: type, model_config_class: type, vq_config_class: type
+) -> tuple[object, StateDict, str]:
+    """``(vq config, state dict, name)`` of a transformers VQ model (Janus, Emu3).
+
+    ``source`` is the ``vq_class`` module, a model holding one, or a folder / Hub repo whose
+    ``config.json`` is the whole model's (only its ``vqmodel.*`` tensors are read, and only the
+    shards holding them) or the VQ model's own.
+    """
+    if isinstance(source, nn.Module):
+        vq = next((m for m in source.modules() if isinstance(m, vq_class)), None)
+        if vq is None:
+            raise TypeError(f"{type(source).__name__} holds no {vq_class.__name__}")
+        return vq.config, vq.state_dict(), type(source).__name__
+    get = hf_file_getter(source)
+    config_file = get("config.json")
+    if config_file is None:
+        raise FileNotFoundError(f"{source}: no config.json; pass a transformers model folder or Hub repo")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type == model_config_class.model_type:
+        config = model_config_class.from_json_file(config_file).vq_config
+        weights = read_hf_weights(get, lambda k: "vqmodel." in k, str(source))
+        return config, {k.split("vqmodel.", 1)[1]: v for k, v in weights.items()}, str(source)
+    if model_type == vq_config_class.model_type:
+        return vq_config_class.from_json_file(config_file), read_hf_weights(get, lambda k: True, str(source)), str(source)
+    raise ValueError(
+        f"{source}: model_type {model_type!r} is neither {model_config_class.model_type!r} nor "
+        f"{vq_config_class.model_type!r}; check --format"
+    )
 
 
 # ----------------------------------------------------------------------------- renaming

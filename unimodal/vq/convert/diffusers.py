@@ -14,7 +14,17 @@ import os
 
 from torch import nn
 
-from .common import Conversion, StateDict, build_vqgan, conv_weight, hf_file_getter, read_hf_weights, rename, vqgan_config
+from .common import (
+    Conversion,
+    Rule,
+    StateDict,
+    build_vqgan,
+    conv_weight,
+    hf_file_getter,
+    read_hf_weights,
+    rename,
+    vqgan_config,
+)
 
 _DOWN = {"DownEncoderBlock2D": False, "AttnDownEncoderBlock2D": True}  # block type -> has attention
 _UP = {"UpDecoderBlock2D": False, "AttnUpDecoderBlock2D": True}
@@ -25,7 +35,7 @@ _IGNORED = {
 }
 
 
-def _rules(levels: int) -> list:
+def _rules(levels: int) -> list[Rule]:
     return [
         (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
         (r"\.mid_block\.resnets\.0\.", ".mid.block_1."),

@@ -23,7 +23,6 @@ head. Not supported: video (``T > 1`` distinct frames), ``double_latent``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -32,12 +31,10 @@ from torch import nn
 
 from .common import (
     Conversion,
-    StateDict,
     build_vqgan,
     conv_weight,
-    hf_file_getter,
-    read_hf_weights,
     rename,
+    transformers_vq,
     vqgan_config,
 )
 
@@ -101,29 +98,6 @@ def _as_2d(key: str, tensor: torch.Tensor) -> torch.Tensor:
     return conv_weight(tensor) if ".attn" in key and key.endswith(".weight") else tensor
 
 
-def _emu3_source(source) -> tuple[object, StateDict, str]:
-    """``(Emu3VQVAEConfig, its state dict, name)`` of a model object, folder or Hub repo."""
-    from transformers import Emu3Config, Emu3VQVAE, Emu3VQVAEConfig
-
-    if isinstance(source, nn.Module):
-        vq = next((m for m in source.modules() if isinstance(m, Emu3VQVAE)), None)
-        if vq is None:
-            raise TypeError(f"{type(source).__name__} holds no Emu3VQVAE")
-        return vq.config, vq.state_dict(), type(source).__name__
-    get = hf_file_getter(source)
-    config_file = get("config.json")
-    if config_file is None:
-        raise FileNotFoundError(f"{source}: no config.json; pass a transformers Emu3 folder or Hub repo")
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type == "emu3":  # the whole model: read only its vqmodel.* tensors
-        config = Emu3Config.from_json_file(config_file).vq_config
-        weights = read_hf_weights(get, lambda k: "vqmodel." in k, str(source))
-        return config, {k.split("vqmodel.", 1)[1]: v for k, v in weights.items()}, str(source)
-    if model_type == "emu3_vqgan":
-        return Emu3VQVAEConfig.from_json_file(config_file), read_hf_weights(get, lambda k: True, str(source)), str(source)
-    raise ValueError(f"{source}: model_type {model_type!r} is not an Emu3 model ('emu3' or 'emu3_vqgan')")
-
-
 def from_emu3(source: str | os.PathLike | nn.Module, image_size: int = 512) -> Conversion:
     """Convert the vision tokenizer of a transformers Emu3 model for images (see the module doc).
 
@@ -132,7 +106,9 @@ def from_emu3(source: str | os.PathLike | nn.Module, image_size: int = 512) -> C
             its folder / Hub repo id; of a whole model only the ``vqmodel.*`` shards are read.
         image_size: square resolution images are tokenized at (Emu3 takes any multiple of 8).
     """
-    config, state_dict, name = _emu3_source(source)
+    from transformers import Emu3Config, Emu3VQVAE, Emu3VQVAEConfig
+
+    config, state_dict, name = transformers_vq(source, Emu3VQVAE, Emu3Config, Emu3VQVAEConfig)
     if config.double_latent:
         raise ValueError(f"{name}: double_latent=True (a KL encoder) is not a VQ tokenizer setting")
     if config.num_attention_heads != 1:

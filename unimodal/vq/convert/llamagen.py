@@ -9,7 +9,6 @@ taming's, so both need a renaming table and nothing else.
 
 from __future__ import annotations
 
-import json
 import os
 
 from torch import nn
@@ -19,12 +18,11 @@ from .common import (
     StateDict,
     build_vqgan,
     drop,
-    hf_file_getter,
     level_count,
     load_checkpoint,
-    read_hf_weights,
     rename,
     state_dict_from,
+    transformers_vq,
     vqgan_config,
 )
 from .taming import infer_taming_arch
@@ -71,29 +69,6 @@ def from_llamagen(checkpoint: str | os.PathLike | StateDict, image_size: int = 2
     return Conversion(build_vqgan(config, state_dict, source), notes)
 
 
-def _janus_source(source) -> tuple[object, StateDict, str]:
-    """``(JanusVQVAEConfig, its state dict, name)`` of a model object, folder or Hub repo."""
-    from transformers import JanusConfig, JanusVQVAE, JanusVQVAEConfig
-
-    if isinstance(source, nn.Module):
-        vq = next((m for m in source.modules() if isinstance(m, JanusVQVAE)), None)
-        if vq is None:
-            raise TypeError(f"{type(source).__name__} holds no JanusVQVAE")
-        return vq.config, vq.state_dict(), type(source).__name__
-    get = hf_file_getter(source)
-    config_file = get("config.json")
-    if config_file is None:
-        raise FileNotFoundError(f"{source}: no config.json; pass a transformers Janus folder or Hub repo")
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type == "janus":  # the whole model: read only its vqmodel.* tensors
-        config = JanusConfig.from_json_file(config_file).vq_config
-        weights = read_hf_weights(get, lambda k: "vqmodel." in k, str(source))
-        return config, {k.split("vqmodel.", 1)[1]: v for k, v in weights.items()}, str(source)
-    if model_type == "janus_vqgan":
-        return JanusVQVAEConfig.from_json_file(config_file), read_hf_weights(get, lambda k: True, str(source)), str(source)
-    raise ValueError(f"{source}: model_type {model_type!r} is not a Janus model ('janus' or 'janus_vqgan')")
-
-
 def from_janus(source: str | os.PathLike | nn.Module, image_size: int | None = None) -> Conversion:
     """Convert the VQ of a transformers Janus / Janus-Pro model.
 
@@ -102,7 +77,9 @@ def from_janus(source: str | os.PathLike | nn.Module, image_size: int | None = N
             its folder / Hub repo id; of a whole model only the ``vqmodel.*`` shards are read.
         image_size: defaults to ``num_patches * f`` (384 for Janus-Pro).
     """
-    config, state_dict, name = _janus_source(source)
+    from transformers import JanusConfig, JanusVQVAE, JanusVQVAEConfig
+
+    config, state_dict, name = transformers_vq(source, JanusVQVAE, JanusConfig, JanusVQVAEConfig)
     if config.double_latent:
         raise ValueError(f"{name}: double_latent=True (a KL encoder) is not a VQ tokenizer setting")
     levels = len(config.channel_multiplier)

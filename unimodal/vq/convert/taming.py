@@ -60,8 +60,16 @@ def _arch_from_yaml(params: dict, image_size: int | None) -> tuple[dict, list[in
 
 def infer_taming_arch(state_dict: StateDict, image_size: int) -> tuple[dict, list[int], bool]:
     """Architecture of a state dict in taming's names, read from the tensor names and shapes."""
+    levels = level_count(state_dict, "encoder.down")
+    required = ("encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_out.weight", "quant_conv.weight",
+                "quantize.embedding.weight")
+    if not levels or any(key not in state_dict for key in required):
+        raise ValueError(
+            f"these weights are not in taming's layout (no encoder.down.* or one of {required}); "
+            f"check --format (LlamaGen checkpoints use --format llamagen)"
+        )
     conv_in = state_dict["encoder.conv_in.weight"]  # [ch, in_channels, 3, 3]
-    ch, levels = conv_in.shape[0], level_count(state_dict, "encoder.down")
+    ch = conv_in.shape[0]
     arch = dict(
         image_size=image_size, ch=ch, in_channels=conv_in.shape[1],
         ch_mult=[state_dict[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in range(levels)],
@@ -94,14 +102,14 @@ def from_taming(
     raw = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, "state_dict")
     state_dict, _ = state_dict_from(raw, ("state_dict",), source)
     state_dict = drop(state_dict, _TRAINING_ONLY, notes)
-    unknown_quantizer = sorted(k for k in state_dict if k.startswith("quantize.") and k != "quantize.embedding.weight")
-    if unknown_quantizer:
-        raise ValueError(f"{source}: quantizer tensors {unknown_quantizer} are not a plain VQ codebook")
     if config is not None:
         arch, attn_levels, mid_attention = _arch_from_yaml(read_taming_yaml(config), image_size)
     else:
         arch, attn_levels, mid_attention = infer_taming_arch(state_dict, image_size or 256)
         notes.append(f"no yaml given: architecture read from the tensor shapes, image_size={arch['image_size']}")
+    unknown_quantizer = sorted(k for k in state_dict if k.startswith("quantize.") and k != "quantize.embedding.weight")
+    if unknown_quantizer:
+        raise ValueError(f"{source}: quantizer tensors {unknown_quantizer} are not a plain VQ codebook")
     vq_config = vqgan_config(attn_levels=attn_levels, mid_attention=mid_attention, use_l2_norm=False, **arch)
     return Conversion(build_vqgan(vq_config, state_dict, source), notes)
 
