@@ -7,7 +7,7 @@ scikit-learn / scikit-image, with the shared `VQGANTrainer` step (reconstruction
 the discriminator stays off: this compares quantizers). Reported on held-out crops: PSNR, SSIM,
 codebook usage, perplexity, training steps/s and encode images/s, with ratios to the reference.
 
-    python benchmarks/tokenizer.py                     # ~10 min on 2 CPU cores (6 variants x 500 steps)
+    python benchmarks/tokenizer.py                     # 6 variants x 500 steps (see docs/benchmarks.md)
     python benchmarks/tokenizer.py --steps 20 --variants ours vqp   # a smoke run
 
 Targets (docs/benchmarks.md): our default reaches >= 95% usage at K = 1024 and at least the
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import time
 from types import SimpleNamespace
@@ -81,6 +82,7 @@ K = 1024
 PLAIN = dict(embed_dim=64, use_l2_norm=False, dead_code_threshold=0)
 VARIANTS = {
     "ours": ({}, None),  # the recipe default: l2-normalised 8-d codes + dead-code restart
+    "ours-window100": ({"usage_window": 100}, None),  # VQGANConfig's default restart window
     "ours-plain": (PLAIN, None),
     "ours-plain-restart": ({**PLAIN, "dead_code_threshold": 1}, None),
     "ours-ema-kmeans": ({**PLAIN, "ema_decay": 0.99, "kmeans_init": True, "dead_code_threshold": 1}, None),
@@ -92,6 +94,7 @@ VARIANTS = {
 }
 DESCRIPTIONS = {
     "ours": "ours: l2-norm 8-d codes + dead-code restart (default)",
+    "ours-window100": "ours: l2-norm 8-d codes + restart over 100 batches",
     "ours-plain": "ours: plain 64-d codes",
     "ours-plain-restart": "ours: plain 64-d codes + dead-code restart",
     "ours-ema-kmeans": "ours: plain 64-d, EMA + k-means + restart",
@@ -160,13 +163,17 @@ def table(rows: list[dict], reference: str) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval_samples", type=int, default=512)
     parser.add_argument("--variants", nargs="+", default=DEFAULT, choices=sorted(VARIANTS))
     parser.add_argument("--reference", default="vqp", choices=sorted(VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wall, cpu = time.perf_counter(), time.process_time()
 
     # Decoded once, outside the clock: training crops (random scale / position / flip) and
     # held-out crops from the part of each photo no training crop touches.
@@ -180,8 +187,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in rows[-1].items() if isinstance(v, float)), flush=True)
 
     print(f"\n{args.steps} steps x batch {args.batch_size}, K={K}, {len(eval_pixels)} held-out 32 px crops; "
-          f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
+          f"{datetime.date.today()}, {platform.machine()} x {os.cpu_count()} cores, {torch.get_num_threads()} "
+          f"threads, torch {torch.__version__}; {time.perf_counter() - wall:.0f} s wall, "
+          f"{time.process_time() - cpu:.0f} s CPU\n")
     print(table(rows, args.reference))
     ours = next((r for r in rows if r["name"] == "ours"), None)
     ref = next((r for r in rows if r["name"] == args.reference), None)

@@ -9,7 +9,9 @@ import dataclasses
 import pytest
 import torch
 from PIL import Image
-from transformers import ClassifierFreeGuidanceLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    ClassifierFreeGuidanceLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+)
 
 from unimodal import PixelTokenizer, PixelTokenizerConfig, add_image_tokens
 from unimodal.generation import (
@@ -59,8 +61,9 @@ def trained():
     seqs = []
     for caption, grid in zip(captions, (black, white)):
         seqs += [processor.text_to_image_ids(caption, grid), processor.image_to_text_ids(grid, caption)]
-    seqs.append([processor.bos_token_id, *processor.encode_text("the quick brown fox"), *processor.image_span_ids(black),
-                 *processor.encode_text(" jumps over"), *processor.image_span_ids(white), processor.eos_token_id])
+    seqs.append([processor.bos_token_id, *processor.encode_text("the quick brown fox"),
+                 *processor.image_span_ids(black), *processor.encode_text(" jumps over"),
+                 *processor.image_span_ids(white), processor.eos_token_id])
     batch = processor.tokenizer.pad({"input_ids": seqs}, return_tensors="pt")
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -131,7 +134,8 @@ def test_token_sampler_draws_the_distribution_of_transformers_warpers():
     mixed, u = torch.randn(6, 50, generator=torch.Generator().manual_seed(1)), RowUniforms(6, 1, seed=3).values[:, 0]
     alone = [int(TokenSampler(sampling)(torch.zeros(1, 0), mixed[i:i + 1], u[i:i + 1])) for i in range(6)]
     assert alone == TokenSampler(sampling)(torch.zeros(6, 0), mixed, u).tolist()
-    assert TokenSampler(SamplingConfig(do_sample=False))(torch.zeros(6, 0), mixed, None).tolist() == mixed.argmax(-1).tolist()
+    greedy = TokenSampler(SamplingConfig(do_sample=False))
+    assert greedy(torch.zeros(6, 0), mixed, None).tolist() == mixed.argmax(-1).tolist()
 
 
 def test_row_uniforms_give_each_row_its_own_stream():

@@ -101,7 +101,8 @@ def test_generate_recipe_writes_images_grid_and_reproducible_seeds(pipeline, tmp
     import importlib.util
     import sys
 
-    spec = importlib.util.spec_from_file_location("generate_recipe", Path(__file__).parents[1] / "recipes" / "generate.py")
+    path = Path(__file__).parents[1] / "recipes" / "generate.py"
+    spec = importlib.util.spec_from_file_location("generate_recipe", path)
     recipe = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, recipe)  # dataclasses look their module up there
     spec.loader.exec_module(recipe)
@@ -114,8 +115,10 @@ def test_generate_recipe_writes_images_grid_and_reproducible_seeds(pipeline, tmp
     saved = json.loads((out / "generation.json").read_text())
     assert saved == json.loads(json.dumps(record))
     assert [(e["prompt"], e["seed"]) for e in saved["images"]] == [
-        ("a cat", 10), ("a cat", 11), ("a dog", 12), ("a dog", 13), ("the quick brown fox", 14), ("the quick brown fox", 15)]
-    assert saved["sampling"] == {"guidance_scale": 7.0, "temperature": 0.9, "top_k": 8, "top_p": 0.99, "do_sample": True}
+        ("a cat", 10), ("a cat", 11), ("a dog", 12), ("a dog", 13),
+        ("the quick brown fox", 14), ("the quick brown fox", 15)]
+    assert saved["sampling"] == {"guidance_scale": 7.0, "temperature": 0.9, "top_k": 8, "top_p": 0.99,
+                                 "do_sample": True}
     grid = Image.open(out / "grid.png")
     assert grid.size == (2 * (4 + 2) + 2, 3 * (4 + 2) + 2)  # one row per prompt
     # The recorded seed reproduces one image alone.

@@ -223,13 +223,15 @@ def evaluate_model(
     batch_size: int = 256,
     ssim_sigma: float = 1.5,
     sequence_length: int = 0,
+    display_size: int | None = None,
 ) -> ModelEvaluation:
     """Generate, caption and score one model; writes its PNGs into ``out_dir``.
 
     ``prompts[c]`` names class ``c``: each gets ``samples_per_prompt`` images, the first
     ``grid_columns`` of which go into ``<name>-text-to-image.png`` (one row per class). The real
     (held-out) images are captioned and are the reference for diversity and FID; the first 8
-    with their reconstructions go into ``<name>-reconstructions.png``.
+    with their reconstructions go into ``<name>-reconstructions.png``. ``display_size`` enlarges
+    each image in those PNGs to that side (nearest neighbour, so pixels stay sharp).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -243,9 +245,14 @@ def evaluate_model(
         top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size, progress=False)
     seconds["generate"] = time.perf_counter() - started
     prompt_labels = [c for c in range(len(prompts)) for _ in range(samples_per_prompt)]
+    def grid(images: list[Image.Image], ncols: int) -> Image.Image:
+        if display_size:
+            images = [im.resize((display_size, display_size), Image.NEAREST) for im in images]
+        return make_grid(images, ncols=ncols)
+
     shown = [im for c in range(len(prompts)) for im in
              generated[c * samples_per_prompt: c * samples_per_prompt + min(grid_columns, samples_per_prompt)]]
-    make_grid(shown, ncols=min(grid_columns, samples_per_prompt)).save(out / f"{slug}-text-to-image.png")
+    grid(shown, min(grid_columns, samples_per_prompt)).save(out / f"{slug}-text-to-image.png")
 
     started = time.perf_counter()
     captions = caption_images(pipeline, list(real_images), batch_size)
@@ -255,7 +262,7 @@ def evaluate_model(
     with torch.no_grad():
         first = real_px[:8].to(tokenizer.device)
         recon = tokenizer.decode(tokenizer.encode(first)).float().cpu()
-    make_grid(tensor_to_pil(torch.cat([real_px[:8], recon])), ncols=len(first)).save(out / f"{slug}-reconstructions.png")
+    grid(tensor_to_pil(torch.cat([real_px[:8], recon])), len(first)).save(out / f"{slug}-reconstructions.png")
 
     return ModelEvaluation(
         name=name,

@@ -118,7 +118,9 @@ class UnimodalPipeline:
         return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
                                  commit_message=commit_message)
 
-    def generate_images(self, prompts: str | Sequence[str], num_images_per_prompt: int = 1, **kwargs) -> list[Image.Image]:
+    def generate_images(
+        self, prompts: str | Sequence[str], num_images_per_prompt: int = 1, **kwargs
+    ) -> list[Image.Image]:
         """`unimodal.generate_images` with this pipeline's model and processor."""
         return generate_images(self.model, self.processor, prompts, num_images_per_prompt, **kwargs)
 

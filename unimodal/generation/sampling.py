@@ -202,13 +202,15 @@ class TokenSampler:
         if config.top_p < 1:
             self.filters.append(TopPLogitsWarper(float(config.top_p)))
 
-    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor, uniforms: torch.Tensor | None) -> torch.LongTensor:
+    def __call__(
+        self, input_ids: torch.Tensor, logits: torch.Tensor, uniforms: torch.Tensor | None
+    ) -> torch.LongTensor:
         """``logits [B or 2B, V]`` (``-inf`` = forbidden), ``uniforms [B, 2]`` -> ids ``[B]``.
 
         ``input_ids [B, t]`` is what transformers' processors expect (only its batch size is read
         by the ones used here); ``uniforms=None`` is required for (and means) greedy.
         """
-        for processor in self.processors:
+        for processor in self.processors:  # not LogitsProcessorList.__call__: it inspects signatures per call
             logits = processor(input_ids, logits)
         if not self.config.do_sample:
             return logits.argmax(-1)
