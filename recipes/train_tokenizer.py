@@ -78,9 +78,12 @@ def main(argv: list[str] | None = None) -> Path:
     loader = accelerator.prepare(DataLoader(train_set, args.batch_size, shuffle=True, drop_last=True,
                                             num_workers=args.num_workers,
                                             generator=torch.Generator().manual_seed(args.seed)))
+    if len(loader) == 0:
+        raise ValueError(f"{len(train_set)} training images do not fill one batch of {args.batch_size} per process "
+                         f"x {accelerator.num_processes} processes; lower batch_size or add images")
     fixed = eval_pixels[: args.num_samples_in_grid]
 
-    # 2. Two optimisers (VQ-GAN, discriminator), EMA, checkpoint registration; then resume.
+    # 2. Two optimisers (VQ-GAN, discriminator) and the weight EMA; then resume from the latest checkpoint.
     checkpoints = CheckpointManager(out / "checkpoints", keep_last=args.keep_last)
     trainer = VQGANTrainer(accelerator, model, loss_fn, train_config, checkpoints)
     state = checkpoints.load(accelerator)

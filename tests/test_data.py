@@ -412,6 +412,11 @@ def test_collator_rejects_unplanned_rows(processor, samples):
     with pytest.raises(ValueError, match="loss_on"):
         UnimodalCollator(processor, 40, loss_on="images")
     assert Counter(samples["task"]) == {"t2i": 40, "i2t": 40, "interleaved": 24}
+    # A sample that cannot fit leaves no fully masked row behind (that would be NaN attention).
+    i2t = next(i for i, r in enumerate(samples) if r["task"] == "i2t")
+    text_only = next(i for i, r in enumerate(samples) if r["task"] == "interleaved" and r["length"] <= 19)
+    batch = UnimodalCollator(processor, 19)([{**samples[i], "index": i} for i in (i2t, text_only)])
+    assert batch["input_ids"].tolist() == [samples[text_only]["input_ids"]]
 
 
 @pytest.mark.gpu

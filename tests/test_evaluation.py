@@ -79,27 +79,33 @@ def test_distinct_fraction():
     assert distinct_fraction(torch.cat([a, a])) == 0.5
 
 
+def mean_pairwise(x: torch.Tensor) -> float:
+    f = x.flatten(1).double()
+    return (torch.cdist(f, f).sum() / (len(f) * (len(f) - 1))).item()
+
+
 def test_score_text_to_image_known_fidelity_and_diversity():
     real = torch.cat([noisy(-0.5, 4, 0), noisy(0.5, 4, 1)])
     real_labels = [0] * 4 + [1] * 4
-    # Class 0: the real images themselves (same spread); class 1: three bright copies of one image
-    # and one dark image (a miss).
-    generated = torch.cat([real[:4], real[4:5].repeat(3, 1, 1, 1), flat(-0.9)])
-    scores = score_text_to_image(generated, real_labels, real, real_labels, BrightnessJudge())
+    # Class 0: three real dark images and one bright one (a miss); class 1: three copies of one
+    # bright image and one other (half the images distinct, a narrower spread than real).
+    gen_0 = torch.cat([real[:3], flat(0.9)])
+    gen_1 = torch.cat([real[4:5].repeat(3, 1, 1, 1), real[5:6]])
+    scores = score_text_to_image(torch.cat([gen_0, gen_1]), real_labels, real, real_labels, BrightnessJudge())
     assert scores.prompt_fidelity == pytest.approx(7 / 8)
-    assert scores.per_class_fidelity == pytest.approx({0: 1.0, 1: 0.75})
+    assert scores.per_class_fidelity == pytest.approx({0: 0.75, 1: 1.0})
     assert scores.distinct_fraction == pytest.approx((1.0 + 0.5) / 2)
     assert scores.collapsed_classes == []  # class 1 still has two different images
     assert scores.fid is None  # no feature extractor
-    # Diversity on raw pixels: class 0 is the real set (ratio 1), class 1 is much narrower.
-    real_div_0 = torch.cdist(real[:4].flatten(1).double(), real[:4].flatten(1).double()).sum() / 12
-    assert scores.min_diversity_ratio < 1.0
-    assert scores.real_diversity > 0
-    assert (scores.diversity * 2 - real_div_0.item()) == pytest.approx(
-        torch.cdist(generated[4:].flatten(1).double(), generated[4:].flatten(1).double()).sum().item() / 12)
+    # Diversity on raw pixels, by hand: per class mean pairwise distance, generated / real.
+    ratios = [mean_pairwise(gen_0) / mean_pairwise(real[:4]), mean_pairwise(gen_1) / mean_pairwise(real[4:])]
+    assert ratios[1] < 1 < ratios[0]  # the far-off miss widens class 0
+    assert scores.min_diversity_ratio == pytest.approx(ratios[1])
+    assert scores.diversity == pytest.approx((mean_pairwise(gen_0) + mean_pairwise(gen_1)) / 2)
+    assert scores.real_diversity == pytest.approx((mean_pairwise(real[:4]) + mean_pairwise(real[4:])) / 2)
 
 
-def test_score_text_to_image_flags_collapse_and_fid_of_identical_sets_is_zero():
+def test_score_text_to_image_of_real_images_is_perfect_and_flags_collapse():
     real = torch.cat([noisy(-0.5, 6, 0), noisy(0.5, 6, 1)])
     labels = [0] * 6 + [1] * 6
     same = score_text_to_image(real, labels, real, labels, BrightnessJudge(), BrightnessJudge().features)
@@ -108,8 +114,7 @@ def test_score_text_to_image_flags_collapse_and_fid_of_identical_sets_is_zero():
     collapsed = score_text_to_image(torch.cat([real[:1].repeat(6, 1, 1, 1), real[6:]]), labels, real, labels,
                                     BrightnessJudge(), BrightnessJudge().features)
     assert collapsed.collapsed_classes == [0]
-    assert collapsed.min_diversity_ratio == 0.0
-    assert collapsed.fid > 0.01
+    assert collapsed.min_diversity_ratio == 0.0 and collapsed.distinct_fraction == pytest.approx((1 / 6 + 1) / 2)
 
 
 def test_score_text_to_image_needs_real_images_of_every_class():
@@ -191,7 +196,7 @@ def test_evaluate_model_generates_captions_and_scores_a_tiny_pipeline(tmp_path, 
     real_pil = [Image.fromarray(((p.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()) for p in real]
     ev = evaluate_model("Pixel baseline", pipe, ["a dark image", "a bright image"], real_pil, [0, 0, 0, 1, 1, 1],
                         BrightnessJudge(), lambda c: None, tmp_path, samples_per_prompt=3, grid_columns=2,
-                        display_size=16, sequence_length=24)
+                        display_size=16, sequence_length=24, ssim_sigma=0.5)
     # 2 prompts x 2 shown columns of 16 px images, make_grid's 2 px padding
     grid = Image.open(tmp_path / ev.images["text-to-image"])
     assert grid.size == (2 * 18 + 2, 2 * 18 + 2)

@@ -141,6 +141,8 @@ def test_bad_sizes_fail_before_training(tmp_path):
         recipe.main([*args, "--ch_mult", "1", "2", "2", "--image_size", "18"])
     with pytest.raises(ValueError, match="below the discriminator's minimum 24 px"):
         recipe.main([*args, "--disc_layers", "3"])
+    with pytest.raises(ValueError, match="do not fill one batch of 512"):
+        recipe.main([*args, "--batch_size", "512"])
     assert not (tmp_path / "o" / "checkpoints").exists()
 
 

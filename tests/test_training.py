@@ -84,3 +84,17 @@ def test_checkpoint_resume_matches_uninterrupted_run(tmp_path):
     assert seen_rest == seen_full[5:]  # the data order continues across epochs
     for p, q in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
+
+
+def test_checkpoint_tensors_round_trip_as_safetensors(tmp_path):
+    acc = make_accelerator(project_dir=tmp_path, log_with=None)
+    acc.prepare(torch.nn.Linear(2, 2))
+    ckpt = CheckpointManager(tmp_path / "ckpt")
+    assert ckpt.load_tensors() == {}
+    extra = {"ema.weight": torch.randn(2, 2), "step": torch.tensor(7), "flag": torch.tensor(True)}
+    path = ckpt.save(acc, 3, tensors=extra)
+    assert (path / "tensors.safetensors").exists() and not list(path.glob("custom_checkpoint_*"))
+    ckpt.save(acc, 4)  # no tensors: none written, none read back
+    loaded = ckpt.load_tensors(path)
+    assert loaded.keys() == extra.keys() and all(torch.equal(loaded[k], v) for k, v in extra.items())
+    assert ckpt.load_tensors() == {}

@@ -76,6 +76,8 @@ def score_tokenizer(
     With ``classifier`` and ``labels`` also the judge's accuracy on the reconstructions; with
     ``feature_extractor`` the FID between reconstructions and originals.
     """
+    if classifier is not None and labels is None:
+        raise ValueError("pass labels= with classifier= to score the reconstructions' class")
     pixels = as_pixels(images)
     report = reconstruction_metrics(tokenizer, pixels, batch_size, ssim_sigma)
     recon_accuracy = recon_fid = None
@@ -84,8 +86,6 @@ def score_tokenizer(
         recon = torch.cat([tokenizer.decode(tokenizer.encode(b.to(device))).float().cpu()
                            for b in pixels.split(batch_size)])  # [N, 3, H, W]
         if classifier is not None:
-            if labels is None:
-                raise ValueError("pass labels= with classifier= to score the reconstructions' class")
             recon_accuracy = classifier_accuracy(classifier, recon, labels)
         if feature_extractor is not None:
             recon_fid = fid(pixels, recon, feature_extractor)

@@ -111,7 +111,7 @@ def _report_skipped(skipped: list[tuple[str, str]], total: int, strict: bool, wh
     if strict:
         raise CorruptImageError(
             f"{len(skipped)} of {total} {what} could not be read: {listing}{more}. "
-            "Remove or fix them, or build the dataset with strict=False to skip them."
+            "Remove or fix them, or pass strict=False (recipe: --strict false) to skip them."
         )
     warnings.warn(f"skipped {len(skipped)} of {total} unreadable {what}: {listing}{more}", stacklevel=3)
 
@@ -147,7 +147,8 @@ class ImageFolderDataset(_CheckedImages):
 
     ``split="train"``/``"eval"`` with ``eval_fraction > 0`` keeps a fixed held-out set: a file is
     held out when a hash of its relative path says so, so adding files never moves old ones
-    between the splits. ``split=None`` takes every file.
+    between the splits. ``split=None`` takes every file. ``files`` lists every candidate file,
+    ``keep`` the indices of the readable ones, ``skipped`` the others with their errors.
     """
 
     def __init__(self, root: str | os.PathLike, policy: CropPolicy, split: str | None = None,

@@ -114,18 +114,21 @@ class UnimodalCollator:
         if not self.packing and any(len(row) > 1 for row in rows):
             raise ValueError("rows of several samples need packing=True (else they would attend to each other)")
         built = [[s for s in map(self.sample, row) if s is not None] for row in rows]
-        lengths = [sum(len(ids) for ids, _ in row) for row in built]
-        if max(lengths) == 0:
+        # A row whose samples were all dropped (only possible without make_dataloader's plan) would
+        # be fully masked, which gives NaN attention: leave it out of the batch.
+        built = [row for row in built if row]
+        if not built:
             raise ValueError(f"no sample of this batch fits in max_length={self.max_length}")
+        lengths = [sum(len(ids) for ids, _ in row) for row in built]
         if max(lengths) > self.max_length:
             raise ValueError(f"a row holds {max(lengths)} tokens > max_length={self.max_length}; "
                              "plan rows with unimodal.data.make_dataloader")
         width = max(lengths)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(rows), width), self.format.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        input_ids = torch.full((len(built), width), self.format.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(built), width), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.zeros((len(built), width), dtype=torch.long)
         for r, row in enumerate(built):
             start = 0
             # Samples back to back; positions restart at 0 for each one and for the padding
