@@ -4,7 +4,7 @@
 2. padding waste of padded batches (random order, length-grouped) against packed rows;
 3. trained tokens/s of a tiny Llama step on packed rows against length-grouped padded batches.
 
-    python benchmarks/data.py            # ~5 min on 2 CPU cores
+    python benchmarks/data.py            # ~6 min on a busy 2-core VM
     python benchmarks/data.py --quick    # a smoke run
 
 Times are CPU seconds of this process (``time.process_time``) with one torch thread, best of

@@ -184,7 +184,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--root", default=str(REPO / "outputs" / "bench_finetune"))
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                        help="torch threads per run (1 on a machine shared with other jobs: OpenMP threads "
+                             "spin-waiting on oversubscribed cores slow both systems down by an order of magnitude)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per system; best kept")
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
@@ -207,6 +209,8 @@ def main() -> None:
                 if line is None:
                     raise RuntimeError(f"{system} {precision} failed:\n{proc.stderr[-4000:]}")
                 got = json.loads(line[7:])
+                print(f"{system} {precision}: {got['tokens_per_s']:.0f} tokens/s, peak {got['peak_gb']:.2f} GB",
+                      flush=True)
                 best = results.get((system, precision))
                 if best is None or got["tokens_per_s"] > best["tokens_per_s"]:
                     results[(system, precision)] = got

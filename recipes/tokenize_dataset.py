@@ -37,7 +37,7 @@ class TokenizeConfig:
 
     source: str = "digits"  # "digits", image folder, .jsonl/.parquet, save_to_disk folder, Hub name
     split: str = "train"
-    output_dir: str = "runs/digits/data"
+    output_dir: str = "outputs/digits_data"
     overwrite: bool = False  # replace an existing output_dir
     output_format: str = "arrow"  # or "parquet"
     # Where the ids come from: a saved UnimodalProcessor, or the text tokenizer + image tokenizer
