@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The whole mission on digits (examples/digits/run.py); results in outputs/digits-demo/.
 demo: $(STAMP)
-	$(BIN)/python -m unimodal.demo_run $(ARGS)
+	$(BIN)/python examples/digits/run.py $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(ARGS)

@@ -125,17 +125,15 @@ def run_trl(root: Path, precision: str, steps: int, packing: bool) -> dict:
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 1:  # like ours: the first step is warm-up
-                marks["start"], marks["counts"] = time.perf_counter(), dict(counts)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            marks["end"] = time.perf_counter()
+                marks["start"], marks["counts"] = (time.perf_counter(), time.process_time()), dict(counts)
+            marks["end"] = (time.perf_counter(), time.process_time())  # the last step's end
 
     trainer.add_callback(Clock())
     trainer.train()
     tokens = counts["tokens"] - marks["counts"]["tokens"]
     positions = counts["positions"] - marks["counts"]["positions"]
-    seconds = marks["end"] - marks["start"]
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+    seconds, cpu_seconds = (end - start for end, start in zip(marks["end"], marks["start"]))
+    return {"tokens": tokens, "seconds": seconds, "cpu_seconds": cpu_seconds, "tokens_per_s": tokens / seconds,
             "padding_fraction": 1 - tokens / positions, "peak_gb": peak_memory_gb()}
 
 

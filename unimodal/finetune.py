@@ -78,7 +78,7 @@ class DataArguments:
     task_weights: list[float] = field(default_factory=list)
     eval_size: int = 32
     max_length: int = 512
-    packing: bool = True
+    packing: bool = False
     loss_on: str = "auto"
     cfg_dropout: float = 0.1
 
@@ -103,7 +103,7 @@ class FinetuneArguments:
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
-    mixed_precision: str = "bf16"
+    mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     seed: int = 0
     log_steps: int = 10
@@ -285,28 +285,31 @@ class Throughput:
 
     Counts the time from the end of one micro-step to the end of the next (data loading
     included), except across evaluation, sampling and checkpoints: call `skip` after those. The
-    first micro-step of a launch is not counted (lazy initialisation, allocator warm-up).
+    first micro-step of a launch is not counted (lazy initialisation, allocator warm-up). Besides
+    wall-clock ``seconds`` it keeps this process's CPU time (``cpu_seconds``): on a machine shared
+    with other jobs that is the steadier measure.
     """
 
     def __init__(self):
         self.tokens = self.positions = 0  # summed over processes
-        self.seconds = 0.0
-        self._last: float | None = None
+        self.seconds = self.cpu_seconds = 0.0
+        self._last: tuple[float, float] | None = None  # (wall, cpu) at the last tick
         self._window = [0, 0.0]  # tokens, seconds since the last `window_rate`
 
     def skip(self) -> None:
         """Restart the clock: the time since the last tick is not training time."""
-        self._last = time.perf_counter()
+        self._last = (time.perf_counter(), time.process_time())
 
     def tick(self, tokens: int, positions: int) -> None:
         """One micro-step done: ``tokens`` non-pad tokens out of ``positions`` (batch x length)."""
-        now = time.perf_counter()
+        now = (time.perf_counter(), time.process_time())
         if self._last is not None:
-            self.seconds += now - self._last
+            self.seconds += now[0] - self._last[0]
+            self.cpu_seconds += now[1] - self._last[1]
             self.tokens += tokens
             self.positions += positions
             self._window[0] += tokens
-            self._window[1] += now - self._last
+            self._window[1] += now[0] - self._last[0]
         self._last = now
 
     @property
@@ -325,7 +328,7 @@ class Throughput:
 
     def save(self, path: str | os.PathLike, **extra) -> None:
         """Write ``train_stats.json``: tokens, seconds, tokens/s, padding share (+ ``extra``)."""
-        stats = {"tokens": self.tokens, "seconds": self.seconds, "tokens_per_s": self.tokens_per_s,
-                 "padding_fraction": self.padding_fraction, **extra}
+        stats = {"tokens": self.tokens, "seconds": self.seconds, "cpu_seconds": self.cpu_seconds,
+                 "tokens_per_s": self.tokens_per_s, "padding_fraction": self.padding_fraction, **extra}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(stats, indent=2) + "\n")

@@ -1,12 +1,12 @@
 """The whole mission on handwritten digits, from one command, with no downloads (`make demo`).
 
     python examples/digits/run.py                                  # ~15 min on 2 CPU cores
-    python examples/digits/run.py --config examples/digits/demo.yaml --finetune_steps 200
+    python examples/digits/run.py --finetune_epochs 5 --baseline false
 
-1. data: scikit-learn's 8x8 digits, upsampled to 32 px and captioned ("a handwritten digit
+1. data: scikit-learn's 8x8 digits, upsampled to 16 px and captioned ("a handwritten digit
    seven"); a byte-level text tokenizer trained on the captions; a judge classifier (CNN) trained
    on the training split (its held-out accuracy is the ceiling of the classifier-based numbers).
-2. recipes/train_tokenizer.py: a VQ-GAN (32 px -> 4x4 = 16 tokens).
+2. recipes/train_tokenizer.py: a VQ-GAN (16 px -> 4x4 = 16 tokens).
 3. For the VQ-GAN and for the pixel baseline (`PixelTokenizer`, 8x8 = 64 tokens): recipes/
    tokenize_dataset.py, then `accelerate launch recipes/finetune.py` (text-to-image and
    image-to-text), then generation + captioning of held-out digits, scored by
@@ -29,7 +29,10 @@ from pathlib import Path
 import torch
 
 from unimodal import PixelTokenizer, PixelTokenizerConfig
-from unimodal.digits import DIGIT_WORDS, DigitClassifier, caption_for, dataset_to_tensors, label_from_caption, load_digits_dataset
+from unimodal.digits import (
+    DIGIT_WORDS, DigitClassifier, DigitClassifierConfig, caption_for, dataset_to_tensors, label_from_caption,
+    load_digits_dataset,
+)
 from unimodal.evaluation import Target, evaluate_model, write_report
 from unimodal.lm import SAMPLE_TEXT, train_text_tokenizer
 from unimodal.pipeline import UnimodalPipeline
@@ -49,21 +52,22 @@ class DemoConfig:
     the repository root unless absolute; the stage YAMLs hold everything else."""
 
     output_dir: str = "outputs/digits-demo"
+    image_size: int = 16  # the scans are 8x8: 16 px keeps all they hold at a quarter of 32 px's cost
     tokenizer_config: str = "examples/digits/tokenizer.yaml"
     tokenizer_steps: int = 600
     image_tokenizer: str = ""  # an already trained VQ-GAN folder: skip stage 2
     tokenize_config: str = "examples/digits/tokenize.yaml"
     finetune_config: str = "examples/digits/finetune.yaml"
-    finetune_steps: int = 800
+    finetune_epochs: float = 10.0
     launch_config: str = "recipes/configs/accelerate/single.yaml"
     base_model: str = ""  # a pretrained LM folder (e.g. SmolLM2); default: an LM built from a config
     baseline: bool = True  # also run the PixelTokenizer baseline
-    pixel_size: int = 4  # baseline: one token per 4x4 px block -> 8x8 = 64 tokens at 32 px
+    pixel_size: int = 2  # baseline: one token per 2x2 px block -> 8x8 = 64 tokens at 16 px
     pixel_codebook_size: int = 16  # baseline: grey levels, k-means fitted on the training digits
     classifier_epochs: int = 8
-    eval_images: int = 0  # held-out digits to caption and compare with (0: all 360)
     samples_per_digit: int = 20
     grid_columns: int = 8
+    display_size: int = 48  # side of each image in the PNG grids (nearest-neighbour upscaling)
     guidance_scale: float = 3.0
     temperature: float = 1.0
     generation_dtype: str = "bfloat16"
@@ -93,15 +97,14 @@ def main(argv: list[str] | None = None) -> Path:
 
     # 1. Data, text tokenizer and the judge, all from what scikit-learn ships.
     started = time.perf_counter()
-    train, test = load_digits_dataset(32, "train", seed=cfg.seed), load_digits_dataset(32, "test", seed=cfg.seed)
-    if cfg.eval_images:
-        test = test.select(range(cfg.eval_images))
+    train = load_digits_dataset(cfg.image_size, "train", seed=cfg.seed)
+    test = load_digits_dataset(cfg.image_size, "test", seed=cfg.seed)
     if not (out / "digits-train").exists():
         train.save_to_disk(out / "digits-train")
     text_tokenizer = cfg.base_model or str(out / "text-tokenizer")
     if not cfg.base_model:
         train_text_tokenizer([*SAMPLE_TEXT, *train["caption"]]).save_pretrained(text_tokenizer)
-    classifier = DigitClassifier()
+    classifier = DigitClassifier(DigitClassifierConfig(image_size=cfg.image_size))
     classifier.fit(train, epochs=cfg.classifier_epochs, seed=cfg.seed)
     test_pixels, test_labels = dataset_to_tensors(test)
     judge_accuracy = (classifier.predict(test_pixels) == test_labels).double().mean().item()
@@ -113,10 +116,11 @@ def main(argv: list[str] | None = None) -> Path:
     image_tokenizers = {"VQ-GAN": cfg.image_tokenizer or str(out / "tokenizer" / "final")}
     if not cfg.image_tokenizer:
         run("train VQ-GAN", [py, "recipes/train_tokenizer.py", "--config", repo_path(cfg.tokenizer_config),
-                             "--data", str(out / "digits-train"), "--output_dir", str(out / "tokenizer"),
+                             "--data", str(out / "digits-train"), "--image_size", str(cfg.image_size),
+                             "--output_dir", str(out / "tokenizer"),
                              "--max_steps", str(cfg.tokenizer_steps), "--seed", str(cfg.seed)], seconds)
     if cfg.baseline:
-        pixel = PixelTokenizer(PixelTokenizerConfig(codebook_size=cfg.pixel_codebook_size, image_size=32,
+        pixel = PixelTokenizer(PixelTokenizerConfig(codebook_size=cfg.pixel_codebook_size, image_size=cfg.image_size,
                                                     pixel_size=cfg.pixel_size))
         pixel.fit_palette(dataset_to_tensors(train)[0], seed=cfg.seed).save_pretrained(out / "pixel-tokenizer")
         image_tokenizers["PixelTokenizer"] = str(out / "pixel-tokenizer")
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> Path:
                                    repo_path(cfg.launch_config), "recipes/finetune.py",
                                    "--config", repo_path(cfg.finetune_config), *model_source,
                                    "--dataset_path", str(run_dir / "data"), "--output_dir", str(run_dir / "finetune"),
-                                   "--max_steps", str(cfg.finetune_steps), "--seed", str(cfg.seed)], seconds)
+                                   "--num_epochs", str(cfg.finetune_epochs), "--seed", str(cfg.seed)], seconds)
         model_dir = run_dir / "finetune" / "final"
         if name == "VQ-GAN":  # the model users open: output_dir/model
             shutil.rmtree(out / "model", ignore_errors=True)
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> Path:
         evaluation = evaluate_model(
             name, pipe, [caption_for(d) for d in range(10)], test["image"], test["label"], classifier,
             label_from_caption, out, feature_extractor=classifier.features,
-            samples_per_prompt=cfg.samples_per_digit, grid_columns=cfg.grid_columns,
+            samples_per_prompt=cfg.samples_per_digit, grid_columns=cfg.grid_columns, display_size=cfg.display_size,
             guidance_scale=cfg.guidance_scale, temperature=cfg.temperature, seed=cfg.seed,
             sequence_length=len(processor.text_to_image_ids(caption_for(7))) + processor.num_image_tokens + 2)
         evaluation.seconds = {"fine-tune": seconds[f"{name}: fine-tune"], **evaluation.seconds}
