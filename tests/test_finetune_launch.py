@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from test_finetune_lib import build_finetune_data
 from unimodal import UnimodalProcessor
+from unimodal.lm import train_text_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_CONFIGS = REPO / "recipes" / "configs" / "accelerate"
@@ -73,9 +74,9 @@ def assert_loadable(out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory, text_tokenizer):
+def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft_launch")
-    build_finetune_data(root, text_tokenizer, num_digits=200)
+    build_finetune_data(root, train_text_tokenizer(), num_digits=200)
     return root
 
 
@@ -176,7 +177,7 @@ def test_one_process_lora_adapter_epochs_accumulation_bf16_samples(data_root, te
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from unimodal.export import load_finetuned_model
-    from unimodal.lm import build_causal_lm
+    from unimodal.lm import train_text_tokenizer, build_causal_lm
 
     base = data_root / "base_lm"  # adapters need a base others can load
     build_causal_lm("llama", vocab_size=len(text_tokenizer), hidden_size=32).save_pretrained(base)

@@ -16,7 +16,7 @@ from unimodal.data import PretokenizeOptions, pretokenize, save_pretokenized
 from unimodal.digits import load_digits_dataset
 from unimodal.export import load_finetuned_model, save_finetuned
 from unimodal.finetune import DataArguments, check_compatibility, evaluate, load_task_data, new_token_ids
-from unimodal.lm import build_causal_lm
+from unimodal.lm import build_causal_lm, train_text_tokenizer
 from unimodal.lora import LoraArguments, apply_lora, frozen_new_rows
 from unimodal.training import make_accelerator
 
@@ -51,9 +51,9 @@ def every_new_token(processor):
 
 
 @pytest.fixture(scope="module")
-def digits_data(tmp_path_factory, text_tokenizer):
+def digits_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft_data")
-    path, processor = build_finetune_data(root, text_tokenizer, num_digits=120)
+    path, processor = build_finetune_data(root, train_text_tokenizer(), num_digits=120)
     return path, processor
 
 
