@@ -10,8 +10,8 @@ TRL's default) and packed batches of the same tokens per step. Reported:
   wall-second: non-pad tokens of training steps, the first step excluded;
 - peak memory: the process's maximum resident set (CPU) / max allocated (GPU);
 - padding waste: pad positions / all positions of the batches that were trained;
-- achieved model FLOP/s (6 x matmul parameters + causal attention, per token) as a fraction of
-  the bf16 (and fp32) matmul peak measured here (a 2048^3 matmul, same thread count).
+- achieved model FLOP (6 x matmul parameters + causal attention, per token) per CPU-second as a
+  fraction of the bf16 (and fp32) matmul peak measured the same way (a 2048^3 matmul).
 
     python benchmarks/finetune.py --threads 1     # ~25 min on a busy 2-core VM
     python benchmarks/finetune.py --steps 3 --repeats 1    # a smoke run
@@ -140,14 +140,15 @@ def run_trl(root: Path, precision: str, steps: int, packing: bool) -> dict:
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Best FLOP/s of an n^3 matmul."""
+    """Best FLOP per CPU-second of an n^3 matmul (CPU time, like the runs: on a busy machine
+    wall-clock would understate the peak and overstate the utilisation)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         a @ b
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time.process_time() - start)
     return 2 * n**3 / best
 
 
@@ -219,16 +220,16 @@ def main() -> None:
     per_token = flops_per_token(root)
     fp32_peak = matmul_peak(torch.float32)
     print(f"\n{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
-          f"matmul peak: bf16 {peak / 1e9:.0f} GFLOP/s, fp32 {fp32_peak / 1e9:.0f} GFLOP/s; "
+          f"matmul peak per CPU-s: bf16 {peak / 1e9:.0f} GFLOP, fp32 {fp32_peak / 1e9:.0f} GFLOP; "
           f"{per_token / 1e6:.1f} MFLOP per token; {args.steps} steps, best of {args.repeats}\n")
     print("| system | precision | tokens per CPU-s | vs TRL, same batching | tokens/s (wall) | peak memory | "
-          "padding | FLOP/s / bf16 peak | / fp32 peak |")
+          "padding | model FLOP / bf16 peak | / fp32 peak |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for precision in ("no", "bf16"):
         for system in SYSTEMS:
             r = results[(system, precision)]
             trl = results[("trl_" + system.split("_")[1], precision)]
-            achieved = r["per_cpu_s"] * per_token * args.threads  # FLOP per wall-second on `threads` cores
+            achieved = r["per_cpu_s"] * per_token  # model FLOP per CPU-second, like the peaks
             print(f"| {NAMES[system]} | {'fp32' if precision == 'no' else 'bf16'} | {r['per_cpu_s']:.0f} | "
                   f"{r['per_cpu_s'] / trl['per_cpu_s']:.2f}x | {r['tokens_per_s']:.0f} | {r['peak_gb']:.2f} GB | "
                   f"{r['padding_fraction']:.1%} | {achieved / peak:.1%} | {achieved / fp32_peak:.1%} |")

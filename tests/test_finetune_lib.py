@@ -15,7 +15,10 @@ from unimodal import PixelTokenizer, PixelTokenizerConfig, UnimodalProcessor, ad
 from unimodal.data import PretokenizeOptions, pretokenize, save_pretokenized
 from unimodal.digits import load_digits_dataset
 from unimodal.export import load_finetuned_model, save_finetuned
-from unimodal.finetune import DataArguments, check_compatibility, evaluate, load_task_data, new_token_ids
+from unimodal.finetune import (
+    DataArguments, ModelArguments, check_compatibility, evaluate, load_model_and_processor, load_task_data,
+    new_token_ids,
+)
 from unimodal.lm import build_causal_lm, train_text_tokenizer
 from unimodal.lora import LoraArguments, apply_lora, frozen_new_rows
 from unimodal.training import make_accelerator
@@ -215,6 +218,10 @@ def test_export_one_folder_loads_back(tmp_path, text_tokenizer, merge, monkeypat
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
     reloaded = UnimodalProcessor.from_pretrained(out)
     assert reloaded.image_token_range == processor.image_token_range
+    if merge:  # a fine-tuned folder is itself a starting point: no second extension
+        again, again_processor = load_model_and_processor(ModelArguments(model_name_or_path=str(out)))
+        assert again.config.vocab_size == loaded.config.vocab_size
+        assert again_processor.image_token_range == processor.image_token_range
     card = (out / "README.md").read_text()
     assert "learning_rate: 0.001" in card and "| eval/t2i | 1.2500 |" in card
     assert (out / "adapter" / "adapter_model.safetensors").exists() == (not merge)
@@ -227,3 +234,19 @@ def test_export_one_folder_loads_back(tmp_path, text_tokenizer, merge, monkeypat
     push_folder_to_hub(out, "me/digits-lm")
     assert uploads["repo_id"] == "me/digits-lm"
     assert {"README.md", "processor_config.json", "image_tokenizer/config.json"} <= set(uploads["files"])
+
+
+def test_throughput_counts_after_the_first_step_and_writes_stats(tmp_path):
+    from unimodal.finetune import Throughput
+
+    meter = Throughput()
+    meter.tick(100, 128)  # warm-up step: not counted
+    meter.tick(90, 100)
+    meter.skip()  # e.g. after an evaluation
+    meter.tick(10, 28)
+    assert (meter.tokens, meter.positions) == (100, 128) and meter.padding_fraction == pytest.approx(28 / 128)
+    assert meter.seconds > 0 and meter.tokens_per_s == pytest.approx(100 / meter.seconds)
+    assert meter.window_rate() > 0 and meter.window_rate() == 0.0  # the window restarts on each read
+    meter.save(tmp_path / "run" / "train_stats.json", steps=3)
+    stats = json.loads((tmp_path / "run" / "train_stats.json").read_text())
+    assert stats["tokens"] == 100 and stats["steps"] == 3

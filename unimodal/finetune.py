@@ -124,9 +124,10 @@ def is_extended(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a unimodal folder (LM + processor) rather than a plain LM."""
     if Path(path).is_dir():
         return (Path(path) / PROCESSOR_CONFIG_NAME).exists()
-    from huggingface_hub import file_exists
+    from transformers.utils import cached_file  # a Hub repo (or its offline cache)
 
-    return file_exists(str(path), PROCESSOR_CONFIG_NAME)
+    found = cached_file(str(path), PROCESSOR_CONFIG_NAME, _raise_exceptions_for_missing_entries=False)
+    return found is not None
 
 
 def load_model_and_processor(
