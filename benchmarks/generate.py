@@ -21,8 +21,9 @@ Overhead of sampling and constraints over the forward passes, two ways: ``overhe
 the forwards inside one ``ours`` run (everything else / forwards; robust to load drifting between
 runs), ``ours / bare - 1`` compares separate runs (what the target literally asks, noisier).
 
-Each cell is the best of ``--repeats`` runs (the machines are shared and noisy); the models are
-random (speed does not depend on the weights). Ratios are what to read, not absolute numbers.
+Times are CPU seconds of this process (``time.process_time``; with the default single thread that
+is the work done, whatever other jobs share the machine), best of ``--repeats`` alternating runs.
+The models are random (speed does not depend on the weights). Read the ratios.
 """
 
 from __future__ import annotations
@@ -57,13 +58,13 @@ def build(name: str, dtype: torch.dtype, codebook_size: int, side: int):
 
 
 def best_of(repeats: int, runs: dict) -> dict:
-    """Seconds per run, best of ``repeats``; the runs take turns so drifting load hits all alike."""
+    """CPU seconds per run, best of ``repeats``; the runs take turns so drifting load hits all alike."""
     best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):
         for name, fn in runs.items():
-            start = time.perf_counter()
+            start = time.process_time()
             fn()
-            best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], time.process_time() - start)
     return best
 
 
@@ -81,16 +82,16 @@ def split_ours(model, processor, batch, sampling) -> float:
     forward = KVDecoder._forward
 
     def timed(self, *args):
-        start = time.perf_counter()
+        start = time.process_time()
         out = forward(self, *args)
-        spent[0] += time.perf_counter() - start
+        spent[0] += time.process_time() - start
         return out
 
     KVDecoder._forward = timed
     try:
-        start = time.perf_counter()
+        start = time.process_time()
         run_ours(model, processor, batch, sampling)
-        total = time.perf_counter() - start
+        total = time.process_time() - start
     finally:
         KVDecoder._forward = forward
     return total / spent[0] - 1
@@ -149,7 +150,8 @@ def main() -> None:
     parser.add_argument("--naive_steps", type=int, default=32)
     parser.add_argument("--skip", nargs="*", default=[], choices=["hf", "naive"])
     parser.add_argument("--threads", type=int, default=1,
-                        help="intra-op threads (1: steadiest on shared machines; ratios barely move)")
+                        help="intra-op threads; times are CPU seconds, summed over threads, so keep 1 "
+                             "unless the machine is yours")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)

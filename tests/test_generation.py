@@ -16,7 +16,7 @@ from transformers import (
 from unimodal import PixelTokenizer, PixelTokenizerConfig, add_image_tokens
 from unimodal.generation import (
     ImageSpanConstraint, KVDecoder, RowUniforms, SamplingConfig, TokenSampler, decode_image_ids, generate_images,
-    generate_text, in_top_k_top_p, resolve_sampling, sample_image_tokens,
+    generate_text, in_top_k_top_p, left_pad, resolve_sampling, sample_image_tokens,
 )
 from unimodal.images import tensor_to_pil
 from unimodal.lm import TINY_ARCHITECTURES, build_causal_lm, train_text_tokenizer
@@ -350,6 +350,26 @@ def test_generate_text_never_emits_image_ids(trained):
     # generate_text decodes strictly: a stray image id or <eoi> would raise
     out = generate_text(model, processor, [prompt] * 8, max_new_tokens=12, temperature=1.5, seed=0)
     assert all(isinstance(s, str) for s in out) and len(set(out)) > 1
+
+
+def test_constraint_masks_per_row_state(lm):
+    _, processor = lm
+    lo, hi = processor.image_token_range
+    boi, eoi, n = processor.boi_token_id, processor.eoi_token_id, processor.num_image_tokens
+    vocab = 448  # the embedding rows: padded past the last image id
+    constraint = ImageSpanConstraint.from_processor(processor, allow_images=True, max_length=40)
+    text_row = [processor.bos_token_id, 5, 6] + [7] * n
+    open_row = [processor.bos_token_id, 5, boi] + [lo] * (n - 1)
+    full_row = [processor.bos_token_id, 5, boi, *[lo] * n]
+    ids, _ = left_pad([text_row, open_row, full_row], processor.pad_token_id)  # pads are plain text
+    allowed = constraint(ids, torch.zeros(3, vocab)) > float("-inf")
+    assert allowed[0, 5] and allowed[0, processor.eos_token_id] and allowed[0, boi]
+    assert not allowed[0, lo:hi].any() and not allowed[0, eoi] and not allowed[0, hi:].any()
+    assert not allowed[0, processor.pad_token_id]
+    assert allowed[1].nonzero().flatten().tolist() == list(range(lo, hi))  # inside a span: image ids only
+    assert allowed[2].nonzero().flatten().tolist() == [eoi]  # span full: <eoi> only
+    no_room = ImageSpanConstraint.from_processor(processor, allow_images=True, max_length=len(text_row) + n + 1)
+    assert not (no_room(torch.tensor([text_row]), torch.zeros(1, vocab)) > float("-inf"))[0, boi]
 
 
 def test_interleaved_output_alternates_text_and_images(trained):
