@@ -33,10 +33,12 @@ def free_port() -> int:
 
 
 def env() -> dict:
-    # DeepSpeed builds its CPU comm op once with ninja; keep it in the (git-ignored) repo cache.
+    # DeepSpeed builds its CPU comm op once with ninja (minutes); cache it per user, not per clone,
+    # so fresh clones (CI) on the same machine reuse it.
     # One thread per process (accelerate launch does the same): on a busy machine, OpenMP threads
     # spin-waiting for a core made a tiny one-process run 25x slower.
-    return {**os.environ, "PYTHONPATH": str(REPO), "TORCH_EXTENSIONS_DIR": str(REPO / ".torch_extensions"),
+    return {**os.environ, "PYTHONPATH": str(REPO), "TORCH_EXTENSIONS_DIR": os.environ.get(
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "unimodal" / "torch_extensions")),
             "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
