@@ -19,7 +19,8 @@ import torch
 from tqdm.auto import tqdm
 
 from unimodal.data import UnimodalCollator, make_dataloader
-from unimodal.export import push_folder_to_hub, save_finetuned, weights_sharded
+from unimodal.export import save_finetuned, weights_sharded
+from unimodal.hub import push_folder_to_hub
 from unimodal.finetune import (
     DataArguments, FinetuneArguments, ModelArguments, Throughput, check_compatibility, evaluate,
     load_model_and_processor, load_task_data, new_token_ids,

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> Path:
         accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                        if isinstance(v, float)) + f"; saved {final}")
         if args.push_to_hub:
-            from unimodal.export import push_folder_to_hub
+            from unimodal.hub import push_folder_to_hub
 
             push_folder_to_hub(final, args.hub_model_id or out.name, private=args.hub_private,
                                commit_message=f"VQ-GAN tokenizer after {step} steps")

@@ -193,7 +193,7 @@ def test_evaluate_equals_the_loss_over_all_held_out_tokens(text_tokenizer, digit
 def test_export_one_folder_loads_back(tmp_path, text_tokenizer, merge, monkeypatch):
     from huggingface_hub import HfApi
 
-    from unimodal.export import push_folder_to_hub
+    from unimodal.hub import push_folder_to_hub
 
     base_dir = tmp_path / "base"
     base = build_causal_lm("llama", vocab_size=len(text_tokenizer))

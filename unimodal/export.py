@@ -199,13 +199,3 @@ def load_finetuned_model(path: str | os.PathLike, dtype: torch.dtype = torch.flo
     model = PeftModel.from_pretrained(base, str(Path(path) / ADAPTER_SUBFOLDER))
     return model.merge_and_unload() if merge else model
 
-
-def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = True,
-                       token: str | None = None, commit_message: str = "Upload fine-tuned unimodal model"):
-    """Create ``repo_id`` if needed and upload the whole folder (LM, processor, image tokenizer,
-    model card) in one commit; returns the commit info."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import HfApi
 from PIL import Image
 from transformers import AutoModel, AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
+from .hub import push_folder_to_hub
 from .images import pil_to_tensor, tensor_to_pil
 from .vocab import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN_TEMPLATE, ImageVocabulary
 from .vq.base import ImageTokenizerMixin
@@ -380,7 +380,8 @@ class UnimodalProcessor:
         (save_directory / PROCESSOR_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", save_directory.name)
-            _upload_folder(save_directory, repo_id, **kwargs)
+            kwargs.setdefault("commit_message", "Upload UnimodalProcessor")
+            push_folder_to_hub(save_directory, repo_id, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, **hub_kwargs) -> "UnimodalProcessor":
@@ -424,23 +425,7 @@ class UnimodalProcessor:
         """Create ``repo_id`` if needed and upload the `save_pretrained` files; returns the commit."""
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
-            return _upload_folder(
+            return push_folder_to_hub(
                 tmp, repo_id, private=private, token=token, revision=revision, commit_message=commit_message
             )
 
-
-def _upload_folder(
-    folder: str | os.PathLike,
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    token: str | None = None,
-    revision: str | None = None,
-    commit_message: str = "Upload UnimodalProcessor",
-):
-    """Create the Hub repo if needed and upload ``folder`` as one commit."""
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    return api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), revision=revision, commit_message=commit_message
-    )
