@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from unimodal.training import CheckpointManager, make_accelerator
 from unimodal.vq import VQGAN, VQGANConfig
@@ -130,6 +131,9 @@ def test_recipe_stops_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeyp
     ckpt_a = CheckpointManager(tmp_path / "full" / "checkpoints").load_tensors()
     ckpt_b = CheckpointManager(out / "checkpoints").load_tensors()
     assert all(torch.equal(ckpt_a[k], ckpt_b[k]) for k in ckpt_a)
+    disc_a, disc_b = (load_file(root / "checkpoints" / "step-00000004" / "model_1.safetensors")
+                      for root in (tmp_path / "full", out))  # accelerate's second model: the discriminator
+    assert disc_a.keys() == disc_b.keys() and all(torch.equal(disc_a[k], disc_b[k]) for k in disc_a)
     grid = Image.open(out / "samples" / "step-00000004.png")
     assert grid.size[0] > 8 * 16 and grid.size[1] > 2 * 16  # 8 originals over 8 reconstructions
 
