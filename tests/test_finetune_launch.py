@@ -179,7 +179,7 @@ def test_one_process_lora_adapter_epochs_accumulation_bf16_samples(data_root, te
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from unimodal.export import load_finetuned_model
-    from unimodal.lm import train_text_tokenizer, build_causal_lm
+    from unimodal.lm import build_causal_lm
 
     base = data_root / "base_lm"  # adapters need a base others can load
     build_causal_lm("llama", vocab_size=len(text_tokenizer), hidden_size=32).save_pretrained(base)

@@ -34,16 +34,6 @@ def make_lm(model_type="llama", image_size=6, pixel_size=2, hidden_size=32, seed
     return model.eval(), processor
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: a second intra-op thread only adds synchronisation, and on a busy
-    2-core machine it made the tests ~20x slower (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def lm():
     return make_lm()

@@ -13,15 +13,6 @@ from unimodal import PixelTokenizer, PixelTokenizerConfig, UnimodalPipeline, add
 from unimodal.lm import build_causal_lm, train_text_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only adds synchronisation (see test_generation.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def pipeline():
     tok = train_text_tokenizer()

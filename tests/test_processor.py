@@ -10,7 +10,7 @@ from huggingface_hub import HfApi, RepoUrl
 from PIL import Image
 
 from unimodal import UnimodalProcessor, add_image_tokens
-from unimodal.images import pil_to_tensor, tensor_to_pil
+from unimodal.images import tensor_to_pil
 from unimodal.lm import SAMPLE_TEXT, build_causal_lm
 
 

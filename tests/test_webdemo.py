@@ -11,7 +11,6 @@ from importlib.metadata import entry_points
 import gradio as gr
 import httpx
 import pytest
-import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -33,15 +32,6 @@ from unimodal.webdemo import (
 LIQUID_ARGS = dict(guidance_scale=7.0, temperature=0.9, top_k=4096, top_p=0.99)
 GOOD_T2I = dict(prompt="a cat", num_images=2, seed=3, **LIQUID_ARGS)
 GOOD_TEXT = dict(max_new_tokens=8, temperature=0, top_p=0.9, seed=0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only adds synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from PIL import Image
 
 from unimodal import PixelTokenizer, PixelTokenizerConfig, UnimodalPipeline, add_image_tokens
@@ -36,15 +35,6 @@ PROMPT = "a handwritten digit seven"
 TOAST = "[data-testid='toast-body']"  # gr.Error / gr.Warning messages
 ALL_LOADED = """sel => { const imgs = [...document.querySelectorAll(sel)];
     return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0) }"""  # lazy images
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Same thread count as the server (OMP_NUM_THREADS=1), so both compute identical floats."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from huggingface_hub import HfApi
 from PIL import Image
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .generation import generate_images, generate_text
+from .hub import push_folder_to_hub
 from .processor import UnimodalProcessor
 
 
@@ -93,7 +93,8 @@ class UnimodalPipeline:
         self.model.save_pretrained(save_directory)
         self.processor.save_pretrained(save_directory)
         if push_to_hub:
-            self._upload(save_directory, kwargs.pop("repo_id", save_directory.name), **kwargs)
+            kwargs.setdefault("commit_message", "Upload UnimodalPipeline")
+            push_folder_to_hub(save_directory, kwargs.pop("repo_id", save_directory.name), **kwargs)
 
     def push_to_hub(
         self,
@@ -107,16 +108,8 @@ class UnimodalPipeline:
         """Create ``repo_id`` if needed and upload the `save_pretrained` folder; returns the commit."""
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
-            return self._upload(tmp, repo_id, private=private, token=token, revision=revision,
-                                commit_message=commit_message)
-
-    @staticmethod
-    def _upload(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                revision: str | None = None, commit_message: str = "Upload UnimodalPipeline"):
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
-                                 commit_message=commit_message)
+            return push_folder_to_hub(tmp, repo_id, private=private, token=token, revision=revision,
+                                      commit_message=commit_message)
 
     def generate_images(
         self, prompts: str | Sequence[str], num_images_per_prompt: int = 1, **kwargs
