@@ -1,13 +1,15 @@
 """Image tokenizer quantizers, side by side: our `VectorQuantizer` against the reference
 ``vector_quantize_pytorch.VectorQuantize``, and plain codes against l2-normalised low-dim codes.
 
-Every variant trains the same VQ-GAN encoder/decoder (~2.2M params, f4: 8x8 = 64 tokens per 32 px
+Every variant trains the same VQ-GAN encoder/decoder (~2.9M params, f4: 8x8 = 64 tokens per 32 px
 crop, K = 1024 codes) for the same steps on the same batches of crops of the photos that ship with
 scikit-learn / scikit-image, with the shared `VQGANTrainer` step (reconstruction + quantizer loss;
 the discriminator stays off: this compares quantizers). Reported on held-out crops: PSNR, SSIM,
 codebook usage, perplexity, training steps/s and encode images/s, with ratios to the reference.
+Variants train in parallel processes (one thread each); speed is then timed in one process.
 
-    python benchmarks/tokenizer.py                     # 6 variants x 500 steps (see docs/benchmarks.md)
+    python benchmarks/tokenizer.py                     # 5 variants x 500 steps, ~12 min on 2 CPU cores
+    python benchmarks/tokenizer.py --variants ours vqp no-quantizer ours-window100   # others
     python benchmarks/tokenizer.py --steps 20 --variants ours vqp   # a smoke run
 
 Targets (docs/benchmarks.md): our default reaches >= 95% usage at K = 1024 and at least the
@@ -18,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import multiprocessing
 import os
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor
 from types import SimpleNamespace
 
 import torch
@@ -29,7 +33,6 @@ from torch import nn
 from unimodal.image_data import CropPolicy, ShippedCrops
 from unimodal.metrics import codebook_perplexity, codebook_usage, psnr, ssim
 from unimodal.training import make_accelerator
-from unimodal.vq import VQGAN
 from unimodal.vq.losses import VQGANLoss, VQGANLossConfig
 from unimodal.vq.quantizer import QuantizerOutput
 from unimodal.vq.train import VQGANModelArguments, VQGANTrainConfig, VQGANTrainer
@@ -106,8 +109,16 @@ DEFAULT = ["ours", "ours-plain", "ours-plain-restart", "vqp", "vqp-cosine"]
 NEVER = 10**9  # disc_start: the discriminator never trains here
 
 
-def train_variant(name: str, train_pixels: torch.Tensor, eval_pixels: torch.Tensor, args):
-    """Train one variant on the shared batches; its held-out quality and its trainer (for timing)."""
+def shared_pixels(args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training crops (random scale / position / flip), ``[steps * B, 3, 32, 32]``, and held-out crops
+    from the part of each photo no training crop touches; identical in every process."""
+    train = ShippedCrops(CropPolicy(32, True, 0.1, 0.4, flip=True), "train", args.steps * args.batch_size, seed=args.seed)
+    held = ShippedCrops(CropPolicy(32, True, 0.1, 0.4), "eval", args.eval_samples, seed=args.seed)
+    return torch.stack([train[i] for i in range(len(train))]), torch.stack([held[i] for i in range(len(held))])
+
+
+def build_trainer(name: str, args) -> VQGANTrainer:
+    """The shared encoder/decoder with this variant's quantizer, and the shared train step."""
     overrides, factory = VARIANTS[name]
     torch.manual_seed(args.seed)
     vq = VQGANModelArguments(codebook_size=K, **overrides).build(image_size=32)
@@ -116,11 +127,20 @@ def train_variant(name: str, train_pixels: torch.Tensor, eval_pixels: torch.Tens
     loss = VQGANLoss(VQGANLossConfig(disc_start=NEVER, disc_layers=2, disc_channels=8))
     config = VQGANTrainConfig(learning_rate=args.lr, adam_beta1=0.9, adam_beta2=0.99, warmup_steps=args.steps // 20,
                               max_steps=args.steps, min_lr_ratio=0.1, max_grad_norm=1.0)
-    trainer = VQGANTrainer(make_accelerator(log_with=None, seed=args.seed), vq, loss, config)
+    return VQGANTrainer(make_accelerator(log_with=None, seed=args.seed), vq, loss, config)
+
+
+def quality(name: str, args) -> dict:
+    """Train one variant for ``--steps`` on the shared batches; its held-out reconstruction quality.
+
+    Runs in a worker process with ``--threads`` threads, so variants train side by side.
+    """
+    torch.set_num_threads(args.threads)
+    train_pixels, eval_pixels = shared_pixels(args)
+    trainer = build_trainer(name, args)
     for step, batch in enumerate(train_pixels.split(args.batch_size)):  # the same batches for every variant
         logs = trainer.step(batch, step)
-
-    vq.eval()
+    vq = trainer.vqgan.eval()
     with torch.no_grad():
         out = [vq(b) for b in eval_pixels.split(256)]
     recon = torch.cat([o.reconstruction for o in out]).float()
@@ -129,21 +149,25 @@ def train_variant(name: str, train_pixels: torch.Tensor, eval_pixels: torch.Tens
     if out[0].codes is not None:
         codes = torch.cat([o.codes for o in out])
         row.update(usage=codebook_usage(codes, K), perplexity=codebook_perplexity(codes, K))
-    return row, trainer
+    print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
+    return row
 
 
-def measure_speed(trainers: dict, rows: list[dict], train_pixels: torch.Tensor, eval_pixels: torch.Tensor,
-                  args) -> None:
-    """Training steps/s and encode images/s, measured round robin and best of ``--speed_rounds``:
-    on a shared machine every variant then sees the same load (the quality runs above are too
-    long to time fairly). The extra steps run after the quality metrics were taken."""
+def measure_speed(rows: list[dict], args) -> None:
+    """Training steps/s and encode images/s of every variant, in this one process, round robin and
+    best of ``--speed_rounds``: on a shared machine each variant then sees the same load (the
+    parallel quality runs cannot be timed fairly). Speed does not depend on the trained weights."""
+    train_pixels, eval_pixels = shared_pixels(args)
     batches = train_pixels[: args.batch_size * args.speed_steps].split(args.batch_size)
+    trainers = {row["name"]: build_trainer(row["name"], args) for row in rows}
+    for trainer in trainers.values():
+        trainer.step(batches[0], 0)  # untimed warm-up: k-means init, allocator, oneDNN kernels
     best = {name: [float("inf"), float("inf")] for name in trainers}
     for _ in range(args.speed_rounds):
         for name, trainer in trainers.items():
             start = time.perf_counter()
             for i, batch in enumerate(batches):
-                trainer.step(batch, args.steps + i)
+                trainer.step(batch, 1 + i)
             best[name][0] = min(best[name][0], (time.perf_counter() - start) / len(batches))
             if not isinstance(trainer.vqgan.quantize, NoQuantizer):
                 trainer.vqgan.eval()
@@ -192,29 +216,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--speed_steps", type=int, default=10, help="timed training steps per variant and round")
     parser.add_argument("--speed_rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per variant")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="variants trained in parallel")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    wall, cpu = time.perf_counter(), time.process_time()
+    torch.set_num_threads(args.threads)
+    wall = time.perf_counter()
 
-    # Decoded once, outside the clock: training crops (random scale / position / flip) and
-    # held-out crops from the part of each photo no training crop touches.
-    train = ShippedCrops(CropPolicy(32, True, 0.1, 0.4, flip=True), "train", args.steps * args.batch_size, seed=args.seed)
-    held = ShippedCrops(CropPolicy(32, True, 0.1, 0.4), "eval", args.eval_samples, seed=args.seed)
-    train_pixels = torch.stack([train[i] for i in range(len(train))])  # [steps * B, 3, 32, 32]
-    eval_pixels = torch.stack([held[i] for i in range(len(held))])
-    rows, trainers = [], {}
-    for name in args.variants:
-        row, trainers[name] = train_variant(name, train_pixels, eval_pixels, args)
-        rows.append(row)
-        print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
-    measure_speed(trainers, rows, train_pixels, eval_pixels, args)
+    jobs = max(1, min(args.jobs, len(args.variants)))
+    if jobs == 1:
+        rows = [quality(name, args) for name in args.variants]
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows = list(pool.map(quality, args.variants, [args] * len(args.variants)))
+    measure_speed(rows, args)
 
-    print(f"\n{args.steps} steps x batch {args.batch_size}, K={K}, {len(eval_pixels)} held-out 32 px crops; "
-          f"{datetime.date.today()}, {platform.machine()} x {os.cpu_count()} cores, {torch.get_num_threads()} "
-          f"threads, torch {torch.__version__}; {time.perf_counter() - wall:.0f} s wall, "
-          f"{time.process_time() - cpu:.0f} s CPU\n")
+    print(f"\n{args.steps} steps x batch {args.batch_size}, K={K}, {args.eval_samples} held-out 32 px crops; "
+          f"{datetime.date.today()}, {platform.machine()} x {os.cpu_count()} cores, {jobs} variants at a time "
+          f"x {args.threads} thread(s), torch {torch.__version__}; {time.perf_counter() - wall:.0f} s wall\n")
     print(table(rows, args.reference))
     ours = next((r for r in rows if r["name"] == "ours"), None)
     ref = next((r for r in rows if r["name"] == args.reference), None)

@@ -163,20 +163,22 @@ def test_write_report_round_trips_numbers_and_renders_tables(tmp_path):
     target = Target("text_to_image.prompt_fidelity", 0.9, label="fidelity")
     metrics_path, report_path = write_report(tmp_path, evs, title="Demo", targets=[target],
                                              class_names=["zero", "one"], notes=["a note"],
-                                             stage_seconds={"train": 61.4}, extra={"judge_accuracy": 0.99})
+                                             stage_times={"train": {"wall s": 61.4, "CPU s": 50.2},
+                                                          "total": {"wall s": 70.0}},
+                                             extra={"judge_accuracy": 0.99})
     metrics = json.loads(metrics_path.read_text())
     assert metrics["models"]["PixelTokenizer"]["text_to_image"]["prompt_fidelity"] == 0.5
     assert metrics["models"]["VQ-GAN"]["tokenizer"]["psnr"] == 25.5
     assert metrics["targets"][0]["passed"] is False and metrics["judge_accuracy"] == 0.99
     report = report_path.read_text()
     assert report == render_report(evs, title="Demo", targets=[target], class_names=["zero", "one"],
-                                   notes=["a note"], stage_seconds={"train": 61.4})
+                                   notes=["a note"], stage_times=metrics["stage_times"])
     assert "| fidelity | >= 0.90 | 0.750 | **no** |" in report
     assert "| text-to-image prompt fidelity | 75.0% | 50.0% |" in report
     assert "| image tokens per image | 16 | 16 |" in report
     assert "| one | 50.0% / 92.0% | 50.0% / 92.0% |" in report
     assert "![VQ-GAN text-to-image](VQ-GAN.png)" in report
-    assert "| train | 61 |" in report and "- a note" in report
+    assert "| train | 61 | 50 |" in report and "| total | 70 | n/a |" in report and "- a note" in report
     with pytest.raises(ValueError, match="at least one"):
         write_report(tmp_path, [], title="x")
 

@@ -1,21 +1,20 @@
 """The whole mission on handwritten digits, from one command, with no downloads (`make demo`).
 
-    python examples/digits/run.py                                  # ~15 min on 2 CPU cores
+    python examples/digits/run.py                          # ~15 min on 2 idle CPU cores
     python examples/digits/run.py --finetune_epochs 5 --baseline false
 
-1. data: scikit-learn's 8x8 digits, upsampled to 16 px and captioned ("a handwritten digit
-   seven"); a byte-level text tokenizer trained on the captions; a judge classifier (CNN) trained
-   on the training split (its held-out accuracy is the ceiling of the classifier-based numbers).
-2. recipes/train_tokenizer.py: a VQ-GAN (16 px -> 4x4 = 16 tokens).
-3. For the VQ-GAN and for the pixel baseline (`PixelTokenizer`, 8x8 = 64 tokens): recipes/
-   tokenize_dataset.py, then `accelerate launch recipes/finetune.py` (text-to-image and
-   image-to-text), then generation + captioning of held-out digits, scored by
-   `unimodal.evaluation`.
-4. ``report.md``, ``metrics.json`` and PNGs in ``output_dir``; the VQ-GAN model in
-   ``output_dir/model`` (``unimodal demo --model outputs/digits-demo`` serves it).
+1. Data: scikit-learn's 8x8 digits, upsampled to 16 px and captioned ("a handwritten digit
+   seven"); a text tokenizer trained on the captions; a judge CNN trained on the training split
+   (its held-out accuracy is the ceiling of the classifier-based numbers).
+2. Two lanes at once, one core each. VQ-GAN lane: recipes/train_tokenizer.py (16 px -> 4x4 = 16
+   tokens), recipes/tokenize_dataset.py, `accelerate launch recipes/finetune.py`. Baseline lane:
+   the same with `PixelTokenizer` (the lecture's attempt 1: 8x8 = 64 tokens, nothing to train).
+3. Generate a grid per digit, caption the held-out digits, score both (`unimodal.evaluation`).
+4. ``report.md``, ``metrics.json``, PNGs and the VQ-GAN model (``model/``) in ``output_dir``.
 
-Stages run the recipes as subprocesses, exactly as a user would type them. Rerunning reuses
-finished stages (the recipes resume from their checkpoints); delete ``output_dir`` to start over.
+Recipes run as subprocesses, exactly as a user would type them; each writes ``logs/<stage>.log``.
+Rerunning reuses finished stages (the recipes resume from their checkpoints); delete
+``output_dir`` to start over.
 """
 
 import os
@@ -23,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,7 +55,7 @@ class DemoConfig:
     image_size: int = 16  # the scans are 8x8: 16 px keeps all they hold at a quarter of 32 px's cost
     tokenizer_config: str = "examples/digits/tokenizer.yaml"
     tokenizer_steps: int = 600
-    image_tokenizer: str = ""  # an already trained VQ-GAN folder: skip stage 2
+    image_tokenizer: str = ""  # an already trained VQ-GAN folder: skip its training
     tokenize_config: str = "examples/digits/tokenize.yaml"
     finetune_config: str = "examples/digits/finetune.yaml"
     finetune_epochs: float = 10.0
@@ -80,21 +80,31 @@ def repo_path(path: str) -> str:
     return str(path if Path(path).is_absolute() else REPO / path)
 
 
-def run(stage: str, command: list[str], seconds: dict[str, float]) -> None:
-    """Run one recipe like a user would (from the repository root, offline); record its time."""
-    print(f"\n=== {stage}: {' '.join(command)}", flush=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+def run(stage: str, command: list[str], logs: Path, times: dict, threads: int) -> None:
+    """Run one recipe from the repository root, offline, output to ``logs/<stage>.log``; record
+    its wall and CPU seconds (CPU time does not depend on what else the machine is doing)."""
+    log = logs / (stage.lower().replace(":", "").replace(" ", "-") + ".log")
+    print(f"[{time.strftime('%H:%M:%S')}] {stage}: {' '.join(command)}\n           log: {log}", flush=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": str(threads)}
     started = time.perf_counter()
-    subprocess.run(command, cwd=REPO, env=env, check=True)
-    seconds[stage] = time.perf_counter() - started
+    with open(log, "w") as f:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # wait4: this child's own CPU time (with its children)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    times[stage] = {"wall s": time.perf_counter() - started, "CPU s": usage.ru_utime + usage.ru_stime}
+    if proc.returncode:
+        print(f"[{time.strftime('%H:%M:%S')}] {stage} FAILED; the end of {log}:\n{log.read_text()[-4000:]}", flush=True)
+        raise RuntimeError(f"{stage} failed with exit code {proc.returncode}; see {log}")
+    print(f"[{time.strftime('%H:%M:%S')}] {stage}: done in {times[stage]['wall s']:.0f} s", flush=True)
 
 
 def main(argv: list[str] | None = None) -> Path:
     (cfg,) = parse_config((DemoConfig,), argv)
     out = Path(cfg.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-    load_before = os.getloadavg()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    times: dict[str, dict[str, float]] = {}
+    load_before, started_all = os.getloadavg(), time.perf_counter()
     py = sys.executable
 
     # 1. Data, text tokenizer and the judge, all from what scikit-learn ships.
@@ -113,77 +123,81 @@ def main(argv: list[str] | None = None) -> Path:
     test_pixels, test_labels = dataset_to_tensors(test)
     judge_accuracy = (classifier.predict(test_pixels) == test_labels).double().mean().item()
     classifier.save(out / "classifier")
-    seconds["data + judge"] = time.perf_counter() - started
-    print(f"judge classifier: {judge_accuracy:.1%} on {len(test)} held-out digits", flush=True)
-
-    # 2. The VQ-GAN (unless one is given), and the pixel baseline's palette.
-    image_tokenizers = {"VQ-GAN": cfg.image_tokenizer or str(out / "tokenizer" / "final")}
-    if not cfg.image_tokenizer:
-        run("train VQ-GAN", [py, "recipes/train_tokenizer.py", "--config", repo_path(cfg.tokenizer_config),
-                             "--data", str(out / "digits-train"), "--image_size", str(cfg.image_size),
-                             "--output_dir", str(out / "tokenizer"),
-                             "--max_steps", str(cfg.tokenizer_steps), "--seed", str(cfg.seed)], seconds)
-    if cfg.baseline:
+    if cfg.baseline:  # the baseline's palette: k-means on the training pixels (a second, no gradients)
         pixel = PixelTokenizer(PixelTokenizerConfig(codebook_size=cfg.pixel_codebook_size, image_size=cfg.image_size,
                                                     pixel_size=cfg.pixel_size))
         pixel.fit_palette(dataset_to_tensors(train)[0], seed=cfg.seed).save_pretrained(out / "pixel-tokenizer")
-        image_tokenizers["PixelTokenizer"] = str(out / "pixel-tokenizer")
+    times["data, judge, palette"] = {"wall s": time.perf_counter() - started}
+    print(f"judge classifier: {judge_accuracy:.1%} on {len(test)} held-out digits", flush=True)
 
-    # 3. Per image tokenizer: pre-tokenise, fine-tune, generate + caption + score.
-    evaluations = []
-    for name, image_tokenizer in image_tokenizers.items():
-        run_dir = out / ("lm" if name == "VQ-GAN" else "baseline-pixel")
-        text_source = ["--base_model", cfg.base_model] if cfg.base_model else ["--tokenizer", text_tokenizer]
+    # 2. One lane per image tokenizer: (train it,) pre-tokenise, fine-tune. Two lanes share the cores.
+    lanes = {"VQ-GAN": (cfg.image_tokenizer or str(out / "tokenizer" / "final"), out / "lm")}
+    if cfg.baseline:
+        lanes["PixelTokenizer"] = (str(out / "pixel-tokenizer"), out / "baseline-pixel")
+    threads = max(1, (os.cpu_count() or 1) // len(lanes))
+
+    def lane(name: str, image_tokenizer: str, run_dir: Path) -> None:
+        if name == "VQ-GAN" and not cfg.image_tokenizer:
+            run("train VQ-GAN", [py, "recipes/train_tokenizer.py", "--config", repo_path(cfg.tokenizer_config),
+                                 "--data", str(out / "digits-train"), "--image_size", str(cfg.image_size),
+                                 "--output_dir", str(out / "tokenizer"), "--max_steps", str(cfg.tokenizer_steps),
+                                 "--seed", str(cfg.seed)], out / "logs", times, threads)
+        text = ["--base_model", cfg.base_model] if cfg.base_model else ["--tokenizer", text_tokenizer]
         run(f"{name}: tokenize", [py, "recipes/tokenize_dataset.py", "--config", repo_path(cfg.tokenize_config),
-                                  "--image_tokenizer", image_tokenizer, *text_source,
-                                  "--output_dir", str(run_dir / "data"), "--overwrite", "true"], seconds)
-        model_source = (["--model_name_or_path", cfg.base_model] if cfg.base_model
-                        else ["--tokenizer_name_or_path", text_tokenizer])
-        run(f"{name}: fine-tune", [py, "-m", "accelerate.commands.launch", "--config_file",
-                                   repo_path(cfg.launch_config), "recipes/finetune.py",
-                                   "--config", repo_path(cfg.finetune_config), *model_source,
+                                  "--image_tokenizer", image_tokenizer, *text, "--output_dir", str(run_dir / "data"),
+                                  "--overwrite", "true"], out / "logs", times, threads)
+        lm = ["--model_name_or_path", cfg.base_model] if cfg.base_model else ["--tokenizer_name_or_path", text_tokenizer]
+        launch = [py, "-m", "accelerate.commands.launch", "--config_file", repo_path(cfg.launch_config)]
+        run(f"{name}: fine-tune", [*launch, "recipes/finetune.py", "--config", repo_path(cfg.finetune_config), *lm,
                                    "--dataset_path", str(run_dir / "data"), "--output_dir", str(run_dir / "finetune"),
-                                   "--num_epochs", str(cfg.finetune_epochs), "--seed", str(cfg.seed)], seconds)
-        model_dir = run_dir / "finetune" / "final"
-        if name == "VQ-GAN":  # the model users open: output_dir/model
-            shutil.rmtree(out / "model", ignore_errors=True)
-            shutil.copytree(model_dir, out / "model")
-            model_dir = out / "model"
+                                   "--num_epochs", str(cfg.finetune_epochs), "--seed", str(cfg.seed)],
+            out / "logs", times, threads)
 
-        print(f"\n=== {name}: generate + caption + score", flush=True)
+    with ThreadPoolExecutor(len(lanes)) as pool:
+        for future in [pool.submit(lane, name, *paths) for name, paths in lanes.items()]:
+            future.result()  # re-raises a failed stage
+    shutil.rmtree(out / "model", ignore_errors=True)  # the model users open: output_dir/model
+    shutil.copytree(out / "lm" / "finetune" / "final", out / "model")
+
+    # 3. Generate, caption and score each model with the same prompts, digits and judge.
+    evaluations = []
+    for name, (_, run_dir) in lanes.items():
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: generate, caption, score", flush=True)
         started = time.perf_counter()
+        model_dir = out / "model" if name == "VQ-GAN" else run_dir / "finetune" / "final"
         pipe = UnimodalPipeline.from_pretrained(model_dir, dtype=getattr(torch, cfg.generation_dtype))
-        processor = pipe.processor
+        p = pipe.processor
         evaluation = evaluate_model(
             name, pipe, [caption_for(d) for d in range(10)], test["image"], test["label"], classifier,
             label_from_caption, out, feature_extractor=classifier.features,
             samples_per_prompt=cfg.samples_per_digit, grid_columns=cfg.grid_columns, display_size=cfg.display_size,
             guidance_scale=cfg.guidance_scale, temperature=cfg.temperature, seed=cfg.seed,
-            sequence_length=len(processor.text_to_image_ids(caption_for(7))) + processor.num_image_tokens + 2)
-        evaluation.seconds = {"fine-tune": seconds[f"{name}: fine-tune"], **evaluation.seconds}
-        seconds[f"{name}: evaluate"] = time.perf_counter() - started
+            sequence_length=len(p.text_to_image_ids(caption_for(7))) + p.num_image_tokens + 2)  # + <eoi> <eos>
+        evaluation.seconds = {"fine-tune CPU": times[f"{name}: fine-tune"]["CPU s"], **evaluation.seconds}
         evaluations.append(evaluation)
-        del pipe
+        times[f"{name}: evaluate"] = {"wall s": time.perf_counter() - started}
 
     # 4. The report.
-    seconds["total"] = sum(seconds.values())
+    total = time.perf_counter() - started_all
+    times["total"] = {"wall s": total}
     load_after = os.getloadavg()
     notes = [
         f"Judge: a small CNN trained on the {len(train)} training digits, {judge_accuracy:.1%} accurate on the "
         f"{len(test)} held-out digits: the ceiling of prompt fidelity and of the reconstruction accuracy.",
-        "FID is computed over the judge's penultimate features (128-d), not Inception: compare it only "
-        "between rows of this report. The reconstruction FID is the floor generations can reach.",
+        "FID is computed over the judge's penultimate features, not Inception: compare it only between rows "
+        "of this report. The reconstruction FID is the floor generations can reach.",
         f"Diversity: mean pairwise distance of judge features within a class, generated / real; "
         f"{cfg.samples_per_digit} samples per digit, guidance {cfg.guidance_scale}, temperature {cfg.temperature}.",
         f"Machine: {os.cpu_count()} CPU cores, load average {load_before[0]:.1f} at the start and "
-        f"{load_after[0]:.1f} at the end (other work on the machine slows every stage).",
+        f"{load_after[0]:.1f} at the end; the lanes ran {len(lanes)} at a time with {threads} thread(s) each. "
+        "Wall times grow with other work on the machine; CPU seconds do not.",
         f"Settings: {asdict(cfg)}",
     ]
     metrics, report = write_report(
         out, evaluations, title="unimodal digits demo", targets=TARGETS, class_names=DIGIT_WORDS, notes=notes,
-        stage_seconds=seconds, extra={"judge_accuracy": judge_accuracy, "config": asdict(cfg),
-                                      "load_average": {"start": load_before, "end": load_after}})
-    print(f"\nDone in {seconds['total'] / 60:.1f} min.\n  report:  {report}\n  metrics: {metrics}\n"
+        stage_times=times, extra={"judge_accuracy": judge_accuracy, "config": asdict(cfg),
+                                  "load_average": {"start": load_before, "end": load_after}})
+    print(f"\nDone in {total / 60:.1f} min.\n  report:  {report}\n  metrics: {metrics}\n"
           f"  images:  {out}/*.png\n  model:   {out / 'model'}  (try: unimodal demo --model {out})")
     return report
 
