@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 from huggingface_hub import HfApi
 
@@ -22,3 +23,25 @@ def push_folder_to_hub(
     return api.upload_folder(
         repo_id=repo_id, folder_path=str(folder), revision=revision, commit_message=commit_message
     )
+
+
+class PushToHubMixin:
+    """``push_to_hub`` for any class with ``save_pretrained(dir)``: save to a temporary folder, then
+    upload it as one commit."""
+
+    hub_commit_message = "Upload with unimodal"
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+    ):
+        """Create ``repo_id`` if needed and upload the `save_pretrained` folder; returns the commit."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return push_folder_to_hub(tmp, repo_id, private=private, token=token, revision=revision,
+                                      commit_message=commit_message or self.hub_commit_message)

@@ -15,7 +15,6 @@ Nothing custom is needed to load the LM: any serving stack that reads a causal-L
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,17 +23,19 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .generation import generate_images, generate_text
-from .hub import push_folder_to_hub
+from .hub import PushToHubMixin, push_folder_to_hub
 from .processor import UnimodalProcessor
 
 
-class UnimodalPipeline:
+class UnimodalPipeline(PushToHubMixin):
     """Text-to-image, image-to-text and text-to-text with one unified LM.
 
     Args:
         model: a causal LM extended with `unimodal.add_image_tokens`.
         processor: its `UnimodalProcessor`.
     """
+
+    hub_commit_message = "Upload UnimodalPipeline"
 
     def __init__(self, model: PreTrainedModel, processor: UnimodalProcessor):
         rows = model.get_input_embeddings().num_embeddings
@@ -93,23 +94,8 @@ class UnimodalPipeline:
         self.model.save_pretrained(save_directory)
         self.processor.save_pretrained(save_directory)
         if push_to_hub:
-            kwargs.setdefault("commit_message", "Upload UnimodalPipeline")
+            kwargs.setdefault("commit_message", self.hub_commit_message)
             push_folder_to_hub(save_directory, kwargs.pop("repo_id", save_directory.name), **kwargs)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        token: str | None = None,
-        revision: str | None = None,
-        commit_message: str = "Upload UnimodalPipeline",
-    ):
-        """Create ``repo_id`` if needed and upload the `save_pretrained` folder; returns the commit."""
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            return push_folder_to_hub(tmp, repo_id, private=private, token=token, revision=revision,
-                                      commit_message=commit_message)
 
     def generate_images(
         self, prompts: str | Sequence[str], num_images_per_prompt: int = 1, **kwargs

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from PIL import Image
 from transformers import AutoModel, AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
-from .hub import push_folder_to_hub
+from .hub import PushToHubMixin, push_folder_to_hub
 from .images import pil_to_tensor, tensor_to_pil
 from .vocab import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN_TEMPLATE, ImageVocabulary
 from .vq.base import ImageTokenizerMixin
@@ -55,7 +54,7 @@ def _center_resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
     return resized.clamp(-1, 1)
 
 
-class UnimodalProcessor:
+class UnimodalProcessor(PushToHubMixin):
     """Turns text with ``<image>`` placeholders plus images into LM ids, and LM ids back into
     text and images. Build it with `unimodal.add_image_tokens` or `from_pretrained`.
 
@@ -69,6 +68,8 @@ class UnimodalProcessor:
         grid_shape: ``(h, w)`` of one image's code grid.
         image_token_range: ``(first image id, last image id + 1)``; the range is contiguous.
     """
+
+    hub_commit_message = "Upload UnimodalProcessor"
 
     def __init__(
         self,
@@ -380,7 +381,7 @@ class UnimodalProcessor:
         (save_directory / PROCESSOR_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if push_to_hub:
             repo_id = kwargs.pop("repo_id", save_directory.name)
-            kwargs.setdefault("commit_message", "Upload UnimodalProcessor")
+            kwargs.setdefault("commit_message", self.hub_commit_message)
             push_folder_to_hub(save_directory, repo_id, **kwargs)
 
     @classmethod
@@ -412,20 +413,4 @@ class UnimodalProcessor:
                 f"says {config['image_token_range']}; the tokenizer and image tokenizer do not match"
             )
         return processor
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        token: str | None = None,
-        revision: str | None = None,
-        commit_message: str = "Upload UnimodalProcessor",
-    ):
-        """Create ``repo_id`` if needed and upload the `save_pretrained` files; returns the commit."""
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            return push_folder_to_hub(
-                tmp, repo_id, private=private, token=token, revision=revision, commit_message=commit_message
-            )
 
