@@ -143,7 +143,7 @@ def constructed_evaluation(name: str = "VQ-GAN", fidelity: float = 0.75) -> Mode
         tokenizer=TokenizerScores(16, 256, 25.5, 0.9, 0.5, 100.0, 0.98, 3.2),
         text_to_image=TextToImageScores(fidelity, {0: 1.0, 1: 0.5}, 2.0, 4.0, 0.4, 1.0, [], 12.5),
         image_to_text=ImageToTextScores(0.96, {0: 1.0, 1: 0.92}, [{"label": 1, "caption": "a digit one"}]),
-        seconds={"fine-tune": 120.0}, images={"text-to-image": f"{name}.png"},
+        seconds={"fine-tune": 120.0}, images={"text-to-image": f"{name}.png"}, settings={"epochs": 6.0},
     )
 
 
@@ -175,7 +175,8 @@ def test_write_report_round_trips_numbers_and_renders_tables(tmp_path):
                                    notes=["a note"], stage_times=metrics["stage_times"])
     assert "| fidelity | >= 0.90 | 0.750 | **no** |" in report
     assert "| text-to-image prompt fidelity | 75.0% | 50.0% |" in report
-    assert "| image tokens per image | 16 | 16 |" in report
+    assert "| image tokens per image | 16 | 16 |" in report and "| epochs | 6 | 6 |" in report
+    assert "| time: fine-tune (s) | 120 | 120 |" in report
     assert "| one | 50.0% / 92.0% | 50.0% / 92.0% |" in report
     assert "![VQ-GAN text-to-image](VQ-GAN.png)" in report
     assert "| train | 61 | 50 |" in report and "| total | 70 | n/a |" in report and "- a note" in report

@@ -187,8 +187,9 @@ class ModelEvaluation:
     tokenizer: TokenizerScores
     text_to_image: TextToImageScores
     image_to_text: ImageToTextScores
-    seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds
+    seconds: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     images: dict[str, str] = field(default_factory=dict)  # what -> PNG path, relative to the report
+    settings: dict[str, float | int | str] = field(default_factory=dict)  # e.g. {"fine-tune epochs": 6}
 
 
 @torch.no_grad()
@@ -363,8 +364,11 @@ def render_report(evaluations: Sequence[ModelEvaluation], *, title: str, targets
         rows = [[r["label"], f"{r['op']} {_fmt(r['threshold'], 2)}", _fmt(r["value"]),
                  "yes" if r["passed"] else "**no**"] for r in check_targets(main, targets)]
         parts.append(f"## Targets ({main.name})\n\n" + _table(["target", "bar", "measured", "met"], rows))
+    settings = dict.fromkeys(k for e in evaluations for k in e.settings)
     stages = dict.fromkeys(s for e in evaluations for s in e.seconds)
-    rows = [[label, *[f(e) for e in evaluations]] for label, f in COMPARISON_ROWS]
+    rows = [[k, *[f"{e.settings[k]:g}" if isinstance(e.settings.get(k), float) else _fmt(e.settings.get(k))
+                  for e in evaluations]] for k in settings]
+    rows += [[label, *[f(e) for e in evaluations]] for label, f in COMPARISON_ROWS]
     rows += [[f"time: {s} (s)", *[_fmt(e.seconds.get(s), 0) for e in evaluations]] for s in stages]
     parts.append("## Comparison\n\n" + _table(["", *models], rows))
     rows = [[name(c), *[f"{_pct(e.text_to_image.per_class_fidelity.get(c))} / "
