@@ -27,7 +27,8 @@ def test_digits_demo_end_to_end(tmp_path):
     result = subprocess.run(
         [sys.executable, "examples/digits/run.py", "--output_dir", str(out),
          "--tokenizer_config", str(tmp_path / "tokenizer.yaml"), "--tokenizer_steps", "8",
-         "--finetune_config", str(tmp_path / "finetune.yaml"), "--finetune_epochs", "0.2",
+         "--finetune_config", str(tmp_path / "finetune.yaml"), "--augment_copies", "1",
+         "--finetune_epochs", "0.1", "--baseline_epochs", "0.05",
          "--classifier_epochs", "1", "--samples_per_digit", "3", "--grid_columns", "3"],
         cwd=REPO, capture_output=True, text=True, timeout=1200,
     )

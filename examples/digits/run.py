@@ -91,8 +91,9 @@ def with_jittered_copies(dataset: datasets.Dataset, copies: int, seed: int) -> d
         shift = tuple(int(v) for v in rng.integers(-1, 2, size=2))
         return image.rotate(rng.uniform(-12, 12), resample=Image.BILINEAR, translate=shift)  # black fill
 
-    extra = {"image": [jitter(im) for _ in range(copies) for im in dataset["image"]],
-             "caption": dataset["caption"] * copies, "label": dataset["label"] * copies}
+    images, captions, labels = list(dataset["image"]), list(dataset["caption"]), list(dataset["label"])
+    extra = {"image": [jitter(im) for _ in range(copies) for im in images],
+             "caption": captions * copies, "label": labels * copies}
     return datasets.concatenate_datasets([dataset, datasets.Dataset.from_dict(extra, features=dataset.features)])
 
 
