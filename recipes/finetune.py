@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> Path:
     step = state["step"]
     if accelerator.is_main_process:
         accelerator.print(f"{len(train_data)} samples in {len(train_loader.dataset)} rows "
-                          f"(padding {train_loader.dataset.plan.padding_fraction:.1%}); {total_steps} steps"
+                          f"(filling {1 - train_loader.dataset.plan.padding_fraction:.0%} of max_length "
+                          f"{data_args.max_length}); {total_steps} steps"
                           + (f", resuming at step {step}" if step else ""))
     config = {f.name: getattr(a, f.name) for a in (model_args, data_args, lora_args, args)
               for f in dataclasses.fields(a)}

@@ -43,7 +43,7 @@ def test_digits_demo_end_to_end(tmp_path):
     for model in (vq, pixel):
         assert 0 <= model["text_to_image"]["prompt_fidelity"] <= 1
         assert len(model["image_to_text"]["per_class_accuracy"]) == 10
-        assert model["seconds"]["fine-tune"] > 0
+        assert model["seconds"]["fine-tune CPU"] > 0
         for png in model["images"].values():
             Image.open(out / png).verify()
     assert [t["label"] for t in metrics["targets"]] == [

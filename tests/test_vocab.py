@@ -100,6 +100,43 @@ def test_padded_vocab_keeps_existing_rows(tokenizer, pixel_tokenizer):
     torch.testing.assert_close(new[600:], old.mean(0).expand(40, -1), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_codebook_init_carries_code_geometry(tied, tokenizer):
+    from unimodal import VQGAN, VQGANConfig
+
+    vq = VQGAN(VQGANConfig(codebook_size=32, ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=8,
+                           num_groups=4, embed_dim=4, image_size=8, use_l2_norm=True))
+    model = build_causal_lm("llama", vocab_size=len(tokenizer), tie_word_embeddings=tied)
+    n_text = len(tokenizer)
+
+    def weights():  # the input embedding and, if untied, the head (resizing replaces them)
+        pair = (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+        return list({id(w): w.detach() for w in pair}.values())
+
+    before = [w[:n_text].clone() for w in weights()]
+    processor = add_image_tokens(model, tokenizer, vq, image_rows_init="codebook")
+    lo, hi = processor.image_token_range
+    codes = vq.code_vectors() - vq.code_vectors().mean(0)  # [32, 4]
+    off = ~torch.eye(32, dtype=torch.bool)
+
+    def cosines(x):  # [K, D] -> the K*(K-1) pairwise cosine similarities
+        x = torch.nn.functional.normalize(x, dim=1)
+        return (x @ x.T)[off]
+
+    assert len(weights()) == (1 if tied else 2)
+    for old, new in zip(before, weights()):
+        assert torch.equal(new[:n_text], old)  # text rows untouched
+        rows = new[lo:hi]  # [32, H]
+        # the spread of the text rows around their mean, and the codebook's geometry: codes that
+        # are close in the codebook are close in the LM
+        assert rows.std().item() == pytest.approx(old.std().item(), rel=0.3)
+        torch.testing.assert_close(rows.mean(0), old.mean(0), atol=3 * old.std().item() / 32 ** 0.5, rtol=0)
+        assert torch.corrcoef(torch.stack([cosines(codes), cosines(rows - rows.mean(0))]))[0, 1] > 0.8
+    with pytest.raises(ValueError, match="image_rows_init"):
+        add_image_tokens(build_causal_lm("llama", vocab_size=n_text), copy.deepcopy(tokenizer), vq,
+                         image_rows_init="random")
+
+
 def test_weightless_meta_model_gives_the_same_layout(tokenizer, pixel_tokenizer):
     # recipes learn the id layout from an LM built on the meta device (no weights loaded)
     config = build_causal_lm("qwen2", vocab_size=600).config

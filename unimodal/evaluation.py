@@ -369,7 +369,8 @@ def render_report(evaluations: Sequence[ModelEvaluation], *, title: str, targets
     rows = [[k, *[f"{e.settings[k]:g}" if isinstance(e.settings.get(k), float) else _fmt(e.settings.get(k))
                   for e in evaluations]] for k in settings]
     rows += [[label, *[f(e) for e in evaluations]] for label, f in COMPARISON_ROWS]
-    rows += [[f"time: {s} (s)", *[_fmt(e.seconds.get(s), 0) for e in evaluations]] for s in stages]
+    rows += [[f"time: {s} (s)", *[_fmt(e.seconds.get(s), 0 if e.seconds.get(s, 0) >= 10 else 1)
+                                   for e in evaluations]] for s in stages]
     parts.append("## Comparison\n\n" + _table(["", *models], rows))
     rows = [[name(c), *[f"{_pct(e.text_to_image.per_class_fidelity.get(c))} / "
                         f"{_pct(e.image_to_text.per_class_accuracy.get(c))}" for e in evaluations]]

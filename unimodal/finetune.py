@@ -42,6 +42,9 @@ class ModelArguments:
             required for built models: the one the data was tokenised with, before extension.
         image_tokenizer_path: VQGAN / PixelTokenizer folder; default: the one saved with the data.
         dtype: weights dtype at load (``float32`` or ``bfloat16``).
+        image_rows_init: how new image-token rows start: ``"mean"`` of the text rows, or
+            ``"codebook"`` (a projection of the image tokenizer's code vectors: similar-looking
+            codes start close; see `unimodal.add_image_tokens`). Ignored for extended folders.
         build_model_type, build_hidden_size, build_num_layers, build_num_heads,
         build_tie_word_embeddings, build_seed: the tiny LM (`unimodal.lm.build_causal_lm`).
     """
@@ -50,6 +53,7 @@ class ModelArguments:
     tokenizer_name_or_path: str | None = None
     image_tokenizer_path: str | None = None
     dtype: str = "float32"
+    image_rows_init: str = "mean"
     build_model_type: str = "llama"
     build_hidden_size: int = 64
     build_num_layers: int = 2
@@ -164,7 +168,8 @@ def load_model_and_processor(
         image_tokenizer = data_processor.image_tokenizer
     else:
         raise ValueError("no image tokenizer: set image_tokenizer_path or give pre-tokenised data")
-    return model, add_image_tokens(model, tokenizer, image_tokenizer)
+    return model, add_image_tokens(model, tokenizer, image_tokenizer, image_rows_init=args.image_rows_init,
+                                   seed=args.build_seed)
 
 
 def new_token_ids(processor: UnimodalProcessor) -> list[int]:

@@ -117,6 +117,32 @@ def _add_new_tokens(tokenizer: PreTrainedTokenizerBase, tokens: list[str]) -> in
     return first
 
 
+@torch.no_grad()
+def init_rows_from_codes(model: PreTrainedModel, start: int, num_text: int, vectors: torch.Tensor,
+                         seed: int = 0) -> None:
+    """Set embedding rows ``start .. start+K`` to ``mean + std * normalise(vectors) @ P``.
+
+    ``vectors [K, D]`` are the codes' meanings (codebook entries, palette colours); ``P [D, H]``
+    a seeded Gaussian projection with variance 1/D, so inner products between codes carry over
+    (Johnson-Lindenstrauss) while each row gets the per-entry spread of the first ``num_text``
+    (text) rows. Applied to the input embedding and to an untied output head.
+    """
+    vectors = vectors.float().cpu()
+    centred = vectors - vectors.mean(0)  # [K, D]
+    centred = centred / centred.std().clamp_min(1e-8)  # unit variance per entry
+    generator = torch.Generator().manual_seed(seed)
+    heads = [model.get_input_embeddings()]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not heads[0].weight:
+        heads.append(output)
+    for module in heads:
+        weight = module.weight  # [V, H]
+        text = weight[:num_text].float()
+        projection = torch.randn(vectors.shape[1], weight.shape[1], generator=generator) / vectors.shape[1] ** 0.5
+        rows = text.mean(0) + text.std() * (centred @ projection)  # [K, H]
+        weight[start:start + len(vectors)] = rows.to(weight.dtype)
+
+
 def add_image_tokens(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -128,6 +154,8 @@ def add_image_tokens(
     eoi_token: str = EOI_TOKEN,
     pad_token: str = PAD_TOKEN,
     image_token_template: str = IMAGE_TOKEN_TEMPLATE,
+    image_rows_init: str = "mean",
+    seed: int = 0,
 ) -> "UnimodalProcessor":
     """Extend a causal LM and its text tokenizer with image-code tokens; return the processor.
 
@@ -146,9 +174,17 @@ def add_image_tokens(
         pad_to_multiple_of: round the embedding rows up to a multiple of this (None: no rounding).
         mean_resizing: mean-initialise new rows (else transformers' normal init).
         boi_token, eoi_token, pad_token, image_token_template: the token strings to add.
+        image_rows_init: ``"mean"`` (as above) or ``"codebook"``: image-token rows are the mean
+            row plus a random projection of ``image_tokenizer.code_vectors()`` scaled to the text
+            rows' spread, so codes that look alike start with similar embeddings (both the input
+            embedding and an untied head). Helps most when little data must teach the LM the
+            codes (captioning small data sets); pretrained and built LMs alike.
+        seed: seed of that projection.
     """
     from .processor import UnimodalProcessor  # here, not at the top: processor imports vocab
 
+    if image_rows_init not in ("mean", "codebook"):
+        raise ValueError(f"image_rows_init must be 'mean' or 'codebook', got {image_rows_init!r}")
     if not isinstance(image_tokenizer, ImageTokenizerMixin):
         raise TypeError(
             f"image_tokenizer must be a VQGAN or PixelTokenizer, got {type(image_tokenizer).__name__}"
@@ -176,6 +212,8 @@ def add_image_tokens(
         model.config.pad_token_id = tokenizer.pad_token_id
         if model.generation_config is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if image_rows_init == "codebook" and model.get_input_embeddings().weight.device.type != "meta":
+        init_rows_from_codes(model, first + 2, first, image_tokenizer.code_vectors(), seed)
     h, w = image_tokenizer.grid_shape
     model.config.unimodal = {
         "boi_token_id": first,

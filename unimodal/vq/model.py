@@ -163,6 +163,11 @@ class VQGAN(ImageTokenizerMixin, PreTrainedModel):
         return self.quantize.lookup(self.encode_latents(pixels))
 
     @torch.no_grad()
+    def code_vectors(self) -> torch.Tensor:
+        """The codebook as used for lookup, fp32 ``[K, embed_dim]``."""
+        return self.quantize.codebook()
+
+    @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes ``LongTensor[B, h, w]`` in ``[0, codebook_size)`` -> pixels ``[B, 3, h*f, w*f]``.
 

@@ -104,6 +104,11 @@ class PixelTokenizer(ImageTokenizerMixin, PreTrainedModel):
         return self
 
     @torch.no_grad()
+    def code_vectors(self) -> torch.Tensor:
+        """The palette, fp32 ``[K, 3]``."""
+        return self.palette.float()
+
+    @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels [B, 3, H, W]`` in [-1, 1] -> ``codes LongTensor[B, H/f, W/f]``."""
         self.check_pixels(pixels)
