@@ -30,8 +30,9 @@ from unimodal.digits import load_digits_dataset
 from unimodal.images import pil_to_tensor
 from unimodal.lm import build_causal_lm, train_text_tokenizer
 
-# The VQGAN of recipes/configs/train_tokenizer.yaml (random weights: speed does not depend on
-# them): 32 px, f=4 -> 8x8 = 64 tokens per image, 1024 codes.
+# A digits-sized VQGAN, ~2.2M params (random weights: speed does not depend on them): 32 px,
+# f=4 -> 8x8 = 64 tokens per image, 1024 codes. The tables in docs/benchmarks.md were measured
+# with it; recipes/configs/train_tokenizer.yaml now trains a slightly larger one (~2.9M).
 VQ = dict(codebook_size=1024, image_size=32, ch=48, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=64,
           num_groups=16, embed_dim=8)
 

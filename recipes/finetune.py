@@ -20,11 +20,11 @@ from tqdm.auto import tqdm
 
 from unimodal.data import UnimodalCollator, make_dataloader
 from unimodal.export import save_finetuned, weights_sharded
-from unimodal.hub import push_folder_to_hub
 from unimodal.finetune import (
     DataArguments, FinetuneArguments, ModelArguments, Throughput, check_compatibility, evaluate,
     load_model_and_processor, load_task_data, new_token_ids,
 )
+from unimodal.hub import push_folder_to_hub
 from unimodal.images import make_grid
 from unimodal.lora import LoraArguments, apply_lora
 from unimodal.processor import UnimodalProcessor

@@ -246,6 +246,7 @@ def evaluate_model(
         top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size, progress=False)
     seconds["generate"] = time.perf_counter() - started
     prompt_labels = [c for c in range(len(prompts)) for _ in range(samples_per_prompt)]
+
     def grid(images: list[Image.Image], ncols: int) -> Image.Image:
         if display_size:
             images = [im.resize((display_size, display_size), Image.NEAREST) for im in images]

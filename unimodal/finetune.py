@@ -168,8 +168,7 @@ def load_model_and_processor(
         image_tokenizer = data_processor.image_tokenizer
     else:
         raise ValueError("no image tokenizer: set image_tokenizer_path or give pre-tokenised data")
-    return model, add_image_tokens(model, tokenizer, image_tokenizer, image_rows_init=args.image_rows_init,
-                                   seed=args.build_seed)
+    return model, add_image_tokens(model, tokenizer, image_tokenizer, image_rows_init=args.image_rows_init)
 
 
 def new_token_ids(processor: UnimodalProcessor) -> list[int]:
