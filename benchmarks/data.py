@@ -25,10 +25,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from unimodal import VQGAN, PixelTokenizer, PixelTokenizerConfig, VQGANConfig, add_image_tokens
-from unimodal.data import PretokenizeOptions, RowDataset, UnimodalCollator, make_dataloader, plan_rows, pretokenize
+from unimodal.data import PretokenizeOptions, RowDataset, UnimodalCollator, make_dataloader, plan_dataset, pretokenize
 from unimodal.digits import load_digits_dataset
 from unimodal.images import pil_to_tensor
-from unimodal.lm import build_causal_lm, train_text_tokenizer
+from unimodal.offline import build_causal_lm, train_text_tokenizer
 
 # A digits-sized VQGAN, ~2.2M params (random weights: speed does not depend on them): 32 px,
 # f=4 -> 8x8 = 64 tokens per image, 1024 codes. The tables in docs/benchmarks.md were measured
@@ -87,7 +87,7 @@ def loaders(data, processor, max_length: int, samples_padded: int, packed: dict[
     """Padded batches of ``samples_padded`` samples (random order, length-grouped) and packed
     batches for each ``{max_length: rows}``, all with 10% condition dropout."""
     padded = UnimodalCollator(processor, max_length, packing=False, cfg_dropout=0.1, seed=seed)
-    singles = RowDataset(data, plan_rows(data, padded))
+    singles = RowDataset(data, plan_dataset(data, padded))
     out = {
         "padded, random order": DataLoader(singles, samples_padded, shuffle=True, collate_fn=padded,
                                            generator=torch.Generator().manual_seed(seed)),

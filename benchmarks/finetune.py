@@ -46,7 +46,7 @@ def prepare(root: Path) -> None:
     from unimodal import PixelTokenizer, PixelTokenizerConfig, add_image_tokens
     from unimodal.data import PretokenizeOptions, pretokenize, save_pretokenized
     from unimodal.digits import load_digits_dataset
-    from unimodal.lm import build_causal_lm, train_text_tokenizer
+    from unimodal.offline import build_causal_lm, train_text_tokenizer
 
     if (root / "data" / "unimodal_data.json").exists():
         return
@@ -158,7 +158,7 @@ def flops_per_token(root: Path) -> float:
     each token attending to half its sample on average)."""
     import datasets
 
-    from unimodal.lm import build_causal_lm
+    from unimodal.offline import build_causal_lm
 
     model = build_causal_lm("llama", vocab_size=1024, hidden_size=MODEL["build_hidden_size"],
                             num_layers=MODEL["build_num_layers"], num_heads=MODEL["build_num_heads"])

@@ -38,7 +38,7 @@ import torch
 
 from unimodal import PixelTokenizer, PixelTokenizerConfig, add_image_tokens
 from unimodal.generation import ImageSpanConstraint, KVDecoder, left_pad, resolve_sampling, sample_image_tokens
-from unimodal.lm import build_causal_lm, train_text_tokenizer
+from unimodal.offline import build_causal_lm, train_text_tokenizer
 
 MODELS = {
     # name -> build_causal_lm kwargs (the text vocabulary is padded to `vocab_size` rows)

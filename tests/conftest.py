@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 @pytest.fixture
 def text_tokenizer():
     # Function-scoped: add_image_tokens extends the tokenizer in place (training takes ~5 ms).
-    from unimodal.lm import train_text_tokenizer
+    from unimodal.offline import train_text_tokenizer
 
     return train_text_tokenizer()
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from unimodal.finetune import DataArguments, FinetuneArguments, ModelArguments
+from unimodal.finetune import DataArguments, FinetuneArguments, LoraArguments, ModelArguments
 from unimodal.image_data import ImageDataArguments
-from unimodal.lora import LoraArguments
+from unimodal.recipes import tokenize_dataset, train_tokenizer
 from unimodal.training import parse_config
 from unimodal.vq.losses import VQGANLossConfig
 from unimodal.vq.train import VQGANModelArguments, VQGANTrainConfig
@@ -31,9 +31,9 @@ RECIPES = {  # config file patterns -> the dataclasses their recipe parses them 
         lambda: (ModelArguments, DataArguments, LoraArguments, FinetuneArguments),
     ("recipes/configs/train_tokenizer*.yaml", "examples/digits/tokenizer.yaml"):
         lambda: (VQGANModelArguments, ImageDataArguments, VQGANLossConfig, VQGANTrainConfig,
-                 script("recipes/train_tokenizer.py").RunArguments),
+                 train_tokenizer.RunArguments),
     ("recipes/configs/tokenize_*.yaml", "examples/digits/tokenize.yaml"):
-        lambda: (script("recipes/tokenize_dataset.py").TokenizeConfig,),
+        lambda: (tokenize_dataset.TokenizeConfig,),
     ("examples/smollm2/demo.yaml",): lambda: (script("examples/digits/run.py").DemoConfig,),
 }
 CASES = [(str(path.relative_to(REPO)), types) for patterns, types in RECIPES.items()

@@ -25,7 +25,7 @@ from unimodal.data import (
     save_pretokenized,
     shard_bounds,
 )
-from unimodal.lm import build_causal_lm, train_text_tokenizer
+from unimodal.offline import build_causal_lm, train_text_tokenizer
 
 WORDS = "a small red cat sits on the mat by the sea under blue sky".split()
 

@@ -58,7 +58,7 @@ def test_digits_demo_end_to_end(tmp_path):
 
     from unimodal.pipeline import UnimodalPipeline
 
-    assert AutoModelForCausalLM.from_pretrained(out / "model").config.hidden_size == 32
-    pipe = UnimodalPipeline.from_pretrained(out / "model")
+    assert AutoModelForCausalLM.from_pretrained(out / "final").config.hidden_size == 32
+    pipe = UnimodalPipeline.from_pretrained(out / "final")
     image = pipe.generate_images("a handwritten digit one", seed=0, progress=False)[0]
     assert image.size == (16, 16)

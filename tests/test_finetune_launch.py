@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from test_finetune_lib import build_finetune_data
 from unimodal import UnimodalProcessor
-from unimodal.lm import train_text_tokenizer
+from unimodal.offline import train_text_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_CONFIGS = REPO / "recipes" / "configs" / "accelerate"
@@ -178,8 +178,8 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(data_r
 def test_one_process_lora_adapter_epochs_accumulation_bf16_samples(data_root, text_tokenizer):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from unimodal.export import load_finetuned_model
-    from unimodal.lm import build_causal_lm
+    from unimodal.outputs import load_model
+    from unimodal.offline import build_causal_lm
 
     base = data_root / "base_lm"  # adapters need a base others can load
     build_causal_lm("llama", vocab_size=len(text_tokenizer), hidden_size=32).save_pretrained(base)
@@ -200,7 +200,7 @@ def test_one_process_lora_adapter_epochs_accumulation_bf16_samples(data_root, te
     events.Reload()
     assert "samples" in events.Tags()["images"]
     assert {"eval/t2i", "eval/i2t", "train/loss", "train/lr"} <= set(events.Tags()["scalars"])
-    model = load_finetuned_model(out / "final")
+    model = load_model(out / "final")
     processor = UnimodalProcessor.from_pretrained(out / "final")
     assert model.config.vocab_size >= len(processor.tokenizer)
 

@@ -14,13 +14,13 @@ from transformers import AutoModelForCausalLM
 from unimodal import PixelTokenizer, PixelTokenizerConfig, UnimodalProcessor, add_image_tokens
 from unimodal.data import PretokenizeOptions, pretokenize, save_pretokenized
 from unimodal.digits import load_digits_dataset
-from unimodal.export import load_finetuned_model, save_finetuned
+from unimodal.extend import check_compatibility, new_token_ids
 from unimodal.finetune import (
-    DataArguments, ModelArguments, check_compatibility, evaluate, load_model_and_processor, load_task_data,
-    new_token_ids,
+    DataArguments, LoraArguments, ModelArguments, apply_lora, evaluate, frozen_new_rows, load_model_and_processor,
+    load_task_data,
 )
-from unimodal.lm import build_causal_lm, train_text_tokenizer
-from unimodal.lora import LoraArguments, apply_lora, frozen_new_rows
+from unimodal.offline import build_causal_lm, train_text_tokenizer
+from unimodal.outputs import load_model, save_finetuned
 from unimodal.training import make_accelerator
 
 
@@ -117,7 +117,7 @@ def test_modules_to_save_trains_whole_matrices_tied_head_follows(text_tokenizer,
 def test_frozen_new_rows_are_named_in_a_warning(text_tokenizer, tied, caplog):
     model, processor = extended(text_tokenizer, tied=tied)
     new = new_token_ids(processor)
-    with caplog.at_level(logging.WARNING, logger="unimodal.lora"):
+    with caplog.at_level(logging.WARNING, logger="unimodal.finetune.lora"):
         peft = apply_lora(model, new, LoraArguments(use_lora=True, lora_r=4, new_token_rows="frozen"))
     frozen = frozen_new_rows(peft, new)
     assert frozen["input embedding"] == new
@@ -213,7 +213,7 @@ def test_export_one_folder_loads_back(tmp_path, text_tokenizer, merge, monkeypat
     config = {"learning_rate": 1e-3, "tasks": ["t2i"]}
     out = save_finetuned(accelerator, peft, processor, tmp_path / "final", config=config, base=str(base_dir),
                          merge_lora=merge, metrics={"eval/t2i": 1.25})
-    loaded = AutoModelForCausalLM.from_pretrained(out) if merge else load_finetuned_model(out)
+    loaded = AutoModelForCausalLM.from_pretrained(out) if merge else load_model(out)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
     reloaded = UnimodalProcessor.from_pretrained(out)
@@ -237,7 +237,7 @@ def test_export_one_folder_loads_back(tmp_path, text_tokenizer, merge, monkeypat
 
 
 def test_throughput_counts_after_the_first_step_and_writes_stats(tmp_path):
-    from unimodal.finetune import Throughput
+    from unimodal.training import Throughput
 
     meter = Throughput()
     meter.tick(100, 128)  # warm-up step: not counted

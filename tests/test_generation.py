@@ -19,7 +19,7 @@ from unimodal.generation import (
     generate_text, in_top_k_top_p, left_pad, resolve_sampling, sample_image_tokens,
 )
 from unimodal.images import tensor_to_pil
-from unimodal.lm import TINY_ARCHITECTURES, build_causal_lm, train_text_tokenizer
+from unimodal.offline import TINY_ARCHITECTURES, build_causal_lm, train_text_tokenizer
 
 PROMPTS = ["a cat", "the quick brown fox jumps over the lazy dog", "a handwritten digit seven"]
 

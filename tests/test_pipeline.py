@@ -10,7 +10,7 @@ from PIL import Image
 from transformers import AutoModelForCausalLM
 
 from unimodal import PixelTokenizer, PixelTokenizerConfig, UnimodalPipeline, add_image_tokens
-from unimodal.lm import build_causal_lm, train_text_tokenizer
+from unimodal.offline import build_causal_lm, train_text_tokenizer
 
 
 @pytest.fixture
@@ -89,14 +89,8 @@ def test_mismatched_lm_and_processor_are_rejected(pipeline):
 
 
 def test_generate_recipe_writes_images_grid_and_reproducible_seeds(pipeline, tmp_path, monkeypatch):
-    import importlib.util
-    import sys
+    from unimodal.recipes import generate as recipe
 
-    path = Path(__file__).parents[1] / "recipes" / "generate.py"
-    spec = importlib.util.spec_from_file_location("generate_recipe", path)
-    recipe = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, recipe)  # dataclasses look their module up there
-    spec.loader.exec_module(recipe)
     pipeline.save_pretrained(tmp_path / "model")
     (tmp_path / "prompts.txt").write_text("a dog\n\nthe quick brown fox\n")
     out = tmp_path / "out"

@@ -11,7 +11,7 @@ from PIL import Image
 
 from unimodal import UnimodalProcessor, add_image_tokens
 from unimodal.images import tensor_to_pil
-from unimodal.lm import SAMPLE_TEXT, build_causal_lm
+from unimodal.offline import SAMPLE_TEXT, build_causal_lm
 
 
 def _extend(tokenizer, image_tokenizer):
@@ -126,7 +126,7 @@ def test_injection_with_a_real_pretrained_tokenizer(pixel_tokenizer):
     pytest.importorskip("gguf")
     from transformers import AutoTokenizer
 
-    from unimodal.lm import smollm2_gguf_path
+    from unimodal.offline import smollm2_gguf_path
 
     try:
         path = smollm2_gguf_path()

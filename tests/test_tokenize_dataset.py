@@ -14,7 +14,7 @@ import yaml
 from unimodal import PixelTokenizer, PixelTokenizerConfig, add_image_tokens
 from unimodal.data import load_pretokenized, read_metadata
 from unimodal.digits import load_digits_dataset
-from unimodal.lm import build_causal_lm, train_text_tokenizer
+from unimodal.offline import build_causal_lm, train_text_tokenizer
 from unimodal.processor import UnimodalProcessor
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,6 +1,5 @@
 """The VQ-GAN train step and recipes/train_tokenizer.py: stop + resume, 2 processes, bad input."""
 
-import importlib.util
 import json
 import os
 import socket
@@ -23,10 +22,9 @@ TINY = ROOT / "recipes" / "configs" / "train_tokenizer_tiny.yaml"
 
 
 def _recipe():
-    spec = importlib.util.spec_from_file_location("train_tokenizer", ROOT / "recipes" / "train_tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from unimodal.recipes import train_tokenizer
+
+    return train_tokenizer
 
 
 def _tiny_trainer(tmp_path, disc_start=1, **train):

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from unimodal import ImageVocabulary, UnimodalProcessor, add_image_tokens
 from unimodal.images import tensor_to_pil
-from unimodal.lm import TINY_ARCHITECTURES, build_causal_lm
+from unimodal.offline import TINY_ARCHITECTURES, build_causal_lm
 
 
 @pytest.fixture
@@ -153,7 +153,7 @@ def test_weightless_meta_model_gives_the_same_layout(tokenizer, pixel_tokenizer)
 def test_tokenizer_without_pad_token_gets_one(pixel_tokenizer):
     from transformers import LlamaTokenizer
 
-    from unimodal.lm import SAMPLE_TEXT
+    from unimodal.offline import SAMPLE_TEXT
 
     tokenizer = LlamaTokenizer().train_new_from_iterator(SAMPLE_TEXT, vocab_size=300)
     assert tokenizer.pad_token_id is None

@@ -92,7 +92,7 @@ def test_save_load_and_automodel_round_trip_give_identical_codes(tmp_path):
 
 
 def test_load_image_tokenizer_accepts_tokenizers_and_rejects_lms(tmp_path, text_tokenizer):
-    from unimodal.lm import build_causal_lm
+    from unimodal.offline import build_causal_lm
 
     PixelTokenizer(PixelTokenizerConfig()).save_pretrained(tmp_path / "pixel")
     assert isinstance(load_image_tokenizer(tmp_path / "pixel"), PixelTokenizer)

@@ -18,14 +18,14 @@ from PIL import Image
 from unimodal import PixelTokenizer, PixelTokenizerConfig, UnimodalPipeline, add_image_tokens
 from unimodal.cli import main as cli_main
 from unimodal.generation import PRESETS
-from unimodal.lm import build_causal_lm, train_text_tokenizer
+from unimodal.offline import build_causal_lm, train_text_tokenizer
+from unimodal.outputs import resolve_output
 from unimodal.webdemo import (
     DemoHandlers,
     DemoLimits,
     build_demo,
     load_pipeline,
     offline_theme,
-    resolve_model_dir,
     serve,
 )
 
@@ -65,28 +65,28 @@ def png_file(path, size=(4, 4), color=(200, 30, 30)):
 
 
 # ---------------------------------------------------------------------------- model folder
-def test_resolve_model_dir_accepts_pipeline_run_and_hub_names(pipeline, tmp_path):
-    pipeline.save_pretrained(tmp_path / "run" / "model")
+def test_resolve_output_accepts_pipeline_run_and_hub_names(pipeline, tmp_path):
+    pipeline.save_pretrained(tmp_path / "pipe")
     pipeline.save_pretrained(tmp_path / "ft" / "final")
-    assert resolve_model_dir(tmp_path / "run") == str(tmp_path / "run" / "model")
-    assert resolve_model_dir(tmp_path / "run" / "model") == str(tmp_path / "run" / "model")
-    assert resolve_model_dir(tmp_path / "ft") == str(tmp_path / "ft" / "final")
-    assert resolve_model_dir("someone/tiny-unimodal") == "someone/tiny-unimodal"  # not a local path
+    assert resolve_output(tmp_path / "pipe") == str(tmp_path / "pipe")
+    assert resolve_output(tmp_path / "ft") == str(tmp_path / "ft" / "final")
+    assert resolve_output(tmp_path / "ft" / "final") == str(tmp_path / "ft" / "final")
+    assert resolve_output("someone/tiny-unimodal") == "someone/tiny-unimodal"  # not a local path
     with pytest.raises(FileNotFoundError, match="holds no processor_config.json"):
-        resolve_model_dir(tmp_path)
+        resolve_output(tmp_path)
     with pytest.raises(FileNotFoundError, match="is not a folder"):
-        resolve_model_dir(tmp_path / "missing" / "model")
+        resolve_output(tmp_path / "missing" / "final")
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         cli_main(["demo", "--model", str(tmp_path / "missing" / "model")])
     (script,) = entry_points(group="console_scripts", name="unimodal")
     assert script.value == "unimodal.cli:main"
 
-    loaded = load_pipeline(tmp_path / "run", dtype="float32", device="cpu")
+    loaded = load_pipeline(tmp_path / "ft", dtype="float32", device="cpu")
     expected = pipeline.generate_images("a cat", 2, seed=3, progress=False, **LIQUID_ARGS)
     got = [image for image, _ in t2i(DemoHandlers(loaded))]
     assert [im.tobytes() for im in got] == [im.tobytes() for im in expected]
     with pytest.raises(ValueError, match="torch dtype name"):
-        load_pipeline(tmp_path / "run", dtype="float99")
+        load_pipeline(tmp_path / "ft", dtype="float99")
 
 
 # ---------------------------------------------------------------------------- page

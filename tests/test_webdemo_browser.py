@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from unimodal import PixelTokenizer, PixelTokenizerConfig, UnimodalPipeline, add_image_tokens
-from unimodal.lm import build_causal_lm, train_text_tokenizer
+from unimodal.offline import build_causal_lm, train_text_tokenizer
 from unimodal.webdemo import DemoHandlers
 
 CHROMIUM = "/usr/bin/chromium"
@@ -45,7 +45,7 @@ def run_dir(tmp_path_factory):
     image_tokenizer = PixelTokenizer(PixelTokenizerConfig(codebook_size=16, image_size=8, pixel_size=1))
     pipeline = UnimodalPipeline(model.eval(), add_image_tokens(model, tok, image_tokenizer))
     run = tmp_path_factory.mktemp("run")
-    pipeline.save_pretrained(run / "model")
+    pipeline.save_pretrained(run / "final")
     return run, pipeline
 
 

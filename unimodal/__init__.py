@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY = {
-    "add_image_tokens": "unimodal.vocab",
+    "add_image_tokens": "unimodal.extend",
     "ImageVocabulary": "unimodal.vocab",
     "UnimodalProcessor": "unimodal.processor",
     "generate_images": "unimodal.generation",

@@ -1,7 +1,14 @@
 """The ``unimodal`` command: one argparse subcommand per task.
 
-    unimodal demo --model outputs/demo/model [--port 7860] [--dtype bfloat16]
+    unimodal train-tokenizer --config train_tokenizer.yaml [--key value ...]
+    unimodal tokenize-dataset --config my_data.yaml
+    unimodal finetune --config finetune_smollm2_lora.yaml --max_steps 500
+    unimodal generate --model runs/finetune --prompts "a red bird"
+    unimodal demo --model runs/finetune [--port 7860] [--dtype bfloat16]
     unimodal convert --format {taming,llamagen,janus,emu3,diffusers} SRC OUT [--config yaml]
+
+A recipe subcommand hands everything after its name to ``unimodal.recipes.<recipe>.main``, the
+same function ``accelerate launch -m unimodal.recipes.<recipe>`` and ``recipes/<recipe>.py`` run.
 
 Add a subcommand by writing ``_add_<name>(subparsers)`` that registers its options and sets
 ``func``; heavy imports go inside ``func`` so ``unimodal --help`` stays fast.
@@ -11,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 
 
@@ -38,8 +46,8 @@ def _add_demo(subparsers) -> None:
         description="Serve a web demo over a UnimodalPipeline folder on this machine.",
     )
     demo.add_argument("--model", required=True,
-                      help="pipeline folder (UnimodalPipeline.save_pretrained), a run folder with "
-                           "model/ or final/ inside, or a Hub repo id")
+                      help="output folder (recipes/finetune.py or UnimodalPipeline.save_pretrained), "
+                           "a run folder with final/ inside, or a Hub repo id")
     demo.add_argument("--host", default="127.0.0.1",
                       help="address to listen on (default: this machine only; 0.0.0.0 exposes it)")
     demo.add_argument("--port", type=int, default=7860, help="port (default 7860)")
@@ -80,10 +88,33 @@ def _add_convert(subparsers) -> None:
     convert.set_defaults(func=_convert)
 
 
+# subcommand -> (recipe module, one-line help)
+RECIPES = {
+    "train-tokenizer": ("train_tokenizer", "train a VQ-GAN image tokenizer"),
+    "tokenize-dataset": ("tokenize_dataset", "pre-tokenise captioned images / interleaved documents"),
+    "finetune": ("finetune", "fine-tune a causal LM on text + image tokens (full or LoRA)"),
+    "generate": ("generate", "text-to-image, image-to-text or text-to-text with a fine-tuned model"),
+}
+
+
+def _add_recipes(subparsers) -> None:
+    # Listed for --help only: `main` hands a recipe's arguments to the recipe before argparse
+    # sees them (the recipe parses, and documents with --help, its own typed config).
+    for name, (_, help_text) in RECIPES.items():
+        subparsers.add_parser(name, help=help_text, add_help=False)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``unimodal`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in RECIPES:
+        from importlib import import_module
+
+        import_module(f"unimodal.recipes.{RECIPES[argv[0]][0]}").main(argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="unimodal", description="unimodal: unified text + image-token LMs.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_recipes(subparsers)
     _add_demo(subparsers)
     _add_convert(subparsers)
     args = parser.parse_args(argv)

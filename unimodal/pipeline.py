@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
+from .extend import check_compatibility
 from .generation import generate_images, generate_text
 from .hub import PushToHubMixin, push_folder_to_hub
+from .outputs import load_model, resolve_output
 from .processor import UnimodalProcessor
 
 
@@ -38,19 +40,7 @@ class UnimodalPipeline(PushToHubMixin):
     hub_commit_message = "Upload UnimodalPipeline"
 
     def __init__(self, model: PreTrainedModel, processor: UnimodalProcessor):
-        rows = model.get_input_embeddings().num_embeddings
-        if processor.image_token_range[1] > rows:
-            raise ValueError(
-                f"the LM has {rows} embedding rows but the processor's image ids reach "
-                f"{processor.image_token_range[1] - 1}: extend the LM with unimodal.add_image_tokens "
-                "(or load the LM saved together with this processor)"
-            )
-        recorded = getattr(model.config, "unimodal", None)
-        if recorded and list(recorded["image_token_range"]) != list(processor.image_token_range):
-            raise ValueError(
-                f"the LM was extended for image ids {recorded['image_token_range']} but the processor "
-                f"uses {list(processor.image_token_range)}: they come from different checkpoints"
-            )
+        check_compatibility(model, processor)
         self.model = model
         self.processor = processor
 
@@ -68,7 +58,8 @@ class UnimodalPipeline(PushToHubMixin):
         """Load the LM, text tokenizer and image tokenizer from one folder or Hub repo.
 
         Args:
-            path_or_repo: a folder written by `save_pretrained`, or a Hub repo id.
+            path_or_repo: a folder written by `save_pretrained` or recipes/finetune.py (merged or
+                LoRA adapter), a run folder holding it as ``final/``, or a Hub repo id.
             dtype: LM weights dtype (e.g. ``torch.bfloat16``: ~4.5x faster matmuls on CPUs with
                 AVX-512 bf16); the image tokenizer stays float32.
             device: where both models go.
@@ -76,7 +67,8 @@ class UnimodalPipeline(PushToHubMixin):
             model_kwargs: passed to ``AutoModelForCausalLM.from_pretrained``.
         """
         hub = {k: v for k, v in {"revision": revision, "token": token}.items() if v is not None}
-        model = AutoModelForCausalLM.from_pretrained(path_or_repo, dtype=dtype, **hub, **model_kwargs)
+        path_or_repo = resolve_output(path_or_repo)
+        model = load_model(path_or_repo, dtype=dtype, **hub, **model_kwargs)
         processor = UnimodalProcessor.from_pretrained(path_or_repo, **hub)
         pipeline = cls(model.eval(), processor)
         return pipeline.to(device) if device is not None else pipeline

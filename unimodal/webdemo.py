@@ -1,6 +1,6 @@
 """A Liquid-style web demo over `UnimodalPipeline`: Text To Image, Image To Text, Text To Text.
 
-    unimodal demo --model outputs/demo/model        # or: python -m unimodal.cli demo --model ...
+    unimodal demo --model outputs/digits-demo/final  # or: python -m unimodal.cli demo --model ...
 
 - Text To Image: N images at once in a gallery (click one to enlarge); Advanced Settings with
   Liquid's defaults (guidance 7, temperature 0.9, top-k 4096, top-p 0.99) and a seed.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,6 @@ from .pipeline import UnimodalPipeline
 
 LIQUID = PRESETS["liquid"]  # guidance 7, temperature 0.9, top-k 4096, top-p 0.99
 MAX_TOP_K = 2**18  # the largest image codebooks in use (LFQ); more than the codebook = no top-k
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # Low-resolution model outputs are upscaled by the browser: keep the pixels sharp.
 CSS = ".pixelated img { image-rendering: pixelated; }"
 
@@ -54,23 +52,6 @@ class DemoLimits:
         for name, value in vars(self).items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"DemoLimits.{name} must be a positive integer, got {value!r}")
-
-
-def resolve_model_dir(path: str | os.PathLike) -> str:
-    """The pipeline folder for ``path``: a `UnimodalPipeline.save_pretrained` folder, or a run
-    folder holding one as ``model/`` (the end-to-end demo) or ``final/`` (recipes/finetune.py).
-    A path that does not exist and looks like ``owner/name`` is returned as a Hub repo id."""
-    root = Path(path)
-    for candidate in (root, root / "model", root / "final"):
-        if (candidate / "processor_config.json").is_file() and (candidate / "config.json").is_file():
-            return str(candidate)
-    if not root.exists() and _HUB_ID.match(str(path)):
-        return str(path)
-    what = "is not a folder" if not root.is_dir() else "holds no processor_config.json + config.json"
-    raise FileNotFoundError(
-        f"{str(path)!r} {what}: pass a folder written by UnimodalPipeline.save_pretrained "
-        "(e.g. outputs/demo/model), a run folder containing model/ or final/, or a Hub repo id"
-    )
 
 
 def offline_theme() -> gr.themes.Base:
@@ -365,8 +346,8 @@ def serve(pipeline: UnimodalPipeline, *, host: str = "127.0.0.1", port: int | No
 
 
 def load_pipeline(model: str | os.PathLike, dtype: str = "float32", device: str | None = None) -> UnimodalPipeline:
-    """`UnimodalPipeline.from_pretrained` on the folder `resolve_model_dir` finds."""
+    """`UnimodalPipeline.from_pretrained` with the dtype and device given as strings."""
     if not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ValueError(f"dtype must be a torch dtype name such as float32 or bfloat16, got {dtype!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return UnimodalPipeline.from_pretrained(resolve_model_dir(model), dtype=getattr(torch, dtype), device=device)
+    return UnimodalPipeline.from_pretrained(model, dtype=getattr(torch, dtype), device=device)

@@ -11,7 +11,7 @@
    the same with `PixelTokenizer` (the lecture's attempt 1: 8x8 = 64 tokens, nothing to train),
    for about the same fine-tuning CPU time (fewer epochs: its sequences are 3x longer).
 3. Generate a grid per digit, caption the held-out digits, score both (`unimodal.evaluation`).
-4. ``report.md``, ``metrics.json``, PNGs and the VQ-GAN model (``model/``) in ``output_dir``.
+4. ``report.md``, ``metrics.json``, PNGs and the VQ-GAN model (``final/``) in ``output_dir``.
 
 Recipes run as subprocesses, exactly as a user would type them; each writes ``logs/<stage>.log``.
 Rerunning reuses finished stages (the recipes resume from their checkpoints); delete
@@ -38,7 +38,8 @@ from unimodal.digits import (
     load_digits_dataset,
 )
 from unimodal.evaluation import Target, evaluate_model, write_report
-from unimodal.lm import SAMPLE_TEXT, export_smollm2, train_text_tokenizer
+from unimodal.offline import SAMPLE_TEXT, export_smollm2, train_text_tokenizer
+from unimodal.outputs import FINAL_SUBFOLDER
 from unimodal.pipeline import UnimodalPipeline
 from unimodal.training import parse_config
 
@@ -179,15 +180,16 @@ def main(argv: list[str] | None = None) -> Path:
     with ThreadPoolExecutor(len(lanes)) as pool:
         for future in [pool.submit(lane, name, *paths) for name, paths in lanes.items()]:
             future.result()  # re-raises a failed stage
-    shutil.rmtree(out / "model", ignore_errors=True)  # the model users open: output_dir/model
-    shutil.copytree(out / "lm" / "finetune" / "final", out / "model")
+    # The model users open: output_dir/final, the folder name every recipe writes.
+    shutil.rmtree(out / FINAL_SUBFOLDER, ignore_errors=True)
+    shutil.copytree(out / "lm" / "finetune" / FINAL_SUBFOLDER, out / FINAL_SUBFOLDER)
 
     # 3. Generate, caption and score each model with the same prompts, digits and judge.
     evaluations = []
     for name, (_, run_dir, epochs) in lanes.items():
         print(f"[{time.strftime('%H:%M:%S')}] {name}: generate, caption, score", flush=True)
         started = time.perf_counter()
-        model_dir = out / "model" if name == "VQ-GAN" else run_dir / "finetune" / "final"
+        model_dir = out / FINAL_SUBFOLDER if name == "VQ-GAN" else run_dir / "finetune" / FINAL_SUBFOLDER
         pipe = UnimodalPipeline.from_pretrained(model_dir, dtype=getattr(torch, cfg.generation_dtype))
         p = pipe.processor
         evaluation = evaluate_model(

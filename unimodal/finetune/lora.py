@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
+from ..extend import base_weight, layer_rows, unwrap_peft
+
 logger = logging.getLogger(__name__)
 
 NEW_ROW_MODES = ("trainable_tokens", "modules_to_save", "frozen")
@@ -105,12 +107,12 @@ def apply_lora(
 def frozen_new_rows(model: torch.nn.Module, new_token_ids: Sequence[int]) -> dict[str, list[int]]:
     """New token rows that no trainable parameter can change: ``{"input embedding": [...],
     "lm_head": [...]}`` (only non-empty entries). Works on plain and PEFT-wrapped models."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     ids = sorted(int(i) for i in new_token_ids)
     found = {}
     inp, out = base.get_input_embeddings(), base.get_output_embeddings()
     layers = [("input embedding", inp)]
-    if out is not None and _weight(out) is not _weight(inp):  # a tied head shares the rows
+    if out is not None and base_weight(out) is not base_weight(inp):  # a tied head shares the rows
         layers.append(("lm_head", out))
     for name, layer in layers:
         trainable = _trainable_rows(layer)
@@ -118,17 +120,6 @@ def frozen_new_rows(model: torch.nn.Module, new_token_ids: Sequence[int]) -> dic
         if frozen:
             found[name] = frozen
     return found
-
-
-def _weight(layer: torch.nn.Module) -> torch.Tensor:
-    """The base weight of a (possibly PEFT-wrapped) embedding or head."""
-    while True:
-        inner = getattr(layer, "base_layer", None)  # LoRA / trainable-tokens layers
-        if inner is None:
-            inner = getattr(layer, "original_module", None)  # PEFT wrappers
-        if inner is None:
-            return layer.weight
-        layer = inner
 
 
 def _trainable_rows(layer: torch.nn.Module) -> set[int] | range:
@@ -147,13 +138,7 @@ def _trainable_rows(layer: torch.nn.Module) -> set[int] | range:
         if any(p.requires_grad for m in copies for p in m.parameters()):
             return range(layer_rows(layer))
         return set()
-    return range(layer_rows(layer)) if _weight(layer).requires_grad else set()
-
-
-def layer_rows(layer: torch.nn.Module) -> int:
-    """Rows of a (possibly PEFT-wrapped, possibly ZeRO-3-partitioned) embedding or head."""
-    weight = _weight(layer)
-    return int(getattr(weight, "ds_shape", weight.shape)[0])  # ZeRO-3 keeps the full shape here
+    return range(layer_rows(layer)) if base_weight(layer).requires_grad else set()
 
 
 def _ranges(ids: list[int]) -> str:

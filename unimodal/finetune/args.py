@@ -1,0 +1,98 @@
+"""The typed config of `unimodal.recipes.finetune`: which model, which data, which training knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelArguments:
+    """Which LM and image tokenizer to fine-tune.
+
+    Args:
+        model_name_or_path: hub name or folder of a causal LM. A folder written by a previous
+            fine-tune (it has ``processor_config.json``) continues as is. None: build a tiny
+            random LM from the ``build_*`` fields (offline runs, tests).
+        tokenizer_name_or_path: the LM's text tokenizer (default: ``model_name_or_path``);
+            required for built models: the one the data was tokenised with, before extension.
+        image_tokenizer_path: VQGAN / PixelTokenizer folder; default: the one saved with the data.
+        dtype: weights dtype at load (``float32`` or ``bfloat16``).
+        image_rows_init: how new image-token rows start: ``"mean"`` of the text rows, or
+            ``"codebook"`` (a projection of the image tokenizer's code vectors: similar-looking
+            codes start close; see `unimodal.add_image_tokens`). Ignored for extended folders.
+        build_model_type, build_hidden_size, build_num_layers, build_num_heads,
+        build_tie_word_embeddings, build_seed: the tiny LM (`unimodal.offline.build_causal_lm`).
+    """
+
+    model_name_or_path: str | None = None
+    tokenizer_name_or_path: str | None = None
+    image_tokenizer_path: str | None = None
+    dtype: str = "float32"
+    image_rows_init: str = "mean"
+    build_model_type: str = "llama"
+    build_hidden_size: int = 64
+    build_num_layers: int = 2
+    build_num_heads: int = 4
+    build_tie_word_embeddings: bool = False
+    build_seed: int = 0
+
+
+@dataclass
+class DataArguments:
+    """Pre-tokenised data (``recipes/tokenize_dataset.py``) and how batches are built from it.
+
+    Args:
+        dataset_path: folder written by ``recipes/tokenize_dataset.py``.
+        eval_dataset_path: held-out folder; default: hold out ``eval_size`` samples per task.
+        tasks: the task mix (``t2i``, ``i2t``, ``interleaved``); each must have samples.
+        task_weights: per task, how often each sample is seen per epoch (1: once, 2: twice,
+            0.5: a fixed random half). Default: all 1.
+        eval_size: samples held out per task when there is no ``eval_dataset_path``.
+        max_length, packing, loss_on, cfg_dropout: see `unimodal.data.UnimodalCollator`.
+    """
+
+    dataset_path: str = ""
+    eval_dataset_path: str | None = None
+    tasks: list[str] = field(default_factory=lambda: ["t2i"])
+    task_weights: list[float] = field(default_factory=list)
+    eval_size: int = 32
+    max_length: int = 512
+    packing: bool = False
+    loss_on: str = "auto"
+    cfg_dropout: float = 0.1
+
+
+@dataclass
+class FinetuneArguments:
+    """Training knobs, checkpoints, evaluation, sampling and export.
+
+    Steps are optimizer steps (``gradient_accumulation_steps`` micro-batches each); ``max_steps``
+    > 0 wins over ``num_epochs``. Checkpoints go to ``output_dir/checkpoints``; relaunching the
+    same command resumes from the latest. The final model goes to ``output_dir/final``.
+    """
+
+    output_dir: str = "runs/finetune"
+    max_steps: int = 0
+    num_epochs: float = 1.0
+    per_device_batch_size: int = 8
+    eval_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_steps: int = 10
+    eval_steps: int = 0
+    save_steps: int = 100
+    keep_last: int = 2
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_guidance_scale: float = 3.0
+    merge_lora: bool = True
+    report_to: str = "tensorboard"
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_private: bool = True

@@ -1,0 +1,59 @@
+"""The LM to fine-tune and its processor: a hub/local LM, one built from a config for offline runs,
+extended with the image tokenizer's tokens, or an already extended folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from ..extend import add_image_tokens
+from ..offline import build_causal_lm
+from ..processor import PROCESSOR_CONFIG_NAME, UnimodalProcessor
+from .args import ModelArguments
+
+
+def is_extended(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a unimodal folder (LM + processor) rather than a plain LM."""
+    if Path(path).is_dir():
+        return (Path(path) / PROCESSOR_CONFIG_NAME).exists()
+    from transformers.utils import cached_file  # a Hub repo (or its offline cache)
+
+    found = cached_file(str(path), PROCESSOR_CONFIG_NAME, _raise_exceptions_for_missing_entries=False)
+    return found is not None
+
+
+def load_model_and_processor(
+    args: ModelArguments, data_processor: UnimodalProcessor | None = None
+) -> tuple[PreTrainedModel, UnimodalProcessor]:
+    """The LM to fine-tune and its processor; ``data_processor`` supplies the default image
+    tokenizer. Call it before creating the Accelerator (see docs/distributed.md, ZeRO-3)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    dtype = getattr(torch, args.dtype)
+    path = args.model_name_or_path
+    if path and is_extended(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return model, UnimodalProcessor.from_pretrained(path)
+    tokenizer_path = args.tokenizer_name_or_path or path
+    if tokenizer_path is None:
+        raise ValueError("a model built from a config needs tokenizer_name_or_path: the text tokenizer "
+                         "the data was tokenised with (before image tokens were added)")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    if path:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:
+        model = build_causal_lm(
+            args.build_model_type, vocab_size=len(tokenizer), hidden_size=args.build_hidden_size,
+            num_layers=args.build_num_layers, num_heads=args.build_num_heads,
+            tie_word_embeddings=args.build_tie_word_embeddings, seed=args.build_seed,
+        ).to(dtype)
+    if args.image_tokenizer_path:
+        image_tokenizer = AutoModel.from_pretrained(args.image_tokenizer_path)
+    elif data_processor is not None:
+        image_tokenizer = data_processor.image_tokenizer
+    else:
+        raise ValueError("no image tokenizer: set image_tokenizer_path or give pre-tokenised data")
+    return model, add_image_tokens(model, tokenizer, image_tokenizer, image_rows_init=args.image_rows_init)

@@ -1,0 +1,312 @@
+"""Causal-LM loss that applies the output head only where a label is taken (issue #13, item 1).
+
+``model(input_ids, labels=labels).loss`` builds logits for every position, a [B, T, V] tensor
+(plus its fp32 copy and the softmax saved for backward): at V = 160k that dwarfs the rest of a
+small model, and in image-to-text batches most positions have no label at all. Here the model's
+own forward runs with its output head briefly swapped for a stand-in that takes the last hidden
+states [B, T, H], keeps the N positions whose shifted label is not -100 ([N, H]) and calls the
+real head on ``chunk_size`` rows at a time under ``torch.utils.checkpoint``: at most one
+[chunk_size, V] block of logits is alive, in forward and in backward.
+
+Running the model's forward (rather than its backbone alone) keeps whatever the model does before
+the head and keeps the call inside DDP / DeepSpeed / FSDP wrappers, accelerate's autocast and PEFT.
+Logit transforms done after the head (softcapping, scaling) are reproduced from the config, and a
+one-time probe checks that the model's forward and loss agree with ours: models that do something
+else are refused with a `ValueError` asking for ``loss: model`` in the recipe config.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+
+IGNORE_INDEX = -100
+HINT = "set `loss: model` in the recipe config to use the model's own loss"
+
+# Post-head logit transforms, applied in this order, each (op, value): ("mul"|"div"|"softcap", v).
+Steps = tuple[tuple[str, float], ...]
+
+
+class UnsupportedModelError(ValueError):
+    """The chunked loss cannot reproduce this model's own loss."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"chunked LM loss: {reason}; {HINT}")
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # [] fp32: sum of token losses / (number of target tokens or num_items_in_batch)
+    loss_sum: Tensor  # [B] fp32: per-row sum of token losses (detached)
+    num_tokens: Tensor  # [B] int64: per-row number of target tokens
+
+
+def causal_lm_loss(
+    model: nn.Module,
+    input_ids: Tensor | None,
+    labels: Tensor,
+    *,
+    chunk_size: int = 1024,
+    num_items_in_batch: Tensor | int | None = None,
+    **forward_kwargs,
+) -> LossOutput:
+    """Same value and gradients as ``model(input_ids, labels=labels, **forward_kwargs).loss``.
+
+    ``model``: a transformers causal LM, optionally inside PEFT and/or DDP / DeepSpeed / compile
+    wrappers (pass the object you would call). ``labels`` [B, T] are unshifted, -100 = no loss,
+    as for transformers. ``forward_kwargs``: attention_mask, position_ids, inputs_embeds, ...
+    With ``num_items_in_batch`` the sum is divided by it (gradient accumulation), else the mean
+    over target tokens is taken (NaN when there are none, like transformers).
+    """
+    inner, name, head, steps = _resolve(model)
+    if "logits_to_keep" in forward_kwargs or "shift_labels" in forward_kwargs:
+        raise UnsupportedModelError("logits_to_keep / shift_labels are not supported")
+    if _VERIFIED.get(inner) != id(head):
+        _probe(model, inner, name, head, steps, input_ids, forward_kwargs.get("inputs_embeds"))
+        _VERIFIED[inner] = id(head)
+    capture = _LossHead(head, steps, labels, chunk_size)
+    # No cache: transformers then also derives the block-diagonal mask of packed rows from
+    # position_ids (with a cache it would let documents attend to each other).
+    forward_kwargs["use_cache"] = False
+    out = _with_head(inner, name, capture, model, input_ids=input_ids, **forward_kwargs)
+    if capture.result is None:
+        raise UnsupportedModelError("the model's forward did not call its output head")
+    total, row_sums, row_counts = capture.result
+    # out.logits is the [B, T, 0] stand-in; adding its (empty) sum makes the loss flow back through
+    # the forward's outputs, where DeepSpeed / FSDP hang their pre-backward hooks.
+    logits = out["logits"] if isinstance(out, dict) else out[0]
+    total = total + logits.float().sum()
+    if num_items_in_batch is None:
+        loss = total / row_counts.sum()
+    else:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        loss = total / num_items_in_batch
+    return LossOutput(loss=loss, loss_sum=row_sums, num_tokens=row_counts)
+
+
+@torch.no_grad()
+def causal_lm_loss_sums(
+    model: nn.Module, input_ids: Tensor | None, labels: Tensor, *, chunk_size: int = 1024,
+    **forward_kwargs,
+) -> tuple[Tensor, Tensor]:
+    """Evaluation helper: per-row ``(sum of token losses [B] fp32, target tokens [B] int64)``.
+
+    Summing both over batches (and processes) gives the exact held-out loss per token.
+    """
+    out = causal_lm_loss(model, input_ids, labels, chunk_size=chunk_size, **forward_kwargs)
+    return out.loss_sum, out.num_tokens
+
+
+# ----------------------------------------------------------------------------- model inspection
+
+def _unwrap(model: nn.Module) -> PreTrainedModel:
+    """The transformers model inside DDP / DeepSpeedEngine (``.module``), compile, PEFT."""
+    inner = model
+    for _ in range(8):
+        if isinstance(inner, PreTrainedModel):
+            return inner
+        if hasattr(type(inner), "get_base_model"):  # PeftModel
+            inner = inner.get_base_model()
+        elif isinstance(getattr(inner, "_orig_mod", None), nn.Module):  # torch.compile
+            inner = inner._orig_mod
+        elif isinstance(inner.__dict__.get("_modules", {}).get("module"), nn.Module):  # DDP, DS
+            inner = inner.module
+        else:
+            break
+    raise UnsupportedModelError(f"{type(model).__name__} is not a transformers model")
+
+
+def _base_layer(head: nn.Module) -> nn.Module:
+    """Innermost layer under PEFT wrappers (LoRA ``base_layer``, trainable tokens, modules_to_save)."""
+    for _ in range(8):
+        if isinstance(head, nn.Linear):
+            break
+        if hasattr(head, "get_base_layer"):
+            nxt = head.get_base_layer()
+        elif isinstance(getattr(head, "original_module", None), nn.Module):
+            nxt = head.original_module
+        else:
+            break
+        if nxt is head:
+            break
+        head = nxt
+    return head
+
+
+def _logit_steps(inner: PreTrainedModel) -> Steps:
+    """What the model's forward does to ``head(hidden)``; checked by `_probe`, so a wrong or
+    missing entry leads to a refusal, never to a silently different loss."""
+    config = inner.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kind = getattr(text, "model_type", "") or config.model_type
+    steps: list[tuple[str, float]] = []
+    if kind.startswith("cohere"):  # Cohere*: logits * self.logit_scale
+        steps.append(("mul", float(getattr(inner, "logit_scale", text.logit_scale))))
+    elif kind.startswith("granite") and getattr(text, "logits_scaling", None):
+        steps.append(("div", float(text.logits_scaling)))  # Granite*: logits / logits_scaling
+    elif kind == "hyperclovax" and getattr(text, "logits_scaling", None):
+        steps.append(("mul", float(text.logits_scaling)))  # HyperCLOVAX multiplies instead
+    elif kind == "falcon_h1":
+        steps.append(("mul", float(text.lm_head_multiplier)))
+    cap = getattr(text, "final_logit_softcapping", None)  # Gemma 2/3/4, NanoChat, ...
+    if kind == "recurrent_gemma":
+        cap = text.logits_soft_cap
+    if cap:
+        steps.append(("softcap", float(cap)))
+    return tuple(steps)
+
+
+def _resolve(model: nn.Module) -> tuple[PreTrainedModel, str, nn.Module, Steps]:
+    """(transformers model, attribute name of its head, head module, logit transforms)."""
+    inner = _unwrap(model)
+    head = inner.get_output_embeddings()
+    name = next((n for n, child in inner.named_children() if child is head), None)
+    if head is None or name is None:
+        raise UnsupportedModelError(f"{type(inner).__name__} has no output head to swap")
+    if not isinstance(_base_layer(head), nn.Linear):
+        raise UnsupportedModelError(
+            f"the output head is a {type(_base_layer(head)).__name__}, not a Linear layer")
+    config = inner.config.get_text_config()
+    if getattr(config, "output_router_logits", False):
+        raise UnsupportedModelError("the model adds a router auxiliary loss")
+    if getattr(config, "z_loss_coefficient", 0):
+        raise UnsupportedModelError("the model adds a z-loss")
+    return inner, name, head, _logit_steps(inner)
+
+
+# ----------------------------------------------------------------------------- computation
+
+def _transform(steps: Steps, logits: Tensor) -> Tensor:
+    # Same operations in the same dtype and order as the model's forward (e.g. Gemma 2 softcaps in
+    # the model dtype), so fp32 results match it; the loss itself is then taken in fp32.
+    for op, value in steps:
+        if op == "mul":
+            logits = logits * value
+        elif op == "div":
+            logits = logits / value
+        else:  # softcap: cap * tanh(logits / cap)
+            logits = torch.tanh(logits / value) * value
+    return logits
+
+
+def _chunk_losses(head: nn.Module, steps: Steps, hidden: Tensor, targets: Tensor) -> Tensor:
+    """[n, H] hidden states, [n] targets -> [n] fp32 token losses; only here are [n, V] logits."""
+    logits = _transform(steps, head(hidden))  # calling the module honours PEFT, ZeRO-3 hooks, bias
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def _shift(labels: Tensor) -> Tensor:
+    """Position t predicts labels[t + 1]; the last position predicts nothing (transformers)."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]  # [B, T]
+
+
+class _LossHead(nn.Module):
+    """Stands in for the head during one forward: computes the loss from the hidden states it is
+    given, returns an empty [B, T, 0] tensor as "logits" (so no transform costs anything)."""
+
+    def __init__(self, head: nn.Module, steps: Steps, labels: Tensor, chunk_size: int):
+        super().__init__()
+        object.__setattr__(self, "_head", head)  # not registered: no duplicate parameters
+        self.steps, self.labels, self.chunk_size = steps, labels, max(1, int(chunk_size))
+        self.result: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def __getattr__(self, name: str):  # forwards such as `self.lm_head.weight.dtype` still work
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._head, name)
+
+    def forward(self, hidden: Tensor) -> Tensor:  # hidden: [B, T, H]
+        if self.result is not None:
+            raise UnsupportedModelError("the model's forward calls its output head more than once")
+        shifted = _shift(self.labels.to(hidden.device))  # [B, T]
+        if hidden.shape[:-1] != shifted.shape:
+            raise UnsupportedModelError(
+                f"hidden states {tuple(hidden.shape)} do not match labels {tuple(shifted.shape)}")
+        keep = shifted != IGNORE_INDEX  # [B, T]
+        rows = keep.nonzero()[:, 0]  # [N] row of each target position
+        picked, targets = hidden[keep], shifted[keep]  # [N, H], [N]
+        losses = []
+        # At least one (possibly empty) chunk, so every head parameter gets a gradient (DDP).
+        for start in range(0, max(len(targets), 1), self.chunk_size):
+            h, t = picked[start:start + self.chunk_size], targets[start:start + self.chunk_size]
+            if torch.is_grad_enabled():  # backward recomputes this chunk's logits
+                losses.append(checkpoint(_chunk_losses, self._head, self.steps, h, t,
+                                         use_reentrant=False))
+            else:
+                losses.append(_chunk_losses(self._head, self.steps, h, t))
+        token_losses = torch.cat(losses)  # [N] fp32
+        total = token_losses.sum()
+        batch = shifted.shape[0]
+        row_sums = torch.zeros(batch, device=total.device).index_add_(0, rows, token_losses.detach())
+        self.result = (total, row_sums, torch.bincount(rows, minlength=batch))
+        return total.reshape(1, 1, 1).expand(*hidden.shape[:-1], 0)  # [B, T, 0], tied to the loss
+
+
+def _with_head(inner: PreTrainedModel, name: str, stand_in: nn.Module, model: nn.Module, **kw):
+    """Call ``model(**kw)`` with ``inner.<name>`` replaced by ``stand_in``, restored afterwards."""
+    original = inner._modules[name]
+    inner._modules[name] = stand_in
+    try:
+        return model(**kw)
+    finally:
+        inner._modules[name] = original
+
+
+class _ProbeHead(nn.Module):
+    """Returns known random logits [1, T, V] so the model's own transforms and loss can be seen."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_head", head)
+        self.fake: Tensor | None = None
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        vocab = self._head(hidden[..., :1, :]).shape[-1]
+        gen = torch.Generator().manual_seed(0)
+        # Spread of 20: a softcap of 30 (Gemma 2) or any scaling changes these values a lot.
+        self.fake = 20 * torch.randn(*hidden.shape[:-1], vocab, generator=gen).to(hidden.device)
+        return self.fake
+
+
+_VERIFIED: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+
+
+def _probe(model, inner, name, head, steps, input_ids, inputs_embeds) -> None:
+    """Once per model: run its forward on <= 8 tokens with known "logits" injected at the head and
+    check that its logits and loss are ours. Catches unknown post-head transforms, extra loss
+    terms, unshifted labels. All ranks call this together (same first step), as ZeRO-3 needs."""
+    sample = {"input_ids": input_ids[:1, :8]} if input_ids is not None else {
+        "inputs_embeds": inputs_embeds[:1, :8]}
+    length = next(iter(sample.values())).shape[1]
+    ids = input_ids[:1, :8] if input_ids is not None else torch.zeros(
+        1, length, dtype=torch.long, device=inputs_embeds.device)
+    labels = ids.clone()
+    labels[:, length // 2] = IGNORE_INDEX
+    probe = _ProbeHead(head)
+    device = ids.device
+    # fork_rng: dropout in this extra forward must not shift the training run's random stream.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                               device_type=device.type), torch.no_grad():
+        out = _with_head(inner, name, probe, model, labels=labels, use_cache=False, **sample)
+        if probe.fake is None:
+            raise UnsupportedModelError("the model's forward did not call its output head")
+        expected = _transform(steps, probe.fake)
+        shifted = _shift(labels).reshape(-1)
+        expected_loss = F.cross_entropy(expected.float().reshape(shifted.numel(), -1), shifted)
+        logits, loss = out["logits"], out.get("loss")
+    if logits.shape != expected.shape or not torch.allclose(
+            logits.float(), expected.float(), rtol=1e-4, atol=1e-4):
+        raise UnsupportedModelError(
+            f"{type(inner).__name__}'s forward transforms the head's logits in a way this loss "
+            f"does not reproduce (expected {steps or 'none'})")
+    if loss is None or not torch.allclose(loss.float(), expected_loss, rtol=1e-4, atol=1e-5):
+        raise UnsupportedModelError(
+            f"{type(inner).__name__}'s own loss is not the shifted mean cross-entropy")

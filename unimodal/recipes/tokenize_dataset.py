@@ -1,0 +1,129 @@
+"""Pre-tokenise a data set once, so fine-tuning never runs the image encoder.
+
+    python recipes/tokenize_dataset.py --config recipes/configs/tokenize_digits.yaml
+    accelerate launch --num_processes 8 recipes/tokenize_dataset.py --config my.yaml   # 8 GPUs
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
+        recipes/tokenize_dataset.py --config my.yaml                                     # 2 CPU procs
+
+Each process encodes one contiguous shard of the source; the shards are then merged, in order,
+into ``output_dir`` (identical to a one-process run). ``output_dir`` gets the samples (Arrow or
+parquet), ``unimodal_data.json`` (counts, options, the ids the data depends on) and the
+processor in ``processor/``. Read it back with ``unimodal.data.load_pretokenized``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+import unimodal  # noqa: F401  (registers the image tokenizers with AutoModel)
+from unimodal.data import PretokenizeOptions, load_source, merge_shards, pretokenize, save_pretokenized, shard_bounds
+from unimodal.digits import load_digits_dataset
+from unimodal.offline import build_causal_lm
+from unimodal.processor import UnimodalProcessor
+from unimodal.training import make_accelerator, parse_config
+from unimodal.extend import add_image_tokens
+
+
+@dataclass
+class TokenizeConfig:
+    """Options of recipes/tokenize_dataset.py (YAML keys or ``--name value`` flags)."""
+
+    source: str = "digits"  # "digits", image folder, .jsonl/.parquet, save_to_disk folder, Hub name
+    split: str = "train"
+    output_dir: str = "outputs/digits_data"
+    overwrite: bool = False  # replace an existing output_dir
+    output_format: str = "arrow"  # or "parquet"
+    # Where the ids come from: a saved UnimodalProcessor, or the text tokenizer + image tokenizer
+    # extended exactly as add_image_tokens will extend the LM (fine-tuning checks they match).
+    processor: str = ""
+    image_tokenizer: str = ""  # VQGAN / PixelTokenizer folder
+    base_model: str = ""  # hub name or folder of the LM: its tokenizer and config (no weights read)
+    tokenizer: str = ""  # the text tokenizer, when not base_model's (an LM built from a config)
+    tasks: list[str] = field(default_factory=lambda: ["t2i"])  # t2i, i2t, interleaved
+    image_column: str = "image"
+    caption_column: str = "caption"
+    text_column: str = "text"
+    images_column: str = "images"
+    keep_columns: list[str] = field(default_factory=list)  # copied into every sample, e.g. label
+    batch_size: int = 64  # images per encoder call
+    num_proc: int = 1  # CPU worker processes per launched process
+    cache_dir: str = ""  # pre-tokenisation cache (default: the datasets cache)
+
+
+def load_processor(cfg: TokenizeConfig) -> UnimodalProcessor:
+    if cfg.processor:
+        return UnimodalProcessor.from_pretrained(cfg.processor)
+    if not (cfg.image_tokenizer and (cfg.base_model or cfg.tokenizer)):
+        raise ValueError("set `processor`, or `image_tokenizer` and `base_model` (or `tokenizer`)")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.base_model)
+    image_tokenizer = AutoModel.from_pretrained(cfg.image_tokenizer)
+    # Only the LM's embedding rows decide the new ids, so the LM is built on the meta device (no
+    # weights); an LM built from a config has exactly one row per text token.
+    with torch.device("meta"):
+        lm = (AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.base_model)) if cfg.base_model
+              else build_causal_lm(vocab_size=len(tokenizer)))
+    return add_image_tokens(lm, tokenizer, image_tokenizer, mean_resizing=False)
+
+
+def main(args: list[str] | None = None) -> None:
+    (cfg,) = parse_config((TokenizeConfig,), args)
+    accelerator = make_accelerator(log_with=None)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if not accelerator.is_main_process:
+        datasets.disable_progress_bars()
+    out = Path(cfg.output_dir)
+    if out.exists() and not cfg.overwrite:  # every rank checks, so every rank stops
+        raise FileExistsError(f"{out} exists; pass --overwrite true or choose another output_dir")
+    if accelerator.is_main_process and out.exists():
+        shutil.rmtree(out)
+
+    processor = load_processor(cfg)
+    processor.image_tokenizer.to(accelerator.device).eval()
+    if cfg.source == "digits":
+        source = load_digits_dataset(int(processor.image_tokenizer.config.image_size), cfg.split)
+    else:
+        source = load_source(cfg.source, cfg.split, cfg.cache_dir or None)
+    source_path = Path(cfg.source)
+    base_dir = source_path.parent if source_path.is_file() else None  # for relative image paths
+    options = PretokenizeOptions(
+        tasks=tuple(cfg.tasks), image_column=cfg.image_column, caption_column=cfg.caption_column,
+        text_column=cfg.text_column, images_column=cfg.images_column, keep_columns=tuple(cfg.keep_columns),
+    )
+
+    # This process's contiguous shard; shard order = row order, so the merge keeps the order.
+    start, end = shard_bounds(len(source), world, rank)
+    result = pretokenize(
+        source.select(range(start, end)), processor, options, base_dir=base_dir, batch_size=cfg.batch_size,
+        num_proc=cfg.num_proc if cfg.num_proc > 1 else None, cache_dir=cfg.cache_dir or None,
+        index_offset=start,
+    )
+    print(f"process {rank}/{world}: rows [{start}, {end}) -> {result.stats.num_samples} samples", flush=True)
+    if world == 1:
+        save_pretokenized(result, out, processor, options, cfg.output_format)
+    else:
+        shards = [out.parent / f".{out.name}-shards" / f"rank-{r:05d}" for r in range(world)]
+        save_pretokenized(result, shards[rank], processor, options, cfg.output_format)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            merge_shards(shards, out, cfg.output_format)
+            shards[0].parent.rmdir()
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        stats = json.loads((out / "unimodal_data.json").read_text())["stats"]
+        print(f"wrote {stats['num_samples']} samples from {stats['num_examples']} rows to {out} "
+              f"({stats['num_skipped']} rows skipped, {world} process(es))")
+        for reason in stats["skipped"]:
+            print(f"  skipped {reason}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""Parts every training recipe shares: config parsing, the Accelerator, checkpoints, the loop.
+
+Recipes (``unimodal/recipes/*.py``) stay linear scripts; the mechanics that must be right once
+live here:
+
+- `config`: ``parse_config`` (typed dataclasses from a YAML file plus ``--key value`` overrides).
+- `accelerator`: ``make_accelerator`` (gloo on CPU, else DeepSpeed silently runs as one process;
+  a seedable sampler, so a resumed run sees exactly the batches an uninterrupted one would),
+  ``weights_sharded``, ``zero3_disabled``.
+- `checkpoints`: ``CheckpointManager`` (state written to a temporary folder, then renamed, so a
+  crash mid-save never leaves a half checkpoint a relaunch would resume from), ``check_finite``.
+- `loop`: ``infinite_batches`` (exact mid-epoch resume), ``cosine_with_warmup``, ``Throughput``.
+"""
+
+from .accelerator import make_accelerator, weights_sharded, zero3_disabled
+from .checkpoints import CheckpointManager, NonFiniteLossError, check_finite
+from .config import parse_config
+from .loop import Throughput, cosine_with_warmup, infinite_batches
+
+__all__ = [
+    "CheckpointManager", "NonFiniteLossError", "Throughput", "check_finite", "cosine_with_warmup",
+    "infinite_batches", "make_accelerator", "parse_config", "weights_sharded", "zero3_disabled",
+]

@@ -1,0 +1,87 @@
+"""The Accelerator every recipe uses, and what recipes need to know about sharded weights."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+def make_accelerator(
+    mixed_precision: str = "no",
+    gradient_accumulation_steps: int = 1,
+    project_dir: str | os.PathLike | None = None,
+    log_with: str | list[str] | None = "tensorboard",
+    seed: int = 0,
+    max_grad_norm: float | None = None,
+):
+    """An ``Accelerator`` that behaves the same on CPU and GPU launches.
+
+    On CPU the process group must use gloo (DeepSpeed asks for nccl and, without it, falls back to
+    a single process); ``use_seedable_sampler`` makes the shuffle order a function of
+    ``(seed, epoch)`` so ``skip_first_batches`` resumes mid-epoch at the exact batch.
+    ``max_grad_norm`` fills DeepSpeed's ``gradient_clipping: auto`` (DeepSpeed clips inside its
+    engine, where ``accelerator.clip_grad_norm_`` cannot; accelerate's own default there is 1.0).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs, set_seed
+
+    # Only for multi-process launches: a backend in a single process makes accelerate look for a
+    # process group that does not exist.
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    on_cpu = not torch.cuda.is_available()
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and on_cpu else []
+    if distributed and on_cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        # A config-file DDP launch (distributed_type MULTI_GPU + use_cpu) does not pass use_cpu on
+        # to the workers, which then train as independent single processes. (Not for DeepSpeed:
+        # accelerate turns DeepSpeed off in CPU mode; it runs on CPU through gloo instead.)
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        project_dir=str(project_dir) if project_dir else None,
+        log_with=log_with,
+        kwargs_handlers=handlers,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
+    )
+    if distributed and accelerator.distributed_type == DistributedType.NO:
+        raise RuntimeError(
+            f"{accelerator.num_processes} processes were launched but accelerate set up no process group "
+            "(each would train alone). On CPU launch with `ACCELERATE_USE_CPU=true accelerate launch "
+            "--multi_gpu ...` or one of recipes/configs/accelerate/*.yaml."
+        )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and max_grad_norm is not None:
+        if plugin.deepspeed_config.get("gradient_clipping", "auto") == "auto":
+            plugin.deepspeed_config["gradient_clipping"] = max_grad_norm
+    set_seed(seed)
+    return accelerator
+
+
+def weights_sharded(accelerator) -> bool:
+    """Whether each process holds only a shard of the weights (DeepSpeed ZeRO-3, FSDP): then
+    only collective calls (all processes together) can run the model or read its weights."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = accelerator.state.deepspeed_plugin
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin.zero_stage == 3
+
+
+
+@contextmanager
+def zero3_disabled() -> Iterator[None]:
+    """Build models as plain modules while a ZeRO-3 Accelerator exists (transformers would wrap
+    them in ``zero.Init`` and PEFT would gather rows through CUDA collectives)."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
