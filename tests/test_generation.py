@@ -13,39 +13,31 @@ from transformers import (
     ClassifierFreeGuidanceLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
 )
 
-from unimodal import PixelTokenizer, PixelTokenizerConfig, add_image_tokens
 from unimodal.generation import (
     ImageSpanConstraint, KVDecoder, RowUniforms, SamplingConfig, TokenSampler, decode_image_ids, generate_images,
-    generate_text, in_top_k_top_p, left_pad, resolve_sampling, sample_image_tokens,
+    generate_text, in_top_k_top_p, resolve_sampling, sample_image_tokens,
 )
 from unimodal.images import tensor_to_pil
-from unimodal.offline import TINY_ARCHITECTURES, build_causal_lm, train_text_tokenizer
+from unimodal.offline import TINY_ARCHITECTURES, build_causal_lm
 
 PROMPTS = ["a cat", "the quick brown fox jumps over the lazy dog", "a handwritten digit seven"]
 
 
-def make_lm(model_type="llama", image_size=6, pixel_size=2, hidden_size=32, seed=0):
-    """A tiny random LM extended with a 16-colour pixel tokenizer (3x3 = 9 image tokens)."""
-    tok = train_text_tokenizer()
-    image_tokenizer = PixelTokenizer(PixelTokenizerConfig(codebook_size=16, image_size=image_size,
-                                                          pixel_size=pixel_size))
-    model = build_causal_lm(model_type, vocab_size=len(tok), hidden_size=hidden_size, seed=seed)
-    processor = add_image_tokens(model, tok, image_tokenizer)
-    return model.eval(), processor
+@pytest.fixture(scope="module")
+def lm(tiny_pipeline_factory):
+    """A tiny random Llama extended with 16 grey levels, 6x6 images in 2x2 blocks (9 image tokens)."""
+    pipe = tiny_pipeline_factory(image_size=6, pixel_size=2)
+    return pipe.model, pipe.processor
 
 
 @pytest.fixture(scope="module")
-def lm():
-    return make_lm()
-
-
-@pytest.fixture(scope="module")
-def trained():
+def trained(tiny_pipeline_factory):
     """A tiny LM that learned captions, text-to-image and interleaved text+image (2x2 images).
 
     It puts most probability on <boi> after "the quick brown fox", so it is the model that
     would emit image ids in text mode if nothing stopped it."""
-    model, processor = make_lm(image_size=2, pixel_size=1, hidden_size=64)
+    pipe = tiny_pipeline_factory(image_size=2, hidden_size=64)
+    model, processor = pipe.model, pipe.processor
     black, white = torch.zeros(2, 2, dtype=torch.long), torch.full((2, 2), 15)
     captions = ["a handwritten digit zero", "a handwritten digit one"]
     seqs = []
@@ -351,7 +343,7 @@ def test_constraint_masks_per_row_state(lm):
     text_row = [processor.bos_token_id, 5, 6] + [7] * n
     open_row = [processor.bos_token_id, 5, boi] + [lo] * (n - 1)
     full_row = [processor.bos_token_id, 5, boi, *[lo] * n]
-    ids, _ = left_pad([text_row, open_row, full_row], processor.pad_token_id)  # pads are plain text
+    ids = processor.pad([text_row, open_row, full_row], padding_side="left")["input_ids"]  # pads: text
     allowed = constraint(ids, torch.zeros(3, vocab)) > float("-inf")
     assert allowed[0, 5] and allowed[0, processor.eos_token_id] and allowed[0, boi]
     assert not allowed[0, lo:hi].any() and not allowed[0, eoi] and not allowed[0, hi:].any()
@@ -376,11 +368,32 @@ def test_interleaved_output_alternates_text_and_images(trained):
     assert all(isinstance(s, str) for s in short)
 
 
+def _spans(processor, ids):
+    """``(opened, closed)`` per image span in ``ids``: a span is closed when exactly
+    ``num_image_tokens`` image ids follow its <boi>, then <eoi>."""
+    n, ids = processor.num_image_tokens, ids.tolist()
+    return [(s, ids[s + 1 + n:s + 2 + n] == [processor.eoi_token_id]
+             and bool(processor.vocab.is_image(torch.tensor(ids[s + 1:s + 1 + n])).all()))
+            for s, t in enumerate(ids) if t == processor.boi_token_id]
+
+
 def test_constraint_in_transformers_generate_closes_spans(trained):
+    """Spans the model opens itself (rows 0-3) and spans opened by the prompt (rows 4-7) are
+    filled with exactly h*w image ids and closed, at a temperature that breaks them unconstrained."""
     model, processor, _, _ = trained
-    ids = processor(["the quick brown fox"] * 4, return_tensors="pt")
-    constraint = ImageSpanConstraint.from_processor(processor, allow_images=True,
-                                                    max_length=ids["input_ids"].shape[1] + 16)
-    out = model.generate(**ids, max_new_tokens=16, do_sample=True, temperature=2.0, logits_processor=[constraint])
+    prompt = processor.text_to_image_ids("the quick brown fox")  # [bos, text..., <boi>]
+    batch = processor.pad([prompt[:-1]] * 4 + [prompt] * 4, padding_side="left")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    start = ids.shape[1] - 1  # the prompt's last position: a <boi> there opens a span too
+    constraint = ImageSpanConstraint.from_processor(processor, allow_images=True, max_length=ids.shape[1] + 16)
+    torch.manual_seed(0)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=True, temperature=2.0,
+                         logits_processor=[constraint])
     for row in out:
+        spans = _spans(processor, row[start:])
+        assert spans and all(closed for _, closed in spans), (row.tolist(), spans)
         processor.decode(row, strict=True)  # raises on any malformed span
+    # The same sampling without the constraint leaves spans unfilled or unclosed: the checks above can fail.
+    torch.manual_seed(0)
+    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=True, temperature=2.0)
+    assert not all(closed for row in free for _, closed in _spans(processor, row[start:]))

@@ -1,25 +1,20 @@
 """UnimodalPipeline: one folder holds LM + tokenizer + processor config + image tokenizer."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import HfApi
 from PIL import Image
 from transformers import AutoModelForCausalLM
 
-from unimodal import PixelTokenizer, PixelTokenizerConfig, UnimodalPipeline, add_image_tokens
+from unimodal import PixelTokenizer, PixelTokenizerConfig, UnimodalPipeline
 from unimodal.offline import build_causal_lm, train_text_tokenizer
 
 
 @pytest.fixture
-def pipeline():
-    tok = train_text_tokenizer()
-    model = build_causal_lm("llama", vocab_size=len(tok), tie_word_embeddings=True)
-    image_tokenizer = PixelTokenizer(PixelTokenizerConfig(codebook_size=16, image_size=4, pixel_size=1))
-    processor = add_image_tokens(model, tok, image_tokenizer)
-    return UnimodalPipeline(model.eval(), processor)
+def pipeline(tiny_pipeline_factory):
+    """Tied Llama, 16 grey levels, 4x4 images of 16 tokens."""
+    return tiny_pipeline_factory(tie=True, image_size=4)
 
 
 def test_save_load_gives_the_same_images_and_text(pipeline, tmp_path):
@@ -50,39 +45,28 @@ def test_bf16_load_generates(pipeline, tmp_path):
     assert isinstance(captions, str)
 
 
-def test_push_to_hub_uploads_the_whole_folder(pipeline, monkeypatch):
-    uploaded = {}
-
-    class Repo:
-        repo_id = "someone/tiny-unimodal"
-
-    def fake_create_repo(self, repo_id, **kwargs):
-        uploaded["created"] = repo_id
-        return Repo()
-
-    def fake_upload_folder(self, *, repo_id, folder_path, **kwargs):
-        folder = Path(folder_path)
-        uploaded["repo_id"] = repo_id
-        uploaded["files"] = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
-        uploaded["reloaded"] = UnimodalPipeline.from_pretrained(folder)  # what was uploaded loads
-        return "commit"
-
-    monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
-    assert pipeline.push_to_hub("tiny-unimodal") == "commit"
-    assert uploaded["created"] == "tiny-unimodal" and uploaded["repo_id"] == "someone/tiny-unimodal"
+def test_push_to_hub_uploads_the_whole_folder(pipeline, fake_hub):
+    commit = pipeline.push_to_hub("tiny-unimodal", private=True)
+    (upload,) = fake_hub.uploads
+    assert commit.oid == f"{1:040x}"  # the Hub's commit info is returned
+    # a bare name goes to the token owner's namespace, created with the flags given
+    assert (upload.repo_id, upload.private, upload.commit_message) == (
+        "me/tiny-unimodal", True, "Upload UnimodalPipeline")
     assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
-            "image_tokenizer/model.safetensors"} <= uploaded["files"]
-    assert uploaded["reloaded"].processor.image_token_range == pipeline.processor.image_token_range
+            "image_tokenizer/model.safetensors"} <= upload.files
+    reloaded = UnimodalPipeline.from_pretrained(upload.folder)  # what was uploaded loads and generates alike
+    assert reloaded.processor.image_token_range == pipeline.processor.image_token_range
+    expected = pipeline.generate_images("a cat", seed=3, top_k=8, progress=False)
+    assert reloaded.generate_images("a cat", seed=3, top_k=8, progress=False)[0].tobytes() == expected[0].tobytes()
 
 
-def test_mismatched_lm_and_processor_are_rejected(pipeline):
+def test_mismatched_lm_and_processor_are_rejected(pipeline, tiny_pipeline_factory):
     tok = train_text_tokenizer()
     with pytest.raises(ValueError, match="add_image_tokens"):
         UnimodalPipeline(build_causal_lm("llama", vocab_size=len(tok)), pipeline.processor)
-    other = build_causal_lm("llama", vocab_size=len(tok))
     # extended for a bigger codebook: ids differ from the pipeline's processor
-    add_image_tokens(other, tok, PixelTokenizer(PixelTokenizerConfig(codebook_size=27, grayscale=False)))
+    other = tiny_pipeline_factory(text_tokenizer=tok, image_tokenizer=PixelTokenizer(
+        PixelTokenizerConfig(codebook_size=27, grayscale=False))).model
     other.config.unimodal["image_token_range"] = [1, 28]
     with pytest.raises(ValueError, match="different checkpoints"):
         UnimodalPipeline(other, pipeline.processor)

