@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from test_finetune_lib import build_finetune_data
 from unimodal import UnimodalProcessor
 from unimodal.offline import train_text_tokenizer
 
@@ -76,9 +75,9 @@ def assert_loadable(out: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
+def data_root(tmp_path_factory, finetune_data_factory):
     root = tmp_path_factory.mktemp("ft_launch")
-    build_finetune_data(root, train_text_tokenizer(), num_digits=200)
+    finetune_data_factory(root, train_text_tokenizer(), num_digits=200)
     return root
 
 

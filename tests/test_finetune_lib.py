@@ -12,8 +12,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from unimodal import PixelTokenizer, PixelTokenizerConfig, UnimodalProcessor, add_image_tokens
-from unimodal.data import PretokenizeOptions, pretokenize, save_pretokenized
-from unimodal.digits import load_digits_dataset
 from unimodal.extend import check_compatibility, new_token_ids
 from unimodal.finetune import (
     DataArguments, LoraArguments, ModelArguments, apply_lora, evaluate, frozen_new_rows, load_model_and_processor,
@@ -23,27 +21,19 @@ from unimodal.offline import build_causal_lm, train_text_tokenizer
 from unimodal.outputs import load_model, save_finetuned
 from unimodal.training import make_accelerator
 
-
-def build_finetune_data(root, text_tokenizer, num_digits=None, image_size=8):
-    """Pre-tokenised captioned digits (t2i + i2t) in ``root/data`` and the base text tokenizer in
-    ``root/text_tokenizer``, as ``recipes/tokenize_dataset.py`` would write them."""
-    tokenizer = copy.deepcopy(text_tokenizer)
-    tokenizer.save_pretrained(root / "text_tokenizer")
-    pixels = PixelTokenizer(PixelTokenizerConfig(codebook_size=16, image_size=image_size))
-    processor = add_image_tokens(build_causal_lm("llama", vocab_size=len(tokenizer)), tokenizer, pixels)
-    digits = load_digits_dataset(image_size=image_size, split="train")
-    if num_digits:
-        digits = digits.select(range(num_digits))
-    options = PretokenizeOptions(tasks=("t2i", "i2t"))
-    result = pretokenize(digits, processor, options, cache_dir=root / "cache")
-    return save_pretokenized(result, root / "data", processor, options), processor
+from digits import load_digits_dataset  # examples/digits/digits.py, on pytest's pythonpath
 
 
-def extended(text_tokenizer, arch="llama", tied=False, codebook_size=16, image_size=4):
-    tokenizer = copy.deepcopy(text_tokenizer)
-    model = build_causal_lm(arch, vocab_size=len(tokenizer), tie_word_embeddings=tied)
-    pixels = PixelTokenizer(PixelTokenizerConfig(codebook_size=codebook_size, image_size=image_size))
-    return model, add_image_tokens(model, tokenizer, pixels)
+@pytest.fixture
+def extended(tiny_pipeline_factory):
+    """``extended(arch, tied, codebook_size, image_size)`` -> a tiny extended LM, in training mode
+    (GPT-2 has dropout), and its processor."""
+
+    def build(arch="llama", tied=False, codebook_size=16, image_size=4):
+        pipe = tiny_pipeline_factory(arch, tie=tied, codebook_size=codebook_size, image_size=image_size)
+        return pipe.model.train(), pipe.processor
+
+    return build
 
 
 def every_new_token(processor):
@@ -54,15 +44,15 @@ def every_new_token(processor):
 
 
 @pytest.fixture(scope="module")
-def digits_data(tmp_path_factory):
+def digits_data(tmp_path_factory, finetune_data_factory):
     root = tmp_path_factory.mktemp("ft_data")
-    path, processor = build_finetune_data(root, train_text_tokenizer(), num_digits=120)
+    path, processor = finetune_data_factory(root, train_text_tokenizer(), num_digits=120)
     return path, processor
 
 
 @pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("gpt2", True), ("qwen2", False)])
-def test_lora_trains_new_rows_only(text_tokenizer, arch, tied):
-    model, processor = extended(text_tokenizer, arch, tied)
+def test_lora_trains_new_rows_only(extended, arch, tied):
+    model, processor = extended(arch, tied)
     new = new_token_ids(processor)
     old = slice(0, min(new))
     emb0 = model.get_input_embeddings().weight.detach().clone()
@@ -95,8 +85,8 @@ def test_lora_trains_new_rows_only(text_tokenizer, arch, tied):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_modules_to_save_trains_whole_matrices_tied_head_follows(text_tokenizer, tied):
-    model, processor = extended(text_tokenizer, tied=tied)
+def test_modules_to_save_trains_whole_matrices_tied_head_follows(extended, tied):
+    model, processor = extended(tied=tied)
     new = new_token_ids(processor)
     peft = apply_lora(model, new, LoraArguments(use_lora=True, lora_r=4, new_token_rows="modules_to_save"))
     assert frozen_new_rows(peft, new) == {}
@@ -114,8 +104,8 @@ def test_modules_to_save_trains_whole_matrices_tied_head_follows(text_tokenizer,
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_frozen_new_rows_are_named_in_a_warning(text_tokenizer, tied, caplog):
-    model, processor = extended(text_tokenizer, tied=tied)
+def test_frozen_new_rows_are_named_in_a_warning(extended, tied, caplog):
+    model, processor = extended(tied=tied)
     new = new_token_ids(processor)
     with caplog.at_level(logging.WARNING, logger="unimodal.finetune.lora"):
         peft = apply_lora(model, new, LoraArguments(use_lora=True, lora_r=4, new_token_rows="frozen"))
@@ -124,23 +114,23 @@ def test_frozen_new_rows_are_named_in_a_warning(text_tokenizer, tied, caplog):
     assert ("lm_head" in frozen) == (not tied)  # a tied head has no rows of its own
     assert f"input embedding: {min(new)}-{max(new)}" in caplog.text
     with pytest.raises(ValueError, match="new_token_rows must be one of"):
-        apply_lora(extended(text_tokenizer)[0], new, LoraArguments(use_lora=True, new_token_rows="some"))
+        apply_lora(extended()[0], new, LoraArguments(use_lora=True, new_token_rows="some"))
 
 
-def test_compatibility_errors_say_what_to_do(text_tokenizer, digits_data):
+def test_compatibility_errors_say_what_to_do(text_tokenizer, extended, digits_data):
     path, data_processor = digits_data
     data = datasets.load_from_disk(str(path))
-    model, processor = extended(text_tokenizer, image_size=8)
+    model, processor = extended(image_size=8)
     check_compatibility(model, processor, data)  # the matching pair passes
     plain = build_causal_lm("llama", vocab_size=len(text_tokenizer))
     with pytest.raises(ValueError, match="embedding rows.*add_image_tokens.*codebook_size=16"):
         check_compatibility(plain, processor, data)
     # an LM extended for 16 codes with a processor for 8: codebook size vs added tokens
-    _, small = extended(text_tokenizer, codebook_size=8, image_size=8)
+    _, small = extended(codebook_size=8, image_size=8)
     with pytest.raises(ValueError, match="extended with image_token_range"):
         check_compatibility(model, small, data)
     # image spans of the data vs the grid of the image tokenizer (8x8 data, 4x4 tokenizer)
-    model4, processor4 = extended(text_tokenizer, image_size=4)
+    model4, processor4 = extended(image_size=4)
     with pytest.raises(ValueError, match="image span of 64 tokens but the image tokenizer makes 16"):
         check_compatibility(model4, processor4, data)
     with pytest.raises(ValueError, match="grid_shape"):  # the data's stored processor signature
@@ -172,11 +162,11 @@ def test_task_data_mix_holdout_and_errors(digits_data):
         load_task_data(DataArguments(dataset_path=str(empty)), processor)
 
 
-def test_evaluate_equals_the_loss_over_all_held_out_tokens(text_tokenizer, digits_data):
+def test_evaluate_equals_the_loss_over_all_held_out_tokens(extended, digits_data):
     from unimodal.data import UnimodalCollator, make_dataloader
 
     path, processor = digits_data
-    model, _ = extended(text_tokenizer, image_size=8)
+    model, _ = extended(image_size=8)
     _, evals = load_task_data(DataArguments(dataset_path=str(path), tasks=["t2i", "i2t"], eval_size=7), processor)
     accelerator = make_accelerator(log_with=None)
     collator = UnimodalCollator(processor, 128)
@@ -190,9 +180,7 @@ def test_evaluate_equals_the_loss_over_all_held_out_tokens(text_tokenizer, digit
 
 
 @pytest.mark.parametrize("merge", [True, False])
-def test_export_one_folder_loads_back(tmp_path, text_tokenizer, merge, monkeypatch):
-    from huggingface_hub import HfApi
-
+def test_export_one_folder_loads_back(tmp_path, text_tokenizer, merge, fake_hub):
     from unimodal.hub import push_folder_to_hub
 
     base_dir = tmp_path / "base"
@@ -227,13 +215,16 @@ def test_export_one_folder_loads_back(tmp_path, text_tokenizer, merge, monkeypat
     assert (out / "adapter" / "adapter_model.safetensors").exists() == (not merge)
     assert (out / "model.safetensors").exists() == merge
 
-    uploads = {}
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: type("R", (), {"repo_id": repo_id})())
-    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: uploads.update(
-        kw, files=sorted(p.relative_to(kw["folder_path"]).as_posix() for p in out.rglob("*") if p.is_file())))
-    push_folder_to_hub(out, "me/digits-lm")
-    assert uploads["repo_id"] == "me/digits-lm"
-    assert {"README.md", "processor_config.json", "image_tokenizer/config.json"} <= set(uploads["files"])
+    push_folder_to_hub(out, "me/digits-lm", private=True, commit_message="fine-tuned digits")
+    shutil.rmtree(out)  # what the Hub holds must not depend on the local folder afterwards
+    (upload,) = fake_hub.uploads
+    assert (upload.repo_id, upload.private, upload.commit_message) == ("me/digits-lm", True, "fine-tuned digits")
+    assert {"README.md", "processor_config.json", "image_tokenizer/config.json"} <= upload.files
+    assert ("adapter/adapter_model.safetensors" in upload.files) == (not merge)
+    assert (upload.folder / "README.md").read_text() == card
+    uploaded = AutoModelForCausalLM.from_pretrained(upload.folder) if merge else load_model(upload.folder)
+    with torch.no_grad():  # the uploaded folder is the fine-tuned model
+        torch.testing.assert_close(uploaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_throughput_counts_after_the_first_step_and_writes_stats(tmp_path):
