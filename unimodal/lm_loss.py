@@ -1,24 +1,24 @@
 """Causal-LM loss that applies the output head only where a label is taken (issue #13, item 1).
 
-``model(input_ids, labels=labels).loss`` builds logits for every position, a [B, T, V] tensor
-(plus its fp32 copy and the softmax saved for backward): at V = 160k that dwarfs the rest of a
-small model, and in image-to-text batches most positions have no label at all. Here the model's
-own forward runs with its output head briefly swapped for a stand-in that takes the last hidden
-states [B, T, H], keeps the N positions whose shifted label is not -100 ([N, H]) and calls the
-real head on ``chunk_size`` rows at a time under ``torch.utils.checkpoint``: at most one
-[chunk_size, V] block of logits is alive, in forward and in backward.
+``model(input_ids, labels=labels).loss`` builds [B, T, V] logits (plus an fp32 copy and the
+softmax kept for backward): at V = 160k that dwarfs a small model, and in image-to-text batches
+most positions have no label. Here the model's own forward runs with its output head swapped for
+a stand-in that takes the last hidden states [B, T, H], keeps the N positions whose shifted label
+is not -100 ([N, H]) and calls the real head on ``chunk_size`` rows at a time under
+``torch.utils.checkpoint``: at most one [chunk_size, V] block of logits lives, forward or backward.
 
-Running the model's forward (rather than its backbone alone) keeps whatever the model does before
-the head and keeps the call inside DDP / DeepSpeed / FSDP wrappers, accelerate's autocast and PEFT.
-Logit transforms done after the head (softcapping, scaling) are reproduced from the config, and a
-one-time probe checks that the model's forward and loss agree with ours: models that do something
-else are refused with a `ValueError` asking for ``loss: model`` in the recipe config.
+Running the model's forward (not its backbone alone) keeps what the model does before the head
+and keeps the call inside DDP / DeepSpeed / FSDP wrappers, accelerate's autocast and PEFT. Logit
+transforms after the head (softcapping, scaling) are reproduced from the config, and a one-time
+probe checks that the model's forward and loss agree with ours; other models are refused with a
+`ValueError` asking for ``loss: model`` in the recipe config.
 """
 
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -82,12 +82,9 @@ def causal_lm_loss(
     # the forward's outputs, where DeepSpeed / FSDP hang their pre-backward hooks.
     logits = out["logits"] if isinstance(out, dict) else out[0]
     total = total + logits.float().sum()
-    if num_items_in_batch is None:
-        loss = total / row_counts.sum()
-    else:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(total.device)
-        loss = total / num_items_in_batch
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    loss = total / (row_counts.sum() if num_items_in_batch is None else num_items_in_batch)
     return LossOutput(loss=loss, loss_sum=row_sums, num_tokens=row_counts)
 
 
@@ -96,10 +93,8 @@ def causal_lm_loss_sums(
     model: nn.Module, input_ids: Tensor | None, labels: Tensor, *, chunk_size: int = 1024,
     **forward_kwargs,
 ) -> tuple[Tensor, Tensor]:
-    """Evaluation helper: per-row ``(sum of token losses [B] fp32, target tokens [B] int64)``.
-
-    Summing both over batches (and processes) gives the exact held-out loss per token.
-    """
+    """Evaluation: per-row ``(sum of token losses [B] fp32, target tokens [B] int64)``; summed
+    over batches and processes they give the exact held-out loss per token."""
     out = causal_lm_loss(model, input_ids, labels, chunk_size=chunk_size, **forward_kwargs)
     return out.loss_sum, out.num_tokens
 
@@ -126,26 +121,19 @@ def _unwrap(model: nn.Module) -> PreTrainedModel:
 def _base_layer(head: nn.Module) -> nn.Module:
     """Innermost layer under PEFT wrappers (LoRA ``base_layer``, trainable tokens, modules_to_save)."""
     for _ in range(8):
-        if isinstance(head, nn.Linear):
+        below = head.get_base_layer() if hasattr(head, "get_base_layer") else getattr(
+            head, "original_module", None)
+        if isinstance(head, nn.Linear) or not isinstance(below, nn.Module) or below is head:
             break
-        if hasattr(head, "get_base_layer"):
-            nxt = head.get_base_layer()
-        elif isinstance(getattr(head, "original_module", None), nn.Module):
-            nxt = head.original_module
-        else:
-            break
-        if nxt is head:
-            break
-        head = nxt
+        head = below
     return head
 
 
 def _logit_steps(inner: PreTrainedModel) -> Steps:
     """What the model's forward does to ``head(hidden)``; checked by `_probe`, so a wrong or
     missing entry leads to a refusal, never to a silently different loss."""
-    config = inner.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    kind = getattr(text, "model_type", "") or config.model_type
+    text = inner.config.get_text_config()
+    kind = text.model_type or inner.config.model_type
     steps: list[tuple[str, float]] = []
     if kind.startswith("cohere"):  # Cohere*: logits * self.logit_scale
         steps.append(("mul", float(getattr(inner, "logit_scale", text.logit_scale))))
@@ -170,14 +158,12 @@ def _resolve(model: nn.Module) -> tuple[PreTrainedModel, str, nn.Module, Steps]:
     name = next((n for n, child in inner.named_children() if child is head), None)
     if head is None or name is None:
         raise UnsupportedModelError(f"{type(inner).__name__} has no output head to swap")
-    if not isinstance(_base_layer(head), nn.Linear):
-        raise UnsupportedModelError(
-            f"the output head is a {type(_base_layer(head)).__name__}, not a Linear layer")
+    if not isinstance(base := _base_layer(head), nn.Linear):
+        raise UnsupportedModelError(f"the output head is a {type(base).__name__}, not a Linear")
     config = inner.config.get_text_config()
-    if getattr(config, "output_router_logits", False):
-        raise UnsupportedModelError("the model adds a router auxiliary loss")
-    if getattr(config, "z_loss_coefficient", 0):
-        raise UnsupportedModelError("the model adds a z-loss")
+    for attr, term in (("output_router_logits", "a router auxiliary"), ("z_loss_coefficient", "a z-")):
+        if getattr(config, attr, None):
+            raise UnsupportedModelError(f"the model adds {term}loss")
     return inner, name, head, _logit_steps(inner)
 
 
@@ -207,21 +193,31 @@ def _shift(labels: Tensor) -> Tensor:
     return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]  # [B, T]
 
 
-class _LossHead(nn.Module):
-    """Stands in for the head during one forward: computes the loss from the hidden states it is
-    given, returns an empty [B, T, 0] tensor as "logits" (so no transform costs anything)."""
+class _StandIn(nn.Module):
+    """Takes the head's place for one forward; attribute reads go to the real head, so forwards
+    doing e.g. ``hidden.to(self.lm_head.weight.dtype)`` still work."""
 
-    def __init__(self, head: nn.Module, steps: Steps, labels: Tensor, chunk_size: int):
+    def __init__(self, head: nn.Module):
         super().__init__()
         object.__setattr__(self, "_head", head)  # not registered: no duplicate parameters
-        self.steps, self.labels, self.chunk_size = steps, labels, max(1, int(chunk_size))
-        self.result: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def __getattr__(self, name: str):  # forwards such as `self.lm_head.weight.dtype` still work
+    def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "_head":
+                raise
             return getattr(self._head, name)
+
+
+class _LossHead(_StandIn):
+    """Computes the loss from the hidden states it is given and returns an empty [B, T, 0] tensor
+    as "logits" (so the forward's own logit transforms cost nothing)."""
+
+    def __init__(self, head: nn.Module, steps: Steps, labels: Tensor, chunk_size: int):
+        super().__init__(head)
+        self.steps, self.labels, self.chunk_size = steps, labels, max(1, int(chunk_size))
+        self.result: tuple[Tensor, Tensor, Tensor] | None = None
 
     def forward(self, hidden: Tensor) -> Tensor:  # hidden: [B, T, H]
         if self.result is not None:
@@ -233,16 +229,13 @@ class _LossHead(nn.Module):
         keep = shifted != IGNORE_INDEX  # [B, T]
         rows = keep.nonzero()[:, 0]  # [N] row of each target position
         picked, targets = hidden[keep], shifted[keep]  # [N, H], [N]
-        losses = []
-        # At least one (possibly empty) chunk, so every head parameter gets a gradient (DDP).
-        for start in range(0, max(len(targets), 1), self.chunk_size):
-            h, t = picked[start:start + self.chunk_size], targets[start:start + self.chunk_size]
-            if torch.is_grad_enabled():  # backward recomputes this chunk's logits
-                losses.append(checkpoint(_chunk_losses, self._head, self.steps, h, t,
-                                         use_reentrant=False))
-            else:
-                losses.append(_chunk_losses(self._head, self.steps, h, t))
-        token_losses = torch.cat(losses)  # [N] fp32
+        # Checkpointed: backward recomputes one chunk's logits at a time instead of keeping them.
+        run = partial(checkpoint, _chunk_losses, use_reentrant=False) if torch.is_grad_enabled() \
+            else _chunk_losses
+        size = self.chunk_size  # at least one (maybe empty) chunk: every head param gets a grad
+        token_losses = torch.cat([  # [N] fp32
+            run(self._head, self.steps, picked[i:i + size], targets[i:i + size])
+            for i in range(0, max(len(targets), 1), size)])
         total = token_losses.sum()
         batch = shifted.shape[0]
         row_sums = torch.zeros(batch, device=total.device).index_add_(0, rows, token_losses.detach())
@@ -260,13 +253,10 @@ def _with_head(inner: PreTrainedModel, name: str, stand_in: nn.Module, model: nn
         inner._modules[name] = original
 
 
-class _ProbeHead(nn.Module):
+class _ProbeHead(_StandIn):
     """Returns known random logits [1, T, V] so the model's own transforms and loss can be seen."""
 
-    def __init__(self, head: nn.Module):
-        super().__init__()
-        object.__setattr__(self, "_head", head)
-        self.fake: Tensor | None = None
+    fake: Tensor | None = None
 
     def forward(self, hidden: Tensor) -> Tensor:
         vocab = self._head(hidden[..., :1, :]).shape[-1]
@@ -283,15 +273,14 @@ def _probe(model, inner, name, head, steps, input_ids, inputs_embeds) -> None:
     """Once per model: run its forward on <= 8 tokens with known "logits" injected at the head and
     check that its logits and loss are ours. Catches unknown post-head transforms, extra loss
     terms, unshifted labels. All ranks call this together (same first step), as ZeRO-3 needs."""
-    sample = {"input_ids": input_ids[:1, :8]} if input_ids is not None else {
-        "inputs_embeds": inputs_embeds[:1, :8]}
-    length = next(iter(sample.values())).shape[1]
-    ids = input_ids[:1, :8] if input_ids is not None else torch.zeros(
-        1, length, dtype=torch.long, device=inputs_embeds.device)
-    labels = ids.clone()
-    labels[:, length // 2] = IGNORE_INDEX
-    probe = _ProbeHead(head)
-    device = ids.device
+    if input_ids is not None:
+        sample, labels = {"input_ids": input_ids[:1, :8]}, input_ids[:1, :8].clone()
+    else:
+        sample = {"inputs_embeds": inputs_embeds[:1, :8]}
+        labels = torch.zeros(sample["inputs_embeds"].shape[:2], dtype=torch.long,
+                             device=inputs_embeds.device)
+    labels[:, labels.shape[1] // 2] = IGNORE_INDEX
+    probe, device = _ProbeHead(head), labels.device
     # fork_rng: dropout in this extra forward must not shift the training run's random stream.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
                                device_type=device.type), torch.no_grad():
@@ -301,12 +290,12 @@ def _probe(model, inner, name, head, steps, input_ids, inputs_embeds) -> None:
         expected = _transform(steps, probe.fake)
         shifted = _shift(labels).reshape(-1)
         expected_loss = F.cross_entropy(expected.float().reshape(shifted.numel(), -1), shifted)
-        logits, loss = out["logits"], out.get("loss")
+    logits, loss, model_name = out["logits"], out.get("loss"), type(inner).__name__
     if logits.shape != expected.shape or not torch.allclose(
-            logits.float(), expected.float(), rtol=1e-4, atol=1e-4):
-        raise UnsupportedModelError(
-            f"{type(inner).__name__}'s forward transforms the head's logits in a way this loss "
-            f"does not reproduce (expected {steps or 'none'})")
-    if loss is None or not torch.allclose(loss.float(), expected_loss, rtol=1e-4, atol=1e-5):
-        raise UnsupportedModelError(
-            f"{type(inner).__name__}'s own loss is not the shifted mean cross-entropy")
+            logits.float(), expected.float(), rtol=1e-5, atol=1e-5):
+        raise UnsupportedModelError(f"{model_name}'s forward transforms the head's logits in a way "
+                                    f"this loss does not reproduce (expected {steps or 'none'})")
+    # Tight: both sides are the same fp32 ops on the same values; a router loss (coefficient 1e-3)
+    # must not hide in the tolerance.
+    if loss is None or not torch.allclose(loss.float(), expected_loss, rtol=2e-6, atol=1e-6):
+        raise UnsupportedModelError(f"{model_name}'s own loss is not the shifted mean cross-entropy")

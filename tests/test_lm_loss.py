@@ -1,0 +1,271 @@
+"""The chunked causal-LM loss (`unimodal.lm_loss`) against the models' own loss."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from unimodal.lm_loss import UnsupportedModelError, causal_lm_loss, causal_lm_loss_sums
+
+VOCAB = 97
+EXTRA = {  # per-architecture config kwargs for a tiny random model
+    "llama": {}, "qwen2": {},
+    "gemma2": {"head_dim": 8, "query_pre_attn_scalar": 8, "final_logit_softcapping": 30.0},
+    "gemma3_text": {"head_dim": 8, "query_pre_attn_scalar": 8, "final_logit_softcapping": 10.0},
+    "cohere": {"logit_scale": 0.25},  # logits * logit_scale
+    "granite": {"logits_scaling": 4.0},  # logits / logits_scaling
+    "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+}
+
+
+def build(model_type="llama", vocab=VOCAB, hidden=32, tie=False, **overrides):
+    """A tiny randomly initialised causal LM (built here, independent of other unimodal modules)."""
+    kwargs = dict(EXTRA[model_type])
+    if model_type == "gpt2":
+        kwargs.update(n_embd=hidden, n_layer=2, n_head=4, n_positions=256)
+    else:
+        kwargs.update(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=2 * hidden,
+                      max_position_embeddings=256)
+    kwargs.update(vocab_size=vocab, tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2, **overrides)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs))
+
+
+def padded_batch(vocab=VOCAB):
+    """Right/left padding masked out of attention and loss, a prompt without loss, a row with no
+    target at all."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (3, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0  # right padding
+    mask[1, :3] = 0  # left padding
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, :4] = -100  # a prompt: no loss on it
+    labels[2] = -100  # fully masked row
+    return {"input_ids": ids, "attention_mask": mask}, labels
+
+
+def packed_batch(vocab=VOCAB):
+    """Two packed rows, position ids restarting per document, no attention mask."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, vocab, (2, 12), generator=g)
+    position_ids = torch.tensor([list(range(5)) + list(range(7)), list(range(12))])
+    labels = ids.clone()
+    labels[0, 5] = -100  # first token of the second document: nothing predicts it
+    return {"input_ids": ids, "position_ids": position_ids}, labels
+
+
+def own_and_chunked(model, inputs, labels, chunk_size=7, **kw):
+    """(loss, grads) of the model's own loss and of the chunked one, on the same model."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    results = []
+    # use_cache=False as the collator passes (also what lets transformers see packed rows).
+    inputs = {**inputs, "use_cache": False}
+    for fn in (lambda: model(**inputs, labels=labels, **kw).loss,
+               lambda: causal_lm_loss(model, labels=labels, chunk_size=chunk_size,
+                                      **inputs, **kw).loss):
+        model.zero_grad(set_to_none=True)
+        loss = fn()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in params.items()}))
+    return results
+
+
+def assert_parity(results, tol=1e-5):
+    """Loss and every trainable parameter's gradient within 1e-5 (absolute, or relative for the
+    large gradients of the softcap test, where fp32 rounding alone is ~1e-7 relative)."""
+    (ref, ref_grads), (ours, our_grads) = results
+    assert torch.isfinite(ref)
+    torch.testing.assert_close(ours, ref, atol=tol, rtol=tol)
+    assert ref_grads.keys() == our_grads.keys() and ref_grads
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, atol=tol, rtol=tol, msg=name)
+
+
+@pytest.mark.parametrize("model_type,tie", [("llama", False), ("qwen2", True), ("gemma2", False),
+                                            ("gpt2", True)])
+@pytest.mark.parametrize("batch", [padded_batch, packed_batch])
+def test_parity_with_models_own_loss(model_type, tie, batch):
+    model = build(model_type, tie=tie)
+    if model_type == "gemma2":  # logits well beyond the cap of 30, so the softcap matters
+        with torch.no_grad():
+            model.lm_head.weight.mul_(300)
+    inputs, labels = batch()
+    if model_type == "gemma2":
+        with torch.no_grad():
+            hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]
+            assert model.lm_head(hidden).abs().max() > 60  # uncapped; capped ones are < 30
+    assert_parity(own_and_chunked(model, inputs, labels))
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "cohere", "granite"])
+def test_parity_scaled_or_capped_logits(model_type):
+    model = build(model_type)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    inputs, labels = padded_batch()
+    assert_parity(own_and_chunked(model, inputs, labels))
+
+
+def test_independent_of_chunk_size():
+    model = build("llama")
+    inputs, labels = padded_batch()
+    (ref, ref_grads), _ = own_and_chunked(model, inputs, labels)
+    for chunk_size in (1, 7, 1000):
+        model.zero_grad(set_to_none=True)
+        loss = causal_lm_loss(model, labels=labels, chunk_size=chunk_size, **inputs).loss
+        loss.backward()
+        torch.testing.assert_close(loss.detach(), ref, atol=1e-5, rtol=0)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, ref_grads[name], atol=1e-5, rtol=0)
+
+
+def test_num_items_in_batch():
+    model = build("llama")
+    inputs, labels = padded_batch()
+    n = torch.tensor(23)  # e.g. target tokens over all micro-batches of an accumulation step
+    assert_parity(own_and_chunked(model, inputs, labels, num_items_in_batch=n))
+
+
+def test_lora_with_trainable_new_rows():
+    from peft import LoraConfig, get_peft_model
+
+    new_rows = [90, 93, 96]
+    model = get_peft_model(build("llama"), LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+        trainable_token_indices={"embed_tokens": new_rows, "lm_head": new_rows}))
+    for name, p in model.named_parameters():  # LoRA B starts at 0: move off it so A gets grads
+        if p.requires_grad:
+            with torch.no_grad():
+                p.add_(0.05 * torch.randn_like(p))
+    head = model.get_base_model().get_output_embeddings()
+    assert not isinstance(head, torch.nn.Linear)  # a PEFT wrapper: the module must be called
+    inputs, labels = padded_batch()
+    labels[1, -3:] = torch.tensor(new_rows)  # targets among the trainable rows
+    results = own_and_chunked(model, inputs, labels)
+    assert_parity(results)
+    grads = results[1][1]
+    assert any("trainable_tokens" in n and "lm_head" in n and g.abs().sum() > 0
+               for n, g in grads.items())
+    assert any("lora_A" in n and g.abs().sum() > 0 for n, g in grads.items())
+
+
+def test_bf16_autocast_close_to_own_loss():
+    model = build("llama", vocab=512)
+    inputs, labels = padded_batch(512)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (ref, ref_grads), (ours, our_grads) = own_and_chunked(model, inputs, labels)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=2e-2, atol=0)
+    ours_flat, ref_flat = (torch.cat([g.float().flatten() for g in grads.values()])
+                           for grads in (our_grads, ref_grads))
+    assert torch.nn.functional.cosine_similarity(ours_flat, ref_flat, dim=0) > 0.99
+
+
+def test_eval_sums_per_row():
+    model = build("llama").eval()
+    inputs, labels = padded_batch()
+    sums, counts = causal_lm_loss_sums(model, labels=labels, chunk_size=4, **inputs)
+    with torch.no_grad():
+        logits = model(**inputs).logits.float()
+    targets = labels[:, 1:]
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets,
+                                            reduction="none")  # [B, T-1], 0 where ignored
+    torch.testing.assert_close(sums, ref.sum(1), atol=1e-5, rtol=0)
+    assert counts.tolist() == (targets != -100).sum(1).tolist() and counts[2] == 0
+    assert not sums.requires_grad
+
+
+def test_dropout_and_probe_leave_random_stream_alone():
+    # GPT-2 with its default dropout: the same seed must give the same loss, first call included
+    # (the one-time probe forks the RNG); the training flag is left as it was.
+    model = build("gpt2", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1).train()
+    inputs, labels = padded_batch()
+    for _ in range(2):
+        torch.manual_seed(5)
+        ref = model(**inputs, labels=labels).loss
+        torch.manual_seed(5)
+        ours = causal_lm_loss(model, labels=labels, **inputs).loss
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    assert model.training and model.lm_head is model.get_output_embeddings()
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest floating-point tensor any op creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_never_builds_batch_by_vocab_logits():
+    batch, length, vocab = 2, 128, 8192
+    model = build("llama", vocab=vocab)
+    ids = torch.randint(0, vocab, (batch, length))
+    causal_lm_loss(model, ids, ids, chunk_size=16)  # the one-time probe, outside the measurement
+    sizes = {}
+    for name, fn in [("own", lambda: model(input_ids=ids, labels=ids).loss),
+                     ("chunked", lambda: causal_lm_loss(model, ids, ids, chunk_size=16).loss)]:
+        with LargestTensor() as mode:
+            fn().backward()
+        sizes[name] = mode.largest
+    assert sizes["own"] >= batch * length * vocab
+    assert sizes["chunked"] < batch * length * vocab / 4, sizes
+
+
+def test_refuses_a_head_that_is_not_linear():
+    model = build("llama")
+    model.lm_head = torch.nn.Sequential(model.lm_head)
+    inputs, labels = padded_batch()
+    with pytest.raises(UnsupportedModelError, match="loss: model"):
+        causal_lm_loss(model, labels=labels, **inputs)
+
+
+def test_refuses_what_the_probe_cannot_reproduce():
+    # Llama's forward ignores final_logit_softcapping; the config says softcap, the forward does
+    # not: the probe sees the difference.
+    model = build("llama", final_logit_softcapping=5.0)
+    inputs, labels = padded_batch()
+    with pytest.raises(UnsupportedModelError, match="does not reproduce.*loss: model"):
+        causal_lm_loss(model, labels=labels, **inputs)
+    assert model.lm_head is model.get_output_embeddings()  # the head is back in place
+
+
+def test_refuses_router_aux_loss():
+    model = build("llama", output_router_logits=True)
+    inputs, labels = padded_batch()
+    with pytest.raises(UnsupportedModelError, match="auxiliary"):
+        causal_lm_loss(model, labels=labels, **inputs)
+
+
+@pytest.mark.parametrize("find_unused", [False, True])
+def test_through_ddp(find_unused):
+    # One gloo process: checks that the reducer sees the loss's graph through the wrapper's
+    # forward (a second step raises if the first one's reduction did not finish).
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = build("llama")
+        ddp = DistributedDataParallel(model, find_unused_parameters=find_unused)
+        inputs, labels = padded_batch()
+        for _ in range(2):
+            (ref, ref_grads), _ = own_and_chunked(model, inputs, labels)
+            model.zero_grad(set_to_none=True)
+            loss = causal_lm_loss(ddp, labels=labels, chunk_size=7, **inputs).loss
+            loss.backward()
+            torch.testing.assert_close(loss.detach(), ref, atol=1e-5, rtol=0)
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(p.grad, ref_grads[name], atol=1e-5, rtol=0)
+    finally:
+        dist.destroy_process_group()
