@@ -33,11 +33,13 @@ from pathlib import Path
 
 import torch
 
+from unimodal.data import PROCESSOR_SUBFOLDER
+
 REPO = Path(__file__).resolve().parents[1]
 SYSTEMS = ["ours_padded", "trl_padded", "ours_packed", "trl_packed"]
 NAMES = {"ours_padded": "recipes/finetune.py, padded (length-grouped)", "trl_padded": "TRL SFTTrainer, padded",
          "ours_packed": "recipes/finetune.py, packed", "trl_packed": "TRL SFTTrainer, packing=True (BFD)"}
-MODEL = dict(build_hidden_size=256, build_num_layers=4, build_num_heads=4)
+MODEL = dict(model_type="llama", hidden_size=256, num_layers=4, num_heads=4)  # the recipe's `build:` section
 ROWS, MAX_LENGTH, LR, WARMUP = 2, 1024, 1e-3, 5  # ours: 2 packed rows of <= 1024 tokens per step
 
 
@@ -45,7 +47,8 @@ def prepare(root: Path) -> None:
     """Text tokenizer + pre-tokenised digits in ``root`` (once)."""
     from unimodal import PixelTokenizer, PixelTokenizerConfig, add_image_tokens
     from unimodal.data import PretokenizeOptions, pretokenize, save_pretokenized
-    from unimodal.digits import load_digits_dataset
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "digits"))  # the demo's data set
+    from digits import load_digits_dataset
     from unimodal.offline import build_causal_lm, train_text_tokenizer
 
     if (root / "data" / "unimodal_data.json").exists():
@@ -77,7 +80,7 @@ def samples_per_step(root: Path) -> int:
 def run_ours(root: Path, precision: str, steps: int, packing: bool) -> dict:
     out = root / f"ours-{precision}-{packing}"
     argv = ["--dataset_path", str(root / "data"), "--tokenizer_name_or_path", str(root / "text_tokenizer"),
-            *[x for k, v in MODEL.items() for x in (f"--{k}", str(v))], "--tasks", "t2i", "i2t",
+            *[x for k, v in MODEL.items() for x in (f"--build.{k}", str(v))], "--tasks", "t2i", "i2t",
             "--max_length", str(MAX_LENGTH), "--packing", str(packing).lower(),
             "--per_device_batch_size", str(ROWS if packing else samples_per_step(root)), "--max_steps", str(steps),
             "--learning_rate", str(LR), "--warmup_steps", str(WARMUP), "--mixed_precision", precision,
@@ -96,9 +99,9 @@ def run_trl(root: Path, precision: str, steps: int, packing: bool) -> dict:
     from unimodal.finetune import DataArguments, ModelArguments, load_model_and_processor, load_task_data
     from unimodal.processor import UnimodalProcessor
 
-    data_processor = UnimodalProcessor.from_pretrained(root / "data" / "processor")
+    data_processor = UnimodalProcessor.from_pretrained(root / "data" / PROCESSOR_SUBFOLDER)
     model, processor = load_model_and_processor(
-        ModelArguments(tokenizer_name_or_path=str(root / "text_tokenizer"), **MODEL), data_processor)
+        ModelArguments(tokenizer_name_or_path=str(root / "text_tokenizer"), build=MODEL), data_processor)
     train, _ = load_task_data(DataArguments(dataset_path=str(root / "data"), tasks=["t2i", "i2t"], eval_size=16),
                               processor)
     train = train.select_columns(["input_ids"])  # pre-tokenised: TRL skips its own tokenisation
@@ -160,13 +163,13 @@ def flops_per_token(root: Path) -> float:
 
     from unimodal.offline import build_causal_lm
 
-    model = build_causal_lm("llama", vocab_size=1024, hidden_size=MODEL["build_hidden_size"],
-                            num_layers=MODEL["build_num_layers"], num_heads=MODEL["build_num_heads"])
-    vocab = json.loads((root / "data" / "processor" / "processor_config.json").read_text())["image_token_range"][1]
+    model = build_causal_lm(vocab_size=1024, **MODEL)
+    config = root / "data" / PROCESSOR_SUBFOLDER / "processor_config.json"
+    vocab = json.loads(config.read_text())["image_token_range"][1]
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    linear += (vocab - 1024) * MODEL["build_hidden_size"]  # the head at the real vocabulary size
+    linear += (vocab - 1024) * MODEL["hidden_size"]  # the head at the real vocabulary size
     lengths = datasets.load_from_disk(str(root / "data"))["length"]
-    attention = 6 * MODEL["build_num_layers"] * MODEL["build_hidden_size"] * (sum(lengths) / len(lengths))
+    attention = 6 * MODEL["num_layers"] * MODEL["hidden_size"] * (sum(lengths) / len(lengths))
     return 6 * linear + attention
 
 

@@ -28,13 +28,15 @@ from concurrent.futures import ProcessPoolExecutor
 from types import SimpleNamespace
 
 import torch
+import yaml
 from torch import nn
 
 from unimodal.image_data import CropPolicy, ShippedCrops
-from unimodal.metrics import codebook_perplexity, codebook_usage, psnr, ssim
+from unimodal.evaluation.metrics import codebook_perplexity, codebook_usage, psnr, ssim
 from unimodal.training import make_accelerator
 from unimodal.vq.losses import VQGANLoss, VQGANLossConfig
-from unimodal.vq.quantizer import QuantizerOutput
+from unimodal.vq.quantizer import QuantizerOutput, code_perplexity
+from unimodal.training import resolve_config
 from unimodal.vq.train import VQGANModelArguments, VQGANTrainConfig, VQGANTrainer
 
 
@@ -57,10 +59,9 @@ class ReferenceQuantizer(nn.Module):
         with torch.autocast(z.device.type, enabled=False):
             quantized, codes, loss, parts = self.vq(z.float(), return_loss_breakdown=True)
         counts = torch.bincount(codes.flatten(), minlength=self.codebook_size).float()
-        p = counts / counts.sum()
         zero = loss.new_zeros(())
         return QuantizerOutput(quantized=quantized.to(z.dtype), codes=codes, loss=loss, codebook_loss=zero,
-                               commitment_loss=parts.commitment, perplexity=torch.exp(-(p * p.clamp(min=1e-10).log()).sum()),
+                               commitment_loss=parts.commitment, perplexity=code_perplexity(counts),
                                usage=(counts > 0).float().mean())
 
     @torch.no_grad()
@@ -81,7 +82,10 @@ class NoQuantizer(nn.Module):
 
 
 K = 1024
-# name -> (VQGANModelArguments overrides, replacement quantizer factory or None)
+# The encoder/decoder every variant trains: the `model:` section of the shipped train_tokenizer.yaml
+# (the setting this benchmark tunes), at K codes.
+BASE_MODEL = {**yaml.safe_load(resolve_config("train_tokenizer").read_text())["model"], "codebook_size": K}
+# name -> (overrides of BASE_MODEL, replacement quantizer factory or None)
 PLAIN = dict(embed_dim=64, use_l2_norm=False, dead_code_threshold=0)
 VARIANTS = {
     "ours": ({}, None),  # the recipe default: l2-normalised 8-d codes + dead-code restart
@@ -121,7 +125,7 @@ def build_trainer(name: str, args) -> VQGANTrainer:
     """The shared encoder/decoder with this variant's quantizer, and the shared train step."""
     overrides, factory = VARIANTS[name]
     torch.manual_seed(args.seed)
-    vq = VQGANModelArguments(codebook_size=K, **overrides).build(image_size=32)
+    vq = VQGANModelArguments(model={**BASE_MODEL, **overrides}).build(image_size=32)
     if factory is not None:
         vq.quantize = factory()
     loss = VQGANLoss(VQGANLossConfig(disc_start=NEVER, disc_layers=2, disc_channels=8))

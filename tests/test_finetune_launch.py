@@ -1,5 +1,6 @@
-"""recipes/finetune.py launched for real: 2-process DDP, DeepSpeed ZeRO-2 and ZeRO-3 on CPU
-(gloo), LoRA under ZeRO-3, SIGKILL + relaunch resuming exactly, NaN stop, FSDP on GPUs."""
+"""The finetune recipe launched for real (recipes/finetune.py; -m unimodal.recipes.finetune too):
+2-process DDP, DeepSpeed ZeRO-2 and ZeRO-3 on CPU (gloo), LoRA under ZeRO-3, SIGKILL + relaunch
+resuming exactly, NaN stop, FSDP on GPUs."""
 
 import json
 import os
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from unimodal import UnimodalProcessor
+from unimodal.data import PROCESSOR_SUBFOLDER
 from unimodal.offline import train_text_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,9 +43,13 @@ def env() -> dict:
             "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
-def command(launch: str | None, data_root: Path, out: Path, *extra: str) -> list[str]:
+# The two ways to name the recipe: the clone's script and the installed package's module.
+ENTRY_POINTS = {"script": [str(REPO / "recipes" / "finetune.py")], "module": ["-m", "unimodal.recipes.finetune"]}
+
+
+def command(launch: str | None, data_root: Path, out: Path, *extra: str, entry: str = "script") -> list[str]:
     args = ["--dataset_path", str(data_root / "data"), "--tokenizer_name_or_path", str(data_root / "text_tokenizer"),
-            "--build_hidden_size", "32", "--tasks", "t2i", "i2t", "--eval_size", "8", "--max_length", "160",
+            "--build.hidden_size", "32", "--tasks", "t2i", "i2t", "--eval_size", "8", "--max_length", "160",
             "--per_device_batch_size", "4", "--max_steps", str(STEPS), "--save_steps", "3", "--eval_steps", "15",
             "--log_steps", "5", "--learning_rate", "3e-3", "--warmup_steps", "3", "--mixed_precision", "no",
             # below the initial gradient norm (~1.5) and not accelerate's DeepSpeed default (1.0), so
@@ -51,9 +57,9 @@ def command(launch: str | None, data_root: Path, out: Path, *extra: str) -> list
             "--max_grad_norm", "0.5",
             "--report_to", "none", "--output_dir", str(out), *extra]
     if launch is None:
-        return [sys.executable, str(REPO / "recipes" / "finetune.py"), *args]
+        return [sys.executable, *ENTRY_POINTS[entry], *args]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH_CONFIGS / launch),
-            "--main_process_port", str(free_port()), str(REPO / "recipes" / "finetune.py"), *args]
+            "--main_process_port", str(free_port()), *ENTRY_POINTS[entry], *args]
 
 
 def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
@@ -116,12 +122,12 @@ def test_deepspeed_zero3_lora_trains_new_rows_and_adapters(data_root):
     from unimodal.finetune import ModelArguments, load_model_and_processor
 
     base, processor = load_model_and_processor(
-        ModelArguments(tokenizer_name_or_path=str(data_root / "text_tokenizer"), build_hidden_size=32),
-        UnimodalProcessor.from_pretrained(data_root / "data" / "processor"))
+        ModelArguments(tokenizer_name_or_path=str(data_root / "text_tokenizer"), build={"hidden_size": 32}),
+        UnimodalProcessor.from_pretrained(data_root / "data" / PROCESSOR_SUBFOLDER))
     before = base.state_dict()
     again, _ = load_model_and_processor(
-        ModelArguments(tokenizer_name_or_path=str(data_root / "text_tokenizer"), build_hidden_size=32),
-        UnimodalProcessor.from_pretrained(data_root / "data" / "processor"))
+        ModelArguments(tokenizer_name_or_path=str(data_root / "text_tokenizer"), build={"hidden_size": 32}),
+        UnimodalProcessor.from_pretrained(data_root / "data" / PROCESSOR_SUBFOLDER))
     assert all(torch.equal(t, again.state_dict()[k]) for k, t in before.items())  # the init is reproducible
     boi, end = processor.boi_token_id, processor.image_token_range[1]
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -162,10 +168,13 @@ def test_sigkill_mid_run_then_relaunch_ends_with_the_same_weights(ddp_run, data_
         assert torch.equal(got[name], reference[name]), name
 
 
-def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(data_root):
-    out = data_root / "nan"
-    proc = subprocess.run(command(None, data_root, out, "--learning_rate", "1e30", "--warmup_steps", "0",
-                                  "--save_steps", "1"), env=env(), cwd=REPO, capture_output=True, text=True)
+@pytest.mark.parametrize("launch,entry", [(None, "script"), ("single.yaml", "module")],
+                         ids=["python recipes/finetune.py", "accelerate launch -m unimodal.recipes.finetune"])
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(data_root, launch, entry):
+    out = data_root / f"nan-{entry}"
+    proc = subprocess.run(command(launch, data_root, out, "--learning_rate", "1e30", "--warmup_steps", "0",
+                                  "--save_steps", "1", entry=entry), env=env(), cwd=REPO, capture_output=True,
+                          text=True)
     assert proc.returncode != 0
     assert re.search(r"NonFiniteLossError: loss is (nan|inf) at step \d+", proc.stderr), proc.stderr[-3000:]
     assert "the last good checkpoint is" in proc.stderr

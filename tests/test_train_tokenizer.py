@@ -140,11 +140,11 @@ def test_bad_sizes_fail_before_training(tmp_path):
     recipe = _recipe()
     args = ["--config", str(TINY), "--report_to", "none", "--output_dir", str(tmp_path / "o")]
     with pytest.raises(ValueError, match="not divisible by the downsample factor 4"):
-        recipe.main([*args, "--ch_mult", "1", "2", "2", "--image_size", "18"])
+        recipe.main([*args, "--model.ch_mult", "1", "2", "2", "--image_size", "18"])
     with pytest.raises(ValueError, match="below the discriminator's minimum 24 px"):
         recipe.main([*args, "--disc_layers", "3"])
     with pytest.raises(ValueError, match="do not fill one batch of 512"):
-        recipe.main([*args, "--batch_size", "512"])
+        recipe.main([*args, "--per_device_batch_size", "512"])
     assert not (tmp_path / "o" / "checkpoints").exists()
 
 
@@ -156,7 +156,7 @@ def test_recipe_on_a_folder_skips_corrupt_files_or_fails_when_strict(tmp_path):
         Image.new("RGB" if i % 3 else "L", (20 + i, 20), (i * 20, 100, 50) if i % 3 else i * 20).save(folder / f"{i}.png")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     args = ["--config", str(TINY), "--report_to", "none", "--data", str(folder), "--eval_fraction", "0.3",
-            "--max_steps", "1", "--batch_size", "4", "--min_scale", "1.0", "--max_scale", "1.0"]
+            "--max_steps", "1", "--per_device_batch_size", "4", "--min_scale", "1.0", "--max_scale", "1.0"]
     with pytest.raises(ValueError, match="could not be read.*broken.jpg"):
         recipe.main([*args, "--output_dir", str(tmp_path / "strict"), "--strict", "true"])
     with pytest.warns(UserWarning, match="unreadable image files"):
@@ -177,7 +177,7 @@ def test_two_processes_keep_codebooks_identical(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--main_process_port", str(_free_port()), str(ROOT / "recipes" / "train_tokenizer.py"),
            "--config", str(TINY), "--output_dir", str(out), "--report_to", "none",
-           "--ema_decay", "0.9", "--kmeans_init", "true"]  # EMA codebook + k-means: every synced path
+           "--model.ema_decay", "0.9", "--model.kmeans_init", "true"]  # EMA codebook + k-means: every synced path
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "eval_results.json").read_text())

@@ -1,11 +1,13 @@
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from unimodal.errors import UserError
 from unimodal.training import (
-    CheckpointManager, NonFiniteLossError, check_finite, cosine_with_warmup, infinite_batches,
+    CheckpointManager, NonFiniteLossError, RunArguments, check_finite, cosine_with_warmup, infinite_batches,
     make_accelerator, parse_config,
 )
 
@@ -37,6 +39,54 @@ def test_parse_config_rejects_unknown_keys(tmp_path):
         parse_config((A, B), ["--config", str(cfg)])
     with pytest.raises(ValueError, match="unrecognised"):
         parse_config((A, B), ["--nope", "1"])
+
+
+@dataclass
+class Nested:
+    model: dict[str, Any] = field(default_factory=lambda: {"width": 8, "depth": 2})
+
+
+def test_nested_section_from_yaml_then_dotted_cli_keys(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 0.5\nmodel:\n  width: 32\n  mult: [1, 2]\n  rope: {factor: 2.0}\n")
+    a, nested = parse_config((A, Nested), [
+        "--config", str(cfg), "--model.width", "64", "--model.mult", "1", "2", "4", "--model.rope.factor=4",
+        "--model.beta", "1e-3", "--model.ema", "null", "--model.l2", "true", "--lr", "0.1"])
+    # The YAML section replaces the default (no depth); CLI keys merge into it, typed as YAML reads them.
+    assert nested.model == {"width": 64, "mult": [1, 2, 4], "rope": {"factor": 4}, "beta": 1e-3, "ema": None, "l2": True}
+    assert a.lr == 0.1
+    # Without a YAML section the default is what the keys merge into; each parse gets its own copy.
+    (nested,) = parse_config((Nested,), ["--model.depth", "3"])
+    assert nested.model == {"width": 8, "depth": 3} and Nested().model == {"width": 8, "depth": 2}
+
+
+def test_nested_section_errors(tmp_path):
+    with pytest.raises(SystemExit):  # the whole section on the CLI: argparse refuses it, exit 2
+        parse_config((Nested,), ["--model", '{"width": 3}'])
+    with pytest.raises(UserError, match="--model.width needs a value"):
+        parse_config((Nested,), ["--model.width"])
+    with pytest.raises(UserError, match="unrecognised.*--lr.x"):  # dotted keys only for dict fields
+        parse_config((A, Nested), ["--lr.x", "1"])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: 3\n")
+    with pytest.raises(UserError, match="`model` must be a mapping"):
+        parse_config((Nested,), ["--config", str(cfg)])
+
+
+@dataclass
+class RecipeRun(RunArguments):
+    output_dir: str = "outputs/recipe"  # a recipe's own default for a shared field
+    sample_steps: int = 5
+
+
+def test_run_arguments_are_shared_and_checked():
+    (run,) = parse_config((RecipeRun,), ["--log_steps", "3", "--per_device_batch_size", "2"])
+    assert (run.output_dir, run.log_steps, run.per_device_batch_size, run.sample_steps, run.keep_last) == (
+        "outputs/recipe", 3, 2, 5, 2)
+    with pytest.raises(UserError, match="save_steps must be at least 1"):
+        parse_config((RecipeRun,), ["--save_steps", "0"])
+    with pytest.raises(UserError, match="eval_steps must be >= 0"):
+        RecipeRun(eval_steps=-1)
 
 
 def test_cosine_schedule_shape():

@@ -1,14 +1,16 @@
 """The ``unimodal`` command: one argparse subcommand per task.
 
-    unimodal train-tokenizer --config train_tokenizer.yaml [--key value ...]
+    unimodal train-tokenizer --config train_tokenizer [--key value ...] [--model.KEY value ...]
     unimodal tokenize-dataset --config my_data.yaml
-    unimodal finetune --config finetune_smollm2_lora.yaml --max_steps 500
+    unimodal finetune --config finetune_smollm2_lora --max_steps 500
     unimodal generate --model runs/finetune --prompts "a red bird"
     unimodal demo --model runs/finetune [--port 7860] [--dtype bfloat16]
     unimodal convert --format {taming,llamagen,janus,emu3,diffusers} SRC OUT [--config yaml]
+    unimodal configs [NAME]      # the shipped configs; NAME: print its path (accelerate/zero2)
 
-A recipe subcommand hands everything after its name to ``unimodal.recipes.<recipe>.main``, the
-same function ``accelerate launch -m unimodal.recipes.<recipe>`` and ``recipes/<recipe>.py`` run.
+A recipe subcommand hands everything after its name to ``unimodal.recipes.<recipe>.main`` through
+`run_recipe`, as ``accelerate launch -m unimodal.recipes.<recipe>`` and, from a clone,
+``recipes/<recipe>.py`` do: the same function, the same help, the same errors.
 
 Add a subcommand by writing ``_add_<name>(subparsers)`` that registers its options and sets
 ``func``; heavy imports go inside ``func`` so ``unimodal --help`` stays fast.
@@ -19,7 +21,23 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+def run_recipe(main: Callable[..., Any], argv: Sequence[str] | None = None, prog: str | None = None) -> Any:
+    """Run a recipe's ``main(argv, prog=)`` as a command: a `UserError` (bad config, path or data)
+    is printed as ``<prog>: error: <message>`` and exits with status 2, like a bad flag; any other
+    exception is a bug and keeps its traceback. Every entry point of a recipe goes through here."""
+    prog = prog or Path(sys.argv[0]).name
+    try:
+        return main(None if argv is None else list(argv), prog=prog)
+    except UserError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -46,7 +64,7 @@ def _add_demo(subparsers) -> None:
         description="Serve a web demo over a UnimodalPipeline folder on this machine.",
     )
     demo.add_argument("--model", required=True,
-                      help="output folder (recipes/finetune.py or UnimodalPipeline.save_pretrained), "
+                      help="output folder (`unimodal finetune` or UnimodalPipeline.save_pretrained), "
                            "a run folder with final/ inside, or a Hub repo id")
     demo.add_argument("--host", default="127.0.0.1",
                       help="address to listen on (default: this machine only; 0.0.0.0 exposes it)")
@@ -97,6 +115,27 @@ RECIPES = {
 }
 
 
+def _configs(args: argparse.Namespace) -> None:
+    from .training.config import resolve_config, shipped_configs
+
+    if args.name:
+        print(resolve_config(args.name))
+        return
+    for name, path in shipped_configs().items():
+        print(f"{name:32s} {path}")
+
+
+def _add_configs(subparsers) -> None:
+    configs = subparsers.add_parser(
+        "configs", help="list the shipped recipe and accelerate configs, or print the path of one",
+        description="The YAML configs shipped with unimodal. A recipe takes a name directly "
+                    "(--config finetune_smollm2_lora); accelerate needs a path: "
+                    'accelerate launch --config_file "$(unimodal configs accelerate/zero2)" -m unimodal.recipes.finetune ...',
+    )
+    configs.add_argument("name", nargs="?", help="print this config's path (e.g. accelerate/zero2)")
+    configs.set_defaults(func=_configs)
+
+
 def _add_recipes(subparsers) -> None:
     # Listed for --help only: `main` hands a recipe's arguments to the recipe before argparse
     # sees them (the recipe parses, and documents with --help, its own typed config).
@@ -110,15 +149,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv and argv[0] in RECIPES:
         from importlib import import_module
 
-        import_module(f"unimodal.recipes.{RECIPES[argv[0]][0]}").main(argv[1:])
+        recipe = import_module(f"unimodal.recipes.{RECIPES[argv[0]][0]}")
+        run_recipe(recipe.main, argv[1:], prog=f"unimodal {argv[0]}")
         return
     parser = argparse.ArgumentParser(prog="unimodal", description="unimodal: unified text + image-token LMs.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_recipes(subparsers)
     _add_demo(subparsers)
     _add_convert(subparsers)
+    _add_configs(subparsers)
     args = parser.parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except UserError as error:
+        parser.exit(2, f"unimodal {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

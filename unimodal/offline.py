@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 # model_type -> extra config kwargs for a tiny random model of that architecture.
 TINY_ARCHITECTURES: dict[str, dict] = {
@@ -77,7 +77,21 @@ def build_causal_lm(
     seed: int = 0,
     **overrides,
 ) -> PreTrainedModel:
-    """A randomly initialised causal LM of any registered architecture, built from its config."""
+    """A randomly initialised causal LM of any registered architecture, built from its config.
+
+    The named arguments have tiny defaults (a 2-layer model of hidden size 32); ``overrides`` are
+    any other fields of the architecture's config, by their transformers names (``rope_theta``,
+    ``num_key_value_heads``, ``pad_token_id``, ...), applied last. A name the config does not
+    have is an error (transformers would store it and ignore it). ``seed`` seeds the init.
+    """
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"unknown model_type {model_type!r}; e.g. {sorted(TINY_ARCHITECTURES)}")
+    known = CONFIG_MAPPING[model_type]()  # a default config: the fields this architecture has
+    unknown = sorted(k for k in overrides if not hasattr(known, k))
+    if unknown:
+        raise ValueError(f"{model_type} configs have no field {unknown}; the named arguments are "
+                         "model_type, vocab_size, hidden_size, num_layers, num_heads, intermediate_size, "
+                         "max_position_embeddings, tie_word_embeddings, seed")
     kwargs = dict(TINY_ARCHITECTURES.get(model_type, {}))
     if model_type == "gpt2":
         kwargs.update(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,

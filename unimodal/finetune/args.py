@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+from ..training.config import RunArguments
 
 
 @dataclass
@@ -11,8 +14,8 @@ class ModelArguments:
 
     Args:
         model_name_or_path: hub name or folder of a causal LM. A folder written by a previous
-            fine-tune (it has ``processor_config.json``) continues as is. None: build a tiny
-            random LM from the ``build_*`` fields (offline runs, tests).
+            fine-tune (it has ``processor_config.json``) continues as is. None: build a random LM
+            from ``build`` (offline runs, tests).
         tokenizer_name_or_path: the LM's text tokenizer (default: ``model_name_or_path``);
             required for built models: the one the data was tokenised with, before extension.
         image_tokenizer_path: VQGAN / PixelTokenizer folder; default: the one saved with the data.
@@ -20,8 +23,12 @@ class ModelArguments:
         image_rows_init: how new image-token rows start: ``"mean"`` of the text rows, or
             ``"codebook"`` (a projection of the image tokenizer's code vectors: similar-looking
             codes start close; see `unimodal.add_image_tokens`). Ignored for extended folders.
-        build_model_type, build_hidden_size, build_num_layers, build_num_heads,
-        build_tie_word_embeddings, build_seed: the tiny LM (`unimodal.offline.build_causal_lm`).
+        build: the LM built when there is no ``model_name_or_path``: keyword arguments of
+            `unimodal.offline.build_causal_lm` (``model_type``, ``hidden_size``, ``num_layers``,
+            ``num_heads``, ``intermediate_size``, ``tie_word_embeddings``, ``seed``, ...) and any
+            other field of that architecture's config, by its transformers name (``rope_theta``).
+            Missing keys take `build_causal_lm`'s defaults (a tiny Llama); ``vocab_size`` and the
+            special token ids come from the text tokenizer.
     """
 
     model_name_or_path: str | None = None
@@ -29,20 +36,15 @@ class ModelArguments:
     image_tokenizer_path: str | None = None
     dtype: str = "float32"
     image_rows_init: str = "mean"
-    build_model_type: str = "llama"
-    build_hidden_size: int = 64
-    build_num_layers: int = 2
-    build_num_heads: int = 4
-    build_tie_word_embeddings: bool = False
-    build_seed: int = 0
+    build: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class DataArguments:
-    """Pre-tokenised data (``recipes/tokenize_dataset.py``) and how batches are built from it.
+    """Pre-tokenised data (``unimodal tokenize-dataset``) and how batches are built from it.
 
     Args:
-        dataset_path: folder written by ``recipes/tokenize_dataset.py``.
+        dataset_path: folder written by ``unimodal tokenize-dataset`` (``recipes/tokenize_dataset.py``).
         eval_dataset_path: held-out folder; default: hold out ``eval_size`` samples per task.
         tasks: the task mix (``t2i``, ``i2t``, ``interleaved``); each must have samples.
         task_weights: per task, how often each sample is seen per epoch (1: once, 2: twice,
@@ -63,8 +65,10 @@ class DataArguments:
 
 
 @dataclass
-class FinetuneArguments:
-    """Training knobs, checkpoints, evaluation, sampling and export.
+class FinetuneArguments(RunArguments):
+    """Training knobs, evaluation, sampling and export, on top of the shared `RunArguments`
+    (output_dir, seed, mixed_precision, batch sizes, log/eval/save steps, keep_last, report_to,
+    Hub upload).
 
     Steps are optimizer steps (``gradient_accumulation_steps`` micro-batches each); ``max_steps``
     > 0 wins over ``num_epochs``. Checkpoints go to ``output_dir/checkpoints``; relaunching the
@@ -74,25 +78,18 @@ class FinetuneArguments:
     output_dir: str = "runs/finetune"
     max_steps: int = 0
     num_epochs: float = 1.0
-    per_device_batch_size: int = 8
-    eval_batch_size: int = 16
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
-    mixed_precision: str = "no"
     gradient_checkpointing: bool = False
-    seed: int = 0
-    log_steps: int = 10
-    eval_steps: int = 0
-    save_steps: int = 100
-    keep_last: int = 2
     sample_prompts: list[str] = field(default_factory=list)
+    # How those images are sampled; also saved as the model's own text-to-image settings in
+    # final/generation_config.json (generate_images, the web demo, `unimodal generate` use them).
     sample_guidance_scale: float = 3.0
+    sample_temperature: float = 1.0
+    sample_top_k: int | None = None  # None or 0: no top-k
+    sample_top_p: float = 1.0
     merge_lora: bool = True
-    report_to: str = "tensorboard"
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_private: bool = True

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from ..errors import UserError, bad_input
 from ..extend import add_image_tokens
 from ..offline import build_causal_lm
 from ..processor import PROCESSOR_CONFIG_NAME, UnimodalProcessor
@@ -39,21 +40,27 @@ def load_model_and_processor(
         return model, UnimodalProcessor.from_pretrained(path)
     tokenizer_path = args.tokenizer_name_or_path or path
     if tokenizer_path is None:
-        raise ValueError("a model built from a config needs tokenizer_name_or_path: the text tokenizer "
-                         "the data was tokenised with (before image tokens were added)")
+        raise UserError("a model built from a config needs tokenizer_name_or_path: the text tokenizer "
+                        "the data was tokenised with (before image tokens were added)")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    if path:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    else:
-        model = build_causal_lm(
-            args.build_model_type, vocab_size=len(tokenizer), hidden_size=args.build_hidden_size,
-            num_layers=args.build_num_layers, num_heads=args.build_num_heads,
-            tie_word_embeddings=args.build_tie_word_embeddings, seed=args.build_seed,
-        ).to(dtype)
+    model = (AutoModelForCausalLM.from_pretrained(path, dtype=dtype) if path
+             else build_model(args.build, tokenizer).to(dtype))
     if args.image_tokenizer_path:
         image_tokenizer = AutoModel.from_pretrained(args.image_tokenizer_path)
     elif data_processor is not None:
         image_tokenizer = data_processor.image_tokenizer
     else:
-        raise ValueError("no image tokenizer: set image_tokenizer_path or give pre-tokenised data")
+        raise UserError("no image tokenizer: set image_tokenizer_path or give pre-tokenised data")
     return model, add_image_tokens(model, tokenizer, image_tokenizer, image_rows_init=args.image_rows_init)
+
+
+def build_model(build: dict, tokenizer) -> PreTrainedModel:
+    """A random LM from ``build`` (`ModelArguments.build`: `build_causal_lm` keyword arguments and
+    config fields), sized to ``tokenizer`` and using its special ids."""
+    from_tokenizer = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                      "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    taken = sorted(set(build) & set(from_tokenizer))
+    if taken:
+        raise UserError(f"build: {taken} come from the text tokenizer (tokenizer_name_or_path); remove them")
+    with bad_input("build"):
+        return build_causal_lm(**build, **from_tokenizer)

@@ -1,8 +1,13 @@
 """Fine-tune a causal LM on pre-tokenised text + image-token sequences (full weights or LoRA).
 
-    python recipes/finetune.py --config recipes/configs/finetune_digits.yaml           # 1 process
-    accelerate launch --config_file recipes/configs/accelerate/zero2.yaml \\
-        recipes/finetune.py --config recipes/configs/finetune_digits.yaml --max_steps 500
+    unimodal finetune --config finetune_smollm2_lora                                   # installed
+    accelerate launch --config_file "$(unimodal configs accelerate/zero2)" \
+        -m unimodal.recipes.finetune --config finetune_smollm2_lora --max_steps 500
+    python recipes/finetune.py --config examples/digits/finetune.yaml \
+        --tokenizer_name_or_path outputs/digits-demo/text-tokenizer \
+        --dataset_path outputs/digits-demo/lm/data                                    # from a clone
+    accelerate launch --config_file recipes/configs/accelerate/zero2.yaml \
+        recipes/finetune.py --config recipes/configs/finetune_smollm2_lora.yaml
 
 Relaunching the same command resumes from the latest checkpoint in ``output_dir/checkpoints``
 with the data order continued. The result, ``output_dir/final``, loads with
@@ -18,12 +23,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from unimodal.data import UnimodalCollator, make_dataloader
+from unimodal.data import PROCESSOR_SUBFOLDER, UnimodalCollator, make_dataloader
+from unimodal.errors import MissingInputError, UserError, bad_input
 from unimodal.extend import check_compatibility, new_token_ids
 from unimodal.finetune import (
     DataArguments, FinetuneArguments, LoraArguments, ModelArguments, apply_lora, evaluate,
     load_model_and_processor, load_task_data,
 )
+from unimodal.generation import SamplingConfig
 from unimodal.hub import push_folder_to_hub
 from unimodal.images import make_grid
 from unimodal.processor import UnimodalProcessor
@@ -34,18 +41,25 @@ from unimodal.training import (
 )
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     model_args, data_args, lora_args, args = parse_config(
-        (ModelArguments, DataArguments, LoraArguments, FinetuneArguments), argv)
+        (ModelArguments, DataArguments, LoraArguments, FinetuneArguments), argv, prog=prog, description=__doc__)
     out = Path(args.output_dir)
+    # One set of text-to-image settings: the in-training samples use them and final/ keeps them.
+    with bad_input("sample_guidance_scale / sample_temperature / sample_top_k / sample_top_p"):
+        sampling = SamplingConfig(guidance_scale=args.sample_guidance_scale, temperature=args.sample_temperature,
+                                  top_k=args.sample_top_k, top_p=args.sample_top_p)
     if lora_args.use_lora and not args.merge_lora and not model_args.model_name_or_path:
-        raise ValueError("merge_lora=false saves an adapter on top of a base others can load; "
-                         "a model built from a config has none: set model_name_or_path or merge_lora")
+        raise UserError("merge_lora=false saves an adapter on top of a base others can load; "
+                        "a model built from a config has none: set model_name_or_path or merge_lora")
 
     # 1. Model, processor and data, all BEFORE the Accelerator: under ZeRO-3 transformers would
     #    otherwise partition the model while loading, and PEFT's trainable tokens would gather
     #    rows through CUDA collectives (which fail on CPU).
-    data_processor = UnimodalProcessor.from_pretrained(Path(data_args.dataset_path) / "processor")
+    if not (Path(data_args.dataset_path) / PROCESSOR_SUBFOLDER).is_dir():
+        raise MissingInputError(f"dataset_path {data_args.dataset_path!r} is not pre-tokenised data: write it with "
+                                "`unimodal tokenize-dataset` (recipes/tokenize_dataset.py in a clone)")
+    data_processor = UnimodalProcessor.from_pretrained(Path(data_args.dataset_path) / PROCESSOR_SUBFOLDER)
 
     def build_model():
         model, processor = load_model_and_processor(model_args, data_processor)
@@ -56,8 +70,10 @@ def main(argv: list[str] | None = None) -> Path:
         return model, processor
 
     model, processor = build_model()
-    train_data, eval_data = load_task_data(data_args, processor, seed=args.seed)
-    check_compatibility(model, processor, train_data)
+    base = model_args.model_name_or_path or f"{model.config.model_type} built from a config"
+    with bad_input():  # their ValueErrors say what in the data or the model to fix
+        train_data, eval_data = load_task_data(data_args, processor, seed=args.seed)
+        check_compatibility(model, processor, train_data)
 
     # 2. Accelerator (gloo on CPU), loaders, optimizer.
     accelerator = make_accelerator(
@@ -87,7 +103,7 @@ def main(argv: list[str] | None = None) -> Path:
                           + (f", resuming at step {step}" if step else ""))
     config = {f.name: getattr(a, f.name) for a in (model_args, data_args, lora_args, args)
               for f in dataclasses.fields(a)}
-    accelerator.init_trackers("finetune", config={k: str(v) if isinstance(v, list | type(None)) else v
+    accelerator.init_trackers("finetune", config={k: v if isinstance(v, int | float | str | bool) else str(v)
                                                   for k, v in config.items()})
 
     # 3. Train. The LR is set from the step each time (no scheduler object): a prepared scheduler
@@ -131,7 +147,7 @@ def main(argv: list[str] | None = None) -> Path:
             accelerator.log(metrics, step=step)
             accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if args.sample_prompts and not sharded:
-                save_samples(accelerator, model, processor, args, step)
+                save_samples(accelerator, model, processor, args, sampling, step)
             meter.skip()
         if step % args.save_steps == 0 and step < total_steps:
             checkpoints.save(accelerator, step, {"micro_step": micro_step + 1})
@@ -144,15 +160,17 @@ def main(argv: list[str] | None = None) -> Path:
     repo_id = (args.hub_model_id or out.name) if args.push_to_hub else None
     final = save_finetuned(
         accelerator, model, processor, out / "final", config=config,
-        base=model_args.model_name_or_path or f"{model_args.build_model_type} built from a config",
-        merge_lora=args.merge_lora, rebuild=lambda: build_model()[0], metrics=metrics, card_name=repo_id)
+        base=base,
+        merge_lora=args.merge_lora, rebuild=lambda: build_model()[0], metrics=metrics, card_name=repo_id,
+        sampling=sampling)
     if repo_id and accelerator.is_main_process:
         push_folder_to_hub(final, repo_id, private=args.hub_private)
     accelerator.end_training()
     return final
 
 
-def save_samples(accelerator, model, processor, args: FinetuneArguments, step: int) -> None:
+def save_samples(accelerator, model, processor, args: FinetuneArguments, sampling: SamplingConfig,
+                 step: int) -> None:
     """Images from the fixed prompts: a PNG grid in output_dir/samples and TensorBoard."""
     from unimodal.generation import generate_images
 
@@ -160,8 +178,8 @@ def save_samples(accelerator, model, processor, args: FinetuneArguments, step: i
         lm = accelerator.unwrap_model(model)
         lm.eval()
         with torch.no_grad(), accelerator.autocast():
-            images = generate_images(lm, processor, args.sample_prompts, guidance_scale=args.sample_guidance_scale,
-                                     seed=args.seed, progress=False)
+            images = generate_images(lm, processor, args.sample_prompts, preset=sampling, seed=args.seed,
+                                     progress=False)
         lm.train()
         grid = make_grid(images, ncols=len(images))
         path = Path(args.output_dir) / "samples" / f"step-{step:08d}.png"
@@ -174,4 +192,6 @@ def save_samples(accelerator, model, processor, args: FinetuneArguments, step: i
 
 
 if __name__ == "__main__":
-    main()
+    from unimodal.cli import run_recipe
+
+    run_recipe(main)

@@ -1,7 +1,10 @@
 """Pre-tokenise a data set once, so fine-tuning never runs the image encoder.
 
-    python recipes/tokenize_dataset.py --config recipes/configs/tokenize_digits.yaml
-    accelerate launch --num_processes 8 recipes/tokenize_dataset.py --config my.yaml   # 8 GPUs
+    unimodal tokenize-dataset --config my.yaml                                   # installed package
+    python recipes/tokenize_dataset.py --config examples/digits/tokenize.yaml \
+        --source outputs/digits-demo/digits-train-lm --image_tokenizer outputs/digits-demo/tokenizer/final \
+        --tokenizer outputs/digits-demo/text-tokenizer --output_dir outputs/digits_data  # a clone, after `make demo`
+    accelerate launch --num_processes 8 -m unimodal.recipes.tokenize_dataset --config my.yaml   # 8 GPUs
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
         recipes/tokenize_dataset.py --config my.yaml                                     # 2 CPU procs
 
@@ -24,7 +27,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 
 import unimodal  # noqa: F401  (registers the image tokenizers with AutoModel)
 from unimodal.data import PretokenizeOptions, load_source, merge_shards, pretokenize, save_pretokenized, shard_bounds
-from unimodal.digits import load_digits_dataset
+from unimodal.errors import OutputExistsError, UserError
 from unimodal.offline import build_causal_lm
 from unimodal.processor import UnimodalProcessor
 from unimodal.training import make_accelerator, parse_config
@@ -33,9 +36,9 @@ from unimodal.extend import add_image_tokens
 
 @dataclass
 class TokenizeConfig:
-    """Options of recipes/tokenize_dataset.py (YAML keys or ``--name value`` flags)."""
+    """Options of ``unimodal tokenize-dataset`` (YAML keys or ``--name value`` flags)."""
 
-    source: str = "digits"  # "digits", image folder, .jsonl/.parquet, save_to_disk folder, Hub name
+    source: str = ""  # image folder + captions, .jsonl/.parquet, save_to_disk folder, or Hub name
     split: str = "train"
     output_dir: str = "outputs/digits_data"
     overwrite: bool = False  # replace an existing output_dir
@@ -61,7 +64,7 @@ def load_processor(cfg: TokenizeConfig) -> UnimodalProcessor:
     if cfg.processor:
         return UnimodalProcessor.from_pretrained(cfg.processor)
     if not (cfg.image_tokenizer and (cfg.base_model or cfg.tokenizer)):
-        raise ValueError("set `processor`, or `image_tokenizer` and `base_model` (or `tokenizer`)")
+        raise UserError("set `processor`, or `image_tokenizer` and `base_model` (or `tokenizer`)")
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.base_model)
     image_tokenizer = AutoModel.from_pretrained(cfg.image_tokenizer)
     # Only the LM's embedding rows decide the new ids, so the LM is built on the meta device (no
@@ -72,24 +75,24 @@ def load_processor(cfg: TokenizeConfig) -> UnimodalProcessor:
     return add_image_tokens(lm, tokenizer, image_tokenizer, mean_resizing=False)
 
 
-def main(args: list[str] | None = None) -> None:
-    (cfg,) = parse_config((TokenizeConfig,), args)
+def main(args: list[str] | None = None, prog: str | None = None) -> None:
+    (cfg,) = parse_config((TokenizeConfig,), args, prog=prog, description=__doc__)
+    if not cfg.source:
+        raise UserError("set `source`: an image folder with metadata.jsonl captions, a .jsonl/.parquet file, "
+                        "a save_to_disk folder or a Hub data set name (docs/data.md)")
     accelerator = make_accelerator(log_with=None)
     rank, world = accelerator.process_index, accelerator.num_processes
     if not accelerator.is_main_process:
         datasets.disable_progress_bars()
     out = Path(cfg.output_dir)
     if out.exists() and not cfg.overwrite:  # every rank checks, so every rank stops
-        raise FileExistsError(f"{out} exists; pass --overwrite true or choose another output_dir")
+        raise OutputExistsError(f"{out} exists; pass --overwrite true or choose another output_dir")
     if accelerator.is_main_process and out.exists():
         shutil.rmtree(out)
 
     processor = load_processor(cfg)
     processor.image_tokenizer.to(accelerator.device).eval()
-    if cfg.source == "digits":
-        source = load_digits_dataset(int(processor.image_tokenizer.config.image_size), cfg.split)
-    else:
-        source = load_source(cfg.source, cfg.split, cfg.cache_dir or None)
+    source = load_source(cfg.source, cfg.split, cfg.cache_dir or None)
     source_path = Path(cfg.source)
     base_dir = source_path.parent if source_path.is_file() else None  # for relative image paths
     options = PretokenizeOptions(
@@ -126,4 +129,6 @@ def main(args: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from unimodal.cli import run_recipe
+
+    run_recipe(main)

@@ -1,9 +1,12 @@
 """Train a VQ-GAN image tokenizer (encoder, codebook, decoder + patch discriminator).
 
-    python recipes/train_tokenizer.py --config recipes/configs/train_tokenizer.yaml
-    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
-        recipes/train_tokenizer.py --config recipes/configs/train_tokenizer.yaml --max_steps 2000
+    unimodal train-tokenizer --config train_tokenizer                        # installed package
+    unimodal train-tokenizer --config train_tokenizer --model.codebook_size 256 --max_steps 2000
+    python recipes/train_tokenizer.py --config recipes/configs/train_tokenizer.yaml   # from a clone
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
+        -m unimodal.recipes.train_tokenizer --config train_tokenizer      # 2 CPU processes
 
+The architecture is the ``model:`` section, the keyword arguments of `unimodal.VQGANConfig`.
 Data: ``--data shipped`` (default: crops of the photos inside scikit-learn / scikit-image), a
 folder of images, a ``save_to_disk`` folder or a Hub dataset. Relaunching the same command resumes
 from the latest checkpoint in ``output_dir/checkpoints``. Writes TensorBoard logs, reconstruction
@@ -21,42 +24,37 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from unimodal.errors import UserError, bad_input
+from unimodal.evaluation.metrics import reconstruction_metrics
 from unimodal.image_data import ImageDataArguments, load_image_datasets
 from unimodal.images import make_grid, tensor_to_pil
-from unimodal.metrics import reconstruction_metrics
-from unimodal.training import CheckpointManager, infinite_batches, make_accelerator, parse_config
+from unimodal.training import CheckpointManager, RunArguments, infinite_batches, make_accelerator, parse_config
 from unimodal.vq.losses import VQGANLoss, VQGANLossConfig
 from unimodal.vq.train import VQGANModelArguments, VQGANTrainConfig, VQGANTrainer, codebook_fingerprint
 
 
 @dataclass
-class RunArguments:
-    """Where outputs go and how often to log, sample, evaluate and checkpoint (in steps)."""
+class TokenizerRunArguments(RunArguments):
+    """The shared `RunArguments` (output_dir, seed, mixed_precision, batch sizes, log/eval/save
+    steps, keep_last, report_to, Hub upload) with this recipe's defaults, plus its own knobs."""
 
     output_dir: str = "outputs/tokenizer"
-    batch_size: int = 32  # per process
-    num_workers: int = 0
-    mixed_precision: str = "no"  # "no" or "bf16" (the quantizer always runs in fp32)
-    seed: int = 0
-    log_every: int = 10
-    sample_every: int = 100  # reconstruction grid PNG
-    eval_every: int = 500  # held-out PSNR / SSIM / codebook usage / perplexity
-    save_every: int = 500
-    keep_last: int = 2
+    per_device_batch_size: int = 32
     eval_batch_size: int = 64
+    eval_steps: int = 500  # held-out PSNR / SSIM / codebook usage / perplexity
+    save_steps: int = 500
+    sample_steps: int = 100  # reconstruction grid PNG
+    num_workers: int = 0
     ssim_sigma: float = 1.5  # Gaussian window of SSIM; 11 px at 1.5, use 0.5 for images under 11 px
     num_samples_in_grid: int = 8
-    report_to: str = "tensorboard"  # or "none"
-    push_to_hub: bool = False
-    hub_model_id: str | None = None  # default: the output folder's name
-    hub_private: bool = True
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     model_args, data_args, loss_config, train_config, args = parse_config(
-        (VQGANModelArguments, ImageDataArguments, VQGANLossConfig, VQGANTrainConfig, RunArguments), argv)
+        (VQGANModelArguments, ImageDataArguments, VQGANLossConfig, VQGANTrainConfig, TokenizerRunArguments), argv,
+        prog=prog, description=__doc__)
     if args.mixed_precision not in ("no", "bf16"):
-        raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {args.mixed_precision!r} "
+        raise UserError(f"mixed_precision must be 'no' or 'bf16', got {args.mixed_precision!r} "
                          "(fp16 is unusably slow on CPU and unstable for GANs)")
     out = Path(args.output_dir)
     accelerator = make_accelerator(args.mixed_precision, 1, out, None if args.report_to == "none" else args.report_to,
@@ -68,19 +66,20 @@ def main(argv: list[str] | None = None) -> Path:
     loss_fn = VQGANLoss(loss_config)
     side = loss_fn.discriminator.min_side
     if loss_config.disc_start < train_config.max_steps and data_args.image_size < side:
-        raise ValueError(f"image_size {data_args.image_size} is below the discriminator's minimum {side} px "
+        raise UserError(f"image_size {data_args.image_size} is below the discriminator's minimum {side} px "
                          f"(disc_layers={loss_config.disc_layers}); lower disc_layers or disc_start >= max_steps")
-    train_set, eval_set = load_image_datasets(data_args, seed=args.seed)
+    with bad_input("data"):
+        train_set, eval_set = load_image_datasets(data_args, seed=args.seed)
     eval_pixels = torch.stack([eval_set[i] for i in range(min(len(eval_set), data_args.eval_samples))])
     skipped = sum(len(getattr(d, "skipped", [])) for d in (train_set, eval_set))
     # Its own generator: the loader's per-epoch draw then leaves the global RNG (dead-code restarts)
     # alone, so a resumed run continues the exact random stream of an uninterrupted one.
-    loader = accelerator.prepare(DataLoader(train_set, args.batch_size, shuffle=True, drop_last=True,
+    loader = accelerator.prepare(DataLoader(train_set, args.per_device_batch_size, shuffle=True, drop_last=True,
                                             num_workers=args.num_workers,
                                             generator=torch.Generator().manual_seed(args.seed)))
     if len(loader) == 0:
-        raise ValueError(f"{len(train_set)} training images do not fill one batch of {args.batch_size} per process "
-                         f"x {accelerator.num_processes} processes; lower batch_size or add images")
+        raise UserError(f"{len(train_set)} training images do not fill one batch of {args.per_device_batch_size} per "
+                        f"process x {accelerator.num_processes} processes; lower per_device_batch_size or add images")
     fixed = eval_pixels[: args.num_samples_in_grid]
 
     # 2. Two optimisers (VQ-GAN, discriminator) and the weight EMA; then resume from the latest checkpoint.
@@ -121,8 +120,8 @@ def main(argv: list[str] | None = None) -> Path:
         """Originals (top row) over reconstructions (bottom row) of fixed held-out images."""
         if accelerator.is_main_process:
             model_eval = trainer.eval_model.eval()
-            with torch.no_grad(), accelerator.autocast():
-                recon = model_eval.decode(model_eval.encode(fixed.to(accelerator.device))).float().cpu()
+            with accelerator.autocast():
+                _, recon = model_eval.reconstruct(fixed)  # [n, 3, H, W] on the CPU
             grid = make_grid(tensor_to_pil(torch.cat([fixed, recon])), ncols=len(fixed))
             (out / "samples").mkdir(parents=True, exist_ok=True)
             grid.save(out / "samples" / f"step-{step:08d}.png")
@@ -136,14 +135,14 @@ def main(argv: list[str] | None = None) -> Path:
         logs = trainer.step(pixels, step)
         step += 1
         progress.update()
-        if step % args.log_every == 0 or step == train_config.max_steps:
+        if step % args.log_steps == 0 or step == train_config.max_steps:
             progress.set_postfix(rec=f"{logs['reconstruction_loss']:.4f}", usage=f"{logs['usage']:.2f}")
             accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
-        if step % args.sample_every == 0 or step == train_config.max_steps:
+        if step % args.sample_steps == 0 or step == train_config.max_steps:
             save_grid(step)
-        if step % args.eval_every == 0 and step < train_config.max_steps:
+        if args.eval_steps and step % args.eval_steps == 0 and step < train_config.max_steps:
             evaluate(step)
-        if step % args.save_every == 0 or step == train_config.max_steps:
+        if step % args.save_steps == 0 or step == train_config.max_steps:
             checkpoints.save(accelerator, step, tensors=trainer.state_tensors())
     progress.close()
 
@@ -171,4 +170,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from unimodal.cli import run_recipe
+
+    run_recipe(main)

@@ -3,7 +3,9 @@
 Recipes (``unimodal/recipes/*.py``) stay linear scripts; the mechanics that must be right once
 live here:
 
-- `config`: ``parse_config`` (typed dataclasses from a YAML file plus ``--key value`` overrides).
+- `config`: ``parse_config`` (typed dataclasses from a YAML file or a shipped config's name, plus
+  ``--key value`` and ``--section.key value`` overrides), ``RunArguments`` (the run arguments
+  every training recipe extends), ``shipped_configs``.
 - `accelerator`: ``make_accelerator`` (gloo on CPU, else DeepSpeed silently runs as one process;
   a seedable sampler, so a resumed run sees exactly the batches an uninterrupted one would),
   ``weights_sharded``, ``zero3_disabled``.
@@ -14,10 +16,11 @@ live here:
 
 from .accelerator import make_accelerator, weights_sharded, zero3_disabled
 from .checkpoints import CheckpointManager, NonFiniteLossError, check_finite
-from .config import parse_config
+from .config import RunArguments, parse_config, resolve_config, shipped_configs
 from .loop import Throughput, cosine_with_warmup, infinite_batches
 
 __all__ = [
-    "CheckpointManager", "NonFiniteLossError", "Throughput", "check_finite", "cosine_with_warmup",
-    "infinite_batches", "make_accelerator", "parse_config", "weights_sharded", "zero3_disabled",
+    "CheckpointManager", "NonFiniteLossError", "RunArguments", "Throughput", "check_finite", "cosine_with_warmup",
+    "infinite_batches", "make_accelerator", "parse_config", "resolve_config", "shipped_configs", "weights_sharded",
+    "zero3_disabled",
 ]

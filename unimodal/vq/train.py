@@ -1,4 +1,4 @@
-"""One VQ-GAN optimisation step, shared by `recipes/train_tokenizer.py` and the tokenizer benchmark.
+"""One VQ-GAN optimisation step, shared by the `unimodal train-tokenizer` recipe and the tokenizer benchmark.
 
 A step is two updates with two optimisers, as in taming-transformers:
 
@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from dataclasses import asdict, dataclass, field
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import UserError, bad_input
 from ..training import CheckpointManager, check_finite, cosine_with_warmup
 from .config import VQGANConfig
 from .losses import VQGANLoss
@@ -32,40 +35,34 @@ from .model import VQGAN
 
 @dataclass
 class VQGANModelArguments:
-    """The VQ-GAN to train: a saved one (``model_name_or_path``) or one built from these fields
-    (see `VQGANConfig` for their meaning; the defaults are a ~2.9M-parameter f4 model for 32 px
-    crops, the setting the tokenizer benchmark tunes)."""
+    """The VQ-GAN to train: a saved one (``model_name_or_path``, folder or Hub repo) or a new one
+    built from ``model``, the keyword arguments of `VQGANConfig` (its defaults and checks are the
+    only ones; the shipped recipe configs set a ~2.9M-parameter f4 model for 32 px crops, the
+    setting the tokenizer benchmark tunes). ``image_size`` is not a key of ``model``: it is the
+    data's resolution, given to `build`. With ``model_name_or_path``, ``model`` is ignored."""
 
     model_name_or_path: str | None = None
-    codebook_size: int = 1024
-    ch: int = 32
-    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 4])
-    num_res_blocks: int = 1
-    attn_resolutions: list[int] = field(default_factory=list)
-    z_channels: int = 64
-    embed_dim: int = 8
-    dropout: float = 0.0
-    num_groups: int = 32
-    beta: float = 0.25
-    use_l2_norm: bool = True
-    ema_decay: float | None = None
-    kmeans_init: bool = False
-    kmeans_iters: int = 10
-    dead_code_threshold: int = 1
-    usage_window: int = 20  # restart dead codes 5x sooner than VQGANConfig's 100: docs/benchmarks.md
+    model: dict[str, Any] = field(default_factory=dict)
 
     def build(self, image_size: int) -> VQGAN:
         """Load ``model_name_or_path`` or build a fresh VQ-GAN for ``image_size`` px images.
 
         A loaded model trained at another resolution keeps its weights; its ``config.image_size``
-        becomes ``image_size`` (the resolution it is now trained at and generates).
+        becomes ``image_size`` (the resolution it is now trained at and generates). Raises
+        `UserError` for a key `VQGANConfig` does not have or a value its checks refuse.
         """
         if self.model_name_or_path:
             model = VQGAN.from_pretrained(self.model_name_or_path)
             model.config.image_size = image_size
             return model
-        fields = {k: v for k, v in asdict(self).items() if k != "model_name_or_path"}
-        return VQGAN(VQGANConfig(image_size=image_size, **fields))
+        if "image_size" in self.model:
+            raise UserError("model.image_size: set image_size (the data's resolution) instead")
+        known = set(inspect.signature(VQGANConfig.__init__).parameters) - {"self", "kwargs", "image_size"}
+        unknown = sorted(set(self.model) - known)
+        if unknown:
+            raise UserError(f"model: VQGANConfig has no {unknown}; its keys are {sorted(known)}")
+        with bad_input("model"):
+            return VQGAN(VQGANConfig(image_size=image_size, **self.model))
 
 
 @dataclass
