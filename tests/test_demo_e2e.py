@@ -17,10 +17,11 @@ def test_digits_demo_end_to_end(tmp_path):
     # The demo's own stage configs, shrunk: a tiny VQ-GAN and a tiny LM (the wiring is what is
     # tested here; the real sizes are measured by `make demo` and reported in README.md).
     tokenizer_cfg = yaml.safe_load((REPO / "examples/digits/tokenizer.yaml").read_text())
-    tokenizer_cfg.update(ch=8, z_channels=16, codebook_size=32, disc_start=4, sample_every=4, save_every=4,
-                         report_to="none", eval_samples=32)
+    tokenizer_cfg["model"].update(ch=8, z_channels=16, codebook_size=32)
+    tokenizer_cfg.update(disc_start=4, sample_steps=4, save_steps=4, report_to="none", eval_samples=32)
     finetune_cfg = yaml.safe_load((REPO / "examples/digits/finetune.yaml").read_text())
-    finetune_cfg.update(build_hidden_size=32, build_num_layers=2, report_to="none", save_steps=1000)
+    finetune_cfg["build"].update(hidden_size=32, num_layers=2)
+    finetune_cfg.update(report_to="none", save_steps=1000)
     for name, cfg in (("tokenizer.yaml", tokenizer_cfg), ("finetune.yaml", finetune_cfg)):
         (tmp_path / name).write_text(yaml.safe_dump(cfg))
     out = tmp_path / "demo"
