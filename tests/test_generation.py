@@ -201,10 +201,8 @@ def test_batched_cfg_logits_equal_two_unbatched_forwards(lm):
     lo, hi = processor.image_token_range
     cond = prompt_rows(processor)
     uncond = processor.unconditional_prompt_ids()
-    ids = torch.full((6, max(map(len, cond))), processor.pad_token_id)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(cond + [uncond] * 3):
-        ids[i, ids.shape[1] - len(r):], mask[i, ids.shape[1] - len(r):] = torch.tensor(r), 1
+    batch = processor.pad(cond + [uncond] * 3, padding_side="left")
+    ids, mask = batch["input_ids"], batch["attention_mask"]  # [6, L]
     cfg = ClassifierFreeGuidanceLogitsProcessor(4.0)
     tokens = torch.randint(lo, hi, (3, 4), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -12,15 +12,17 @@ live here:
 - `checkpoints`: ``CheckpointManager`` (state written to a temporary folder, then renamed, so a
   crash mid-save never leaves a half checkpoint a relaunch would resume from), ``check_finite``.
 - `loop`: ``infinite_batches`` (exact mid-epoch resume), ``cosine_with_warmup``, ``Throughput``.
+- `loss`: ``causal_lm_loss`` (the LM head only where a loss is taken, in chunks), ``batch_loss``.
 """
 
 from .accelerator import make_accelerator, weights_sharded, zero3_disabled
 from .checkpoints import CheckpointManager, NonFiniteLossError, check_finite
 from .config import RunArguments, parse_config, resolve_config, shipped_configs
 from .loop import Throughput, cosine_with_warmup, infinite_batches
+from .loss import LOSS_METHODS, batch_loss, batch_loss_sums, causal_lm_loss
 
 __all__ = [
-    "CheckpointManager", "NonFiniteLossError", "RunArguments", "Throughput", "check_finite", "cosine_with_warmup",
-    "infinite_batches", "make_accelerator", "parse_config", "resolve_config", "shipped_configs", "weights_sharded",
+    "LOSS_METHODS", "CheckpointManager", "NonFiniteLossError", "RunArguments", "Throughput", "batch_loss",
+    "batch_loss_sums", "causal_lm_loss", "check_finite", "cosine_with_warmup", "infinite_batches", "make_accelerator", "parse_config", "resolve_config", "shipped_configs", "weights_sharded",
     "zero3_disabled",
 ]

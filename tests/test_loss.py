@@ -1,11 +1,11 @@
-"""The chunked causal-LM loss (`unimodal.lm_loss`) against the models' own loss."""
+"""The chunked causal-LM loss (`unimodal.training.loss`) against the models' own loss."""
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from unimodal.lm_loss import UnsupportedModelError, causal_lm_loss, causal_lm_loss_sums
+from unimodal.training.loss import UnsupportedModelError, causal_lm_loss, causal_lm_loss_sums
 
 VOCAB = 97
 EXTRA = {  # per-architecture config kwargs for a tiny random model
@@ -113,7 +113,7 @@ def test_independent_of_chunk_size():
     model = build("llama")
     inputs, labels = padded_batch()
     (ref, ref_grads), _ = own_and_chunked(model, inputs, labels)
-    for chunk_size in (1, 7, 1000):
+    for chunk_size in (1, 7, 1000, None):  # None: sized from the vocabulary
         model.zero_grad(set_to_none=True)
         loss = causal_lm_loss(model, labels=labels, chunk_size=chunk_size, **inputs).loss
         loss.backward()
@@ -269,3 +269,45 @@ def test_through_ddp(find_unused):
                 torch.testing.assert_close(p.grad, ref_grads[name], atol=1e-5, rtol=0)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_recipe_batches_match_the_models_own_loss(tiny_pipeline_factory, tie):
+    """Batches as the fine-tuning recipe builds them (per-task loss masks, condition-dropped t2i
+    samples, padding): `batch_loss` chunked == the model's own loss, value and gradients."""
+    from unimodal.data import UnimodalCollator
+    from unimodal.training import batch_loss, batch_loss_sums
+
+    pipe = tiny_pipeline_factory(image_size=4, tie=tie)
+    model, processor = pipe.model.train(), pipe.processor
+    codes = torch.randint(0, 16, (4, 4, 4), generator=torch.Generator().manual_seed(0))
+    samples = []
+    for i, caption in enumerate(["a cat", "the quick brown fox", "a red chair", "a dog"]):
+        t2i = processor.text_to_image_ids(caption, codes[i])
+        samples.append({"input_ids": t2i, "task": "t2i", "cond_len": len(processor.text_to_image_ids(caption)),
+                        "index": i})
+        samples.append({"input_ids": processor.image_to_text_ids(codes[i], caption), "task": "i2t",
+                        "cond_len": 0, "index": 10 + i})
+    collator = UnimodalCollator(processor, 64, cfg_dropout=0.5, seed=0)
+    batch = collator(samples)
+    dropped = [s for s in samples if s["task"] == "t2i"
+               and len(collator.sample(s)[0]) < len(s["input_ids"])]
+    assert dropped, "some t2i sample must lose its caption to condition dropout at this seed"
+
+    def loss_and_grads(method):
+        model.zero_grad(set_to_none=True)
+        loss = batch_loss(model, dict(batch), method)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (own, own_grads), (ours, our_grads) = loss_and_grads("model"), loss_and_grads("chunked")
+    torch.testing.assert_close(ours, own, atol=1e-5, rtol=0)
+    assert own_grads.keys() == our_grads.keys()
+    for name in own_grads:
+        torch.testing.assert_close(our_grads[name], own_grads[name], atol=1e-5, rtol=1e-5)
+    # evaluation sums agree too
+    (s1, c1), (s2, c2) = batch_loss_sums(model, dict(batch), "model"), batch_loss_sums(model, dict(batch), "chunked")
+    torch.testing.assert_close(s2, s1, atol=1e-4, rtol=1e-5)
+    assert c1.tolist() == c2.tolist()
+    with pytest.raises(ValueError, match="loss must be one of"):
+        batch_loss(model, dict(batch), "fused")

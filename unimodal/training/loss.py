@@ -1,4 +1,4 @@
-"""Causal-LM loss that applies the output head only where a label is taken (issue #13, item 1).
+"""Causal-LM loss that applies the output head only where a label is taken.
 
 ``model(input_ids, labels=labels).loss`` builds [B, T, V] logits (plus an fp32 copy and the
 softmax kept for backward): at V = 160k that dwarfs a small model, and in image-to-text batches
@@ -26,7 +26,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
+from ..extend import layer_rows
+
 IGNORE_INDEX = -100
+# Default chunk: at most this many logits (fp32: 256 MB) per chunk; at V = 160k that is ~420 rows,
+# at a toy vocabulary every target position in one chunk (no recompute cost worth mentioning).
+CHUNK_ELEMENTS = 2**26
 HINT = "set `loss: model` in the recipe config to use the model's own loss"
 
 # Post-head logit transforms, applied in this order, each (op, value): ("mul"|"div"|"softcap", v).
@@ -52,7 +57,7 @@ def causal_lm_loss(
     input_ids: Tensor | None,
     labels: Tensor,
     *,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     num_items_in_batch: Tensor | int | None = None,
     **forward_kwargs,
 ) -> LossOutput:
@@ -61,6 +66,7 @@ def causal_lm_loss(
     ``model``: a transformers causal LM, optionally inside PEFT and/or DDP / DeepSpeed / compile
     wrappers (pass the object you would call). ``labels`` [B, T] are unshifted, -100 = no loss,
     as for transformers. ``forward_kwargs``: attention_mask, position_ids, inputs_embeds, ...
+    ``chunk_size``: target positions per head call (None: ``CHUNK_ELEMENTS // vocabulary``).
     With ``num_items_in_batch`` the sum is divided by it (gradient accumulation), else the mean
     over target tokens is taken (NaN when there are none, like transformers).
     """
@@ -90,13 +96,43 @@ def causal_lm_loss(
 
 @torch.no_grad()
 def causal_lm_loss_sums(
-    model: nn.Module, input_ids: Tensor | None, labels: Tensor, *, chunk_size: int = 1024,
+    model: nn.Module, input_ids: Tensor | None, labels: Tensor, *, chunk_size: int | None = None,
     **forward_kwargs,
 ) -> tuple[Tensor, Tensor]:
     """Evaluation: per-row ``(sum of token losses [B] fp32, target tokens [B] int64)``; summed
     over batches and processes they give the exact held-out loss per token."""
     out = causal_lm_loss(model, input_ids, labels, chunk_size=chunk_size, **forward_kwargs)
     return out.loss_sum, out.num_tokens
+
+
+LOSS_METHODS = ("chunked", "model")
+
+
+def batch_loss(model: nn.Module, batch: dict, method: str = "chunked", chunk_size: int | None = None) -> Tensor:
+    """The training loss of a collated ``batch`` (it holds ``labels``): `causal_lm_loss` or, with
+    ``method="model"``, the model's own ``.loss`` (full logits)."""
+    if method == "model":
+        return model(**batch).loss
+    if method != "chunked":
+        raise ValueError(f"loss must be one of {LOSS_METHODS}, got {method!r}")
+    return causal_lm_loss(model, **batch, chunk_size=chunk_size).loss
+
+
+@torch.no_grad()
+def batch_loss_sums(model: nn.Module, batch: dict, method: str = "chunked",
+                    chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Evaluation: per-row ``(sum of token losses [B] fp32, target tokens [B])`` of a batch."""
+    if method == "chunked":
+        return causal_lm_loss_sums(model, **batch, chunk_size=chunk_size)
+    if method != "model":
+        raise ValueError(f"loss must be one of {LOSS_METHODS}, got {method!r}")
+    batch = dict(batch)
+    labels = batch.pop("labels")
+    logits = model(**batch).logits.float()  # [B, T, V]
+    targets = labels[:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                             reduction="none")  # [B, T-1]
+    return losses.sum(1), (targets != IGNORE_INDEX).sum(1)
 
 
 # ----------------------------------------------------------------------------- model inspection
@@ -214,8 +250,10 @@ class _LossHead(_StandIn):
     """Computes the loss from the hidden states it is given and returns an empty [B, T, 0] tensor
     as "logits" (so the forward's own logit transforms cost nothing)."""
 
-    def __init__(self, head: nn.Module, steps: Steps, labels: Tensor, chunk_size: int):
+    def __init__(self, head: nn.Module, steps: Steps, labels: Tensor, chunk_size: int | None):
         super().__init__(head)
+        if chunk_size is None:
+            chunk_size = CHUNK_ELEMENTS // layer_rows(head)
         self.steps, self.labels, self.chunk_size = steps, labels, max(1, int(chunk_size))
         self.result: tuple[Tensor, Tensor, Tensor] | None = None
 
