@@ -15,10 +15,8 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from unimodal import PixelTokenizer, PixelTokenizerConfig, UnimodalPipeline, add_image_tokens
 from unimodal.cli import main as cli_main
 from unimodal.generation import PRESETS
-from unimodal.offline import build_causal_lm, train_text_tokenizer
 from unimodal.outputs import resolve_output
 from unimodal.webdemo import (
     DemoHandlers,
@@ -35,11 +33,9 @@ GOOD_TEXT = dict(max_new_tokens=8, temperature=0, top_p=0.9, seed=0)
 
 
 @pytest.fixture(scope="module")
-def pipeline():
-    tok = train_text_tokenizer()
-    model = build_causal_lm("llama", vocab_size=len(tok), tie_word_embeddings=True)
-    image_tokenizer = PixelTokenizer(PixelTokenizerConfig(codebook_size=16, image_size=4, pixel_size=1))
-    return UnimodalPipeline(model.eval(), add_image_tokens(model, tok, image_tokenizer))
+def pipeline(tiny_pipeline_factory):
+    """Tied Llama, 16 grey levels, 4x4 images of 16 tokens (the warnings below count them)."""
+    return tiny_pipeline_factory(tie=True, image_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -308,3 +304,50 @@ def test_queue_reports_bad_input_and_keeps_serving(served, tmp_path):
     good = png_file(tmp_path / "good.png")
     assert isinstance(served.predict(handle_file(good), "", 4, 0, 0.9, 0, api_name="/image_to_text"), str)
     assert len(served.predict("a dog", 1, 7, 0.9, 4096, 0.99, 0, api_name="/text_to_image")) == 1
+
+
+# ---------------------------------------------------------------------------- the model's own settings
+def _page_settings(demo) -> dict:
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    names = ("guidance", "temperature", "top-k", "top-p")
+    return {**{name: by_id[f"t2i-{name}"].value for name in names}, "note": by_id["t2i-sampling-source"].value}
+
+
+def _text_tab_settings(demo) -> list[float]:
+    """Initial temperature and top-p of the Image To Text, then the Text To Text tab."""
+    by_id = {b.elem_id: b.value for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    return [by_id[f"{tab}-{name}"] for tab in ("i2t", "t2t") for name in ("temperature", "top-p")]
+
+
+def test_page_starts_at_the_models_own_settings_and_says_where_they_come_from(tiny_pipeline_factory, tmp_path):
+    from unimodal.generation import SamplingConfig
+
+    pipe = tiny_pipeline_factory(tie=True, image_size=4)  # its own: set_sampling changes the model
+    liquid = _page_settings(build_demo(pipe))
+    assert liquid == {"guidance": 7.0, "temperature": 0.9, "top-k": 4096, "top-p": 0.99,
+                      "note": "Sampling settings: Liquid preset (guidance 7, temperature 0.9, top-k 4096, "
+                              "top-p 0.99); the model has none."}
+    assert _text_tab_settings(build_demo(pipe)) == [0.0, 0.9, 0.7, 0.9]  # greedy captions, a warmer chat
+
+    pipe.set_sampling(SamplingConfig(guidance_scale=3.0, temperature=1.0))
+    pipe.set_sampling(SamplingConfig(temperature=0.6, top_p=0.8), task="text")
+    pipe.save_pretrained(tmp_path / "final")
+    loaded = load_pipeline(tmp_path, dtype="float32", device="cpu")  # the run folder, as `unimodal demo` opens it
+    demo = build_demo(loaded)
+    own = _page_settings(demo)
+    assert own == {"guidance": 3.0, "temperature": 1.0, "top-k": 0, "top-p": 1.0,
+                   "note": "Sampling settings: from the model's generation_config.json (guidance 3, temperature 1, "
+                           "top-k off, top-p 1)."}
+    # The text tabs start at the model's text settings: temperature, top-p.
+    assert _text_tab_settings(demo) == [0.6, 0.8, 0.6, 0.8]
+    # Generating with the page's initial values is generating with the model's settings.
+    page = [im for im, _ in DemoHandlers(loaded).text_to_image("a cat", 2, own["guidance"], own["temperature"],
+                                                               own["top-k"], own["top-p"], 3)]
+    default = loaded.generate_images("a cat", 2, seed=3, progress=False)
+    assert [im.tobytes() for im in page] == [im.tobytes() for im in default]
+
+    # A setting beyond the sliders' usual ends widens them instead of being refused by the page.
+    pipe.set_sampling(SamplingConfig(guidance_scale=25.0))
+    handlers = DemoHandlers(pipe)
+    assert _page_settings(build_demo(pipe))["guidance"] == 25.0 and handlers.max_guidance == 25.0
+    assert len(handlers.text_to_image("a cat", 1, 25.0, 1.0, 0, 1.0, 0)) == 1

@@ -20,8 +20,6 @@ import httpx
 import pytest
 from PIL import Image
 
-from unimodal import PixelTokenizer, PixelTokenizerConfig, UnimodalPipeline, add_image_tokens
-from unimodal.offline import build_causal_lm, train_text_tokenizer
 from unimodal.webdemo import DemoHandlers
 
 CHROMIUM = "/usr/bin/chromium"
@@ -38,12 +36,10 @@ ALL_LOADED = """sel => { const imgs = [...document.querySelectorAll(sel)];
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A run folder with the pipeline in ``model/`` (the end-to-end demo's layout); and the pipeline."""
-    tok = train_text_tokenizer()
-    model = build_causal_lm("llama", vocab_size=len(tok), tie_word_embeddings=True)
-    image_tokenizer = PixelTokenizer(PixelTokenizerConfig(codebook_size=16, image_size=8, pixel_size=1))
-    pipeline = UnimodalPipeline(model.eval(), add_image_tokens(model, tok, image_tokenizer))
+def run_dir(tmp_path_factory, tiny_pipeline_factory):
+    """A run folder with the pipeline in ``final/`` (the end-to-end demo's layout); and the pipeline
+    (tied Llama, 16 grey levels, 8x8 images)."""
+    pipeline = tiny_pipeline_factory(tie=True, image_size=8)
     run = tmp_path_factory.mktemp("run")
     pipeline.save_pretrained(run / "final")
     return run, pipeline
