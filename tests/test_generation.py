@@ -14,8 +14,9 @@ from transformers import (
 )
 
 from unimodal.generation import (
-    ImageSpanConstraint, KVDecoder, RowUniforms, SamplingConfig, TokenSampler, decode_image_ids, generate_images,
-    generate_text, in_top_k_top_p, resolve_sampling, sample_image_tokens,
+    PRESETS, ImageSpanConstraint, KVDecoder, RowUniforms, SamplingConfig, TokenSampler, decode_image_ids,
+    generate_images, generate_text, in_top_k_top_p, model_sampling, resolve_sampling, sample_image_tokens,
+    set_sampling,
 )
 from unimodal.images import tensor_to_pil
 from unimodal.offline import TINY_ARCHITECTURES, build_causal_lm
@@ -395,3 +396,47 @@ def test_constraint_in_transformers_generate_closes_spans(trained):
     torch.manual_seed(0)
     free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=True, temperature=2.0)
     assert not all(closed for row in free for _, closed in _spans(processor, row[start:]))
+
+
+# ---------------------------------------------------------------------------- the model's own settings
+
+def test_generation_defaults_to_the_models_settings_else_the_presets(tiny_pipeline_factory):
+    pipe = tiny_pipeline_factory(image_size=6, pixel_size=2)  # its own: set_sampling changes the model
+    model, processor = pipe.model, pipe.processor
+    assert model_sampling(model) == (PRESETS["liquid"], "preset liquid")  # nothing stored yet
+    assert model_sampling(model, "text") == (PRESETS["greedy"], "preset greedy")
+
+    def images(**kwargs):
+        return [im.tobytes() for im in generate_images(model, processor, PROMPTS, 2, seed=3, progress=False, **kwargs)]
+
+    liquid = images(preset="liquid")
+    assert images() == liquid  # no settings: the Liquid preset, image for image
+
+    own = SamplingConfig(guidance_scale=1.5, temperature=2.0, top_k=3)  # far enough from Liquid's to show
+    set_sampling(model, own)
+    assert model.generation_config.unimodal_image == dataclasses.asdict(own)
+    assert model_sampling(model) == (own, "model")
+    assert images() == images(preset=own) != liquid  # its settings, not Liquid's
+    # Explicit arguments still override the model's settings field by field.
+    assert images(guidance_scale=7.0) == images(preset=dataclasses.replace(own, guidance_scale=7.0))
+
+    text_kwargs = dict(max_new_tokens=6, seed=1)
+    greedy = generate_text(model, processor, PROMPTS, **text_kwargs)
+    set_sampling(model, "plain", task="text")
+    assert model_sampling(model, "text") == (PRESETS["plain"], "model")
+    assert generate_text(model, processor, PROMPTS, **text_kwargs) == \
+        generate_text(model, processor, PROMPTS, preset="plain", **text_kwargs)
+    set_sampling(model, None, task="text")  # removed: back to greedy
+    assert generate_text(model, processor, PROMPTS, **text_kwargs) == greedy
+
+
+def test_unusable_stored_settings_say_how_to_fix_them(tiny_pipeline_factory):
+    model = tiny_pipeline_factory(image_size=2).model
+    model.generation_config.unimodal_image = {"guidance_scale": 0.5}
+    with pytest.raises(ValueError, match="generation_config.json has unusable unimodal_image.*set_sampling"):
+        model_sampling(model)
+    model.generation_config.unimodal_image = {"guidance": 3.0}  # not a SamplingConfig field
+    with pytest.raises(ValueError, match="unusable unimodal_image"):
+        model_sampling(model)
+    with pytest.raises(ValueError, match="task must be one of"):
+        model_sampling(model, "video")

@@ -115,8 +115,9 @@ def add_image_tokens(
     padding indistinguishable from the end of a sample). The input and output embeddings are
     resized with transformers' ``resize_token_embeddings`` (tied and untied heads, gathering under
     DeepSpeed ZeRO-3), new rows initialised at the mean of the old ones when ``mean_resizing``.
-    ``model.config`` afterwards records ``vocab_size``, ``pad_token_id`` and a ``unimodal`` dict
-    (control ids, image id range, grid), so a saved LM folder describes itself.
+    ``model.config`` afterwards records ``vocab_size``, ``pad_token_id``, ``boi_token_id``,
+    ``eoi_token_id`` and a ``unimodal`` dict (control ids, image id range, grid), so a saved LM
+    folder describes itself; ``model.generation_config`` the same three ids.
 
     Args:
         model: any ``AutoModelForCausalLM`` model; modified in place.
@@ -157,10 +158,17 @@ def add_image_tokens(
     model.resize_token_embeddings(
         len(tokenizer), pad_to_multiple_of=pad_to_multiple_of, mean_resizing=mean_resizing
     )
-    if added_pad:
-        model.config.pad_token_id = tokenizer.pad_token_id
-        if model.generation_config is not None:
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # The control ids where generic tools look for them: top-level config attributes (the names
+    # Chameleon-style configs use) and the generation config, which `generate` reads pad from.
+    ids = {"boi_token_id": first, "eoi_token_id": first + 1, "pad_token_id": tokenizer.pad_token_id}
+    for key, value in ids.items():
+        setattr(model.config, key, value)
+    if model.generation_config is not None:
+        for key, value in ids.items():
+            setattr(model.generation_config, key, value)
+        # A config derived from the model config is saved with `_from_model_config: true`, and
+        # transformers drops every extra field (boi/eoi) of such a file when loading it.
+        model.generation_config._from_model_config = False
     if image_rows_init == "codebook" and model.get_input_embeddings().weight.device.type != "meta":
         init_rows_from_codes(model, first + 2, first, image_tokenizer.code_vectors(), seed)
     h, w = image_tokenizer.grid_shape

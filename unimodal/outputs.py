@@ -3,7 +3,8 @@
 ```
 final/
   config.json  model.safetensors  generation_config.json   the LM (merged LoRA or full weights)
-  (or adapter/ + unimodal_adapter.json                      LoRA adapter + base reference)
+  (or adapter/ + unimodal_adapter.json                      LoRA adapter + base reference,
+   + generation_config.json)                                the fine-tuned model's generation config)
   tokenizer.json  tokenizer_config.json  processor_config.json
   image_tokenizer/                                          VQGAN / PixelTokenizer
   README.md                                                 model card with the training config
@@ -33,6 +34,7 @@ import torch
 import yaml
 
 from .extend import unwrap_peft
+from .generation.sampling import SamplingConfig, set_sampling
 from .processor import PROCESSOR_CONFIG_NAME, UnimodalProcessor
 from .training.accelerator import weights_sharded, zero3_disabled
 
@@ -40,6 +42,7 @@ ADAPTER_SUBFOLDER = "adapter"
 ADAPTER_CONFIG_NAME = "unimodal_adapter.json"
 FINAL_SUBFOLDER = "final"  # the finished model inside a run's output_dir (every recipe and the demo)
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+GENERIC_PROMPT = "a photo of a cat"  # the card's example prompt when the run sampled none
 
 CARD_TEMPLATE = """---
 library_name: transformers
@@ -51,7 +54,7 @@ tags:
 ---
 # {name}
 
-A unified text + image LM fine-tuned with [unimodal](https://github.com/) ({kind}).
+A unified text + image LM fine-tuned with the `unimodal` Python package ({kind}).
 Image tokens come from the `{image_tokenizer}` image tokenizer in `image_tokenizer/`
 ({grid} grid, {codebook} codes; ids {first}-{last}).
 
@@ -70,7 +73,7 @@ MERGED_USAGE = """from transformers import AutoModelForCausalLM
 from unimodal import UnimodalProcessor, generate_images
 model = AutoModelForCausalLM.from_pretrained("{path}")
 processor = UnimodalProcessor.from_pretrained("{path}")
-images = generate_images(model, processor, ["a handwritten digit seven"])"""
+images = generate_images(model, processor, [{prompt}])"""
 
 ADAPTER_USAGE = """from unimodal import UnimodalProcessor
 from unimodal.outputs import load_model
@@ -80,9 +83,14 @@ processor = UnimodalProcessor.from_pretrained("{path}")"""
 
 def model_card(processor: UnimodalProcessor, config: dict[str, Any], *, base: str, name: str,
                adapter: bool, metrics: dict[str, float] | None = None) -> str:
-    """README.md text: what the model is, how to load it, and the full training config as YAML."""
+    """README.md text: what the model is, how to load it, and the full training config as YAML.
+
+    The usage example generates from the run's first ``sample_prompts`` entry (prompts the model
+    was watched on during training), else from a generic prompt.
+    """
     lo, hi = processor.image_token_range
-    usage = (ADAPTER_USAGE if adapter else MERGED_USAGE).format(path=name)
+    prompt = next(iter(config.get("sample_prompts") or []), GENERIC_PROMPT)
+    usage = (ADAPTER_USAGE if adapter else MERGED_USAGE).format(path=name, prompt=json.dumps(prompt))
     table = ""
     if metrics:
         table = "\n## Final evaluation\n\n| metric | value |\n| --- | --- |\n" + "".join(
@@ -107,13 +115,16 @@ def save_finetuned(
     rebuild: Callable[[], torch.nn.Module] | None = None,
     metrics: dict[str, float] | None = None,
     card_name: str | None = None,
+    sampling: SamplingConfig | None = None,
 ) -> Path:
     """Write the final folder (see module docstring). Call it on EVERY process, once, at the end:
     LoRA is merged into the trained model in place.
 
     ``config`` goes into the model card, ``base`` is the base model reference (hub name/folder),
     ``card_name`` the name the card's usage example loads (default: ``output_dir``; the Hub repo
-    id when the folder is pushed).
+    id when the folder is pushed). ``sampling``: the text-to-image settings to save as the model's
+    own (``generation_config.json``; see `unimodal.generation.model_sampling`); ``None`` keeps
+    whatever the model's generation config holds.
 
     Under DeepSpeed ZeRO-3 or FSDP each process holds a shard: ``accelerator.get_state_dict``
     gathers the full weights (ZeRO-3 needs ``zero3_save_16bit_model: true`` in the launch config),
@@ -137,9 +148,13 @@ def save_finetuned(
         is_peft = hasattr(model, "peft_config")
         adapter = is_peft and not merge_lora
         output_dir.mkdir(parents=True, exist_ok=True)
+        if sampling is not None:
+            set_sampling(unwrap_peft(model), sampling)
         if adapter:
             model.peft_config["default"].base_model_name_or_path = base
             model.save_pretrained(output_dir / ADAPTER_SUBFOLDER)  # adapter + the resized rows
+            # PEFT saves no generation config; the base's would lack the ids and settings.
+            unwrap_peft(model).generation_config.save_pretrained(output_dir)
             (output_dir / ADAPTER_CONFIG_NAME).write_text(json.dumps(
                 {"base_model_name_or_path": base, "vocab_size": _rows(model)}, indent=2) + "\n")
         else:
@@ -175,7 +190,7 @@ def resolve_output(path: str | os.PathLike) -> str:
         return str(path)
     what = "is not a folder" if not root.is_dir() else f"holds no {PROCESSOR_CONFIG_NAME} with an LM"
     raise FileNotFoundError(
-        f"{str(path)!r} {what}: pass a folder written by recipes/finetune.py or "
+        f"{str(path)!r} {what}: pass a folder written by `unimodal finetune` (recipes/finetune.py) or "
         f"UnimodalPipeline.save_pretrained, a run folder containing {FINAL_SUBFOLDER}/, or a Hub repo id"
     )
 
@@ -188,11 +203,11 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float3
     the fine-tuned vocabulary, then the adapter (which carries the new rows); merged unless
     ``merge=False``. ``model_kwargs`` (e.g. ``revision``, ``token``) go to ``from_pretrained``.
     """
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import cached_file
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers.utils import GENERATION_CONFIG_NAME, cached_file
 
-    meta_file = cached_file(str(path), ADAPTER_CONFIG_NAME, _raise_exceptions_for_missing_entries=False,
-                            **{k: v for k, v in model_kwargs.items() if k in ("revision", "token")})
+    hub = {k: v for k, v in model_kwargs.items() if k in ("revision", "token")}
+    meta_file = cached_file(str(path), ADAPTER_CONFIG_NAME, _raise_exceptions_for_missing_entries=False, **hub)
     if meta_file is None:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **model_kwargs)
     from peft import PeftModel
@@ -204,4 +219,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float3
     adapter = Path(path) / ADAPTER_SUBFOLDER if Path(path).is_dir() else path
     kwargs = {} if Path(path).is_dir() else {"subfolder": ADAPTER_SUBFOLDER}
     model = PeftModel.from_pretrained(base, str(adapter), **kwargs)
+    if cached_file(str(path), GENERATION_CONFIG_NAME, _raise_exceptions_for_missing_entries=False, **hub):
+        # The fine-tune's ids and sampling settings, not the base's.
+        unwrap_peft(model).generation_config = GenerationConfig.from_pretrained(path, **hub)
     return model.merge_and_unload() if merge else model

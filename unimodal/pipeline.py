@@ -4,6 +4,7 @@ Folder layout (what `save_pretrained` writes and `from_pretrained` reads, locall
 
 ```
 config.json, generation_config.json, model.safetensors   the LM: AutoModelForCausalLM loads it
+                                                         (+ its sampling settings: set_sampling)
 tokenizer.json, tokenizer_config.json, ...               the extended text tokenizer
 processor_config.json                                    the UnimodalProcessor settings
 image_tokenizer/config.json, model.safetensors           VQGAN or PixelTokenizer
@@ -23,7 +24,7 @@ from PIL import Image
 from transformers import PreTrainedModel
 
 from .extend import check_compatibility
-from .generation import generate_images, generate_text
+from .generation import SamplingConfig, generate_images, generate_text, model_sampling, set_sampling
 from .hub import PushToHubMixin, push_folder_to_hub
 from .outputs import load_model, resolve_output
 from .processor import UnimodalProcessor
@@ -89,10 +90,22 @@ class UnimodalPipeline(PushToHubMixin):
             kwargs.setdefault("commit_message", self.hub_commit_message)
             push_folder_to_hub(save_directory, kwargs.pop("repo_id", save_directory.name), **kwargs)
 
+    def sampling(self, task: str = "image") -> tuple[SamplingConfig, str]:
+        """The settings `generate_images` (``task="image"``) or `generate_text` (``"text"``) use
+        when given no ``preset``, and their source: ``"model"`` (this folder's
+        ``generation_config.json``) or the preset it falls back to (``"preset liquid"``)."""
+        return model_sampling(self.model, task)
+
+    def set_sampling(self, sampling: str | SamplingConfig | None, task: str = "image") -> None:
+        """Make ``sampling`` this model's default for ``task``; `save_pretrained` writes it with
+        the model (``None`` removes it). See `unimodal.generation.set_sampling`."""
+        set_sampling(self.model, sampling, task)
+
     def generate_images(
         self, prompts: str | Sequence[str], num_images_per_prompt: int = 1, **kwargs
     ) -> list[Image.Image]:
-        """`unimodal.generate_images` with this pipeline's model and processor."""
+        """`unimodal.generate_images` with this pipeline's model and processor (by default with the
+        model's own sampling settings, see `sampling`)."""
         return generate_images(self.model, self.processor, prompts, num_images_per_prompt, **kwargs)
 
     def generate_text(self, text: str | Sequence[str], images=None, **kwargs):

@@ -2,8 +2,10 @@
 
     unimodal demo --model outputs/digits-demo/final  # or: python -m unimodal.cli demo --model ...
 
-- Text To Image: N images at once in a gallery (click one to enlarge); Advanced Settings with
-  Liquid's defaults (guidance 7, temperature 0.9, top-k 4096, top-p 0.99) and a seed.
+- Text To Image: N images at once in a gallery (click one to enlarge); Advanced Settings start
+  at the model's own sampling settings (its ``generation_config.json``, see
+  `unimodal.generation.model_sampling`), or at Liquid's (guidance 7, temperature 0.9, top-k 4096,
+  top-p 0.99) when it has none; a line under the gallery says which. And a seed.
 - Image To Text: upload an image, optionally ask a question, get the caption / answer.
 - Text To Text: chat (a plain ``User:`` / ``Assistant:`` transcript; see docs/webdemo.md).
 
@@ -27,11 +29,12 @@ import gradio as gr
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .generation import PRESETS
+from .generation import SamplingConfig
+from .generation.sampling import SAMPLING_SOURCE_MODEL
 from .images import to_rgb
 from .pipeline import UnimodalPipeline
 
-LIQUID = PRESETS["liquid"]  # guidance 7, temperature 0.9, top-k 4096, top-p 0.99
+MAX_GUIDANCE, MAX_TEMPERATURE = 20.0, 2.0  # slider ends (raised to a model's own setting above them)
 MAX_TOP_K = 2**18  # the largest image codebooks in use (LFQ); more than the codebook = no top-k
 # Low-resolution model outputs are upscaled by the browser: keep the pixels sharp.
 CSS = ".pixelated img { image-rendering: pixelated; }"
@@ -104,6 +107,11 @@ class DemoHandlers:
         config = pipeline.model.config.get_text_config()
         # Positions the LM can attend over (None: no fixed limit known).
         self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        # The page's initial settings: the model's own, else the fallback presets (see `sampling_note`).
+        self.image_sampling, self.image_sampling_source = pipeline.sampling("image")
+        self.text_sampling, self.text_sampling_source = pipeline.sampling("text")
+        self.max_guidance = max(MAX_GUIDANCE, self.image_sampling.guidance_scale)
+        self.max_temperature = max(MAX_TEMPERATURE, self.image_sampling.temperature, self.text_sampling.temperature)
 
     def _text(self, name: str, text: Any, *, required: bool) -> str:
         text = "" if text is None else str(text)
@@ -123,7 +131,7 @@ class DemoHandlers:
         """generate_text keyword arguments; temperature 0 means greedy. Shortens max_new_tokens
         (with a warning) so prompt + answer fit the LM's context."""
         max_new = _number("Max new tokens", max_new_tokens, 1, self.limits.max_new_tokens, integer=True)
-        temperature = _number("Temperature", temperature, 0, 2)
+        temperature = _number("Temperature", temperature, 0, self.max_temperature)
         top_p = _number("Top-p", top_p, 0, 1, low_open=True)
         if self.context is not None:
             room = self.context - prompt_len
@@ -178,8 +186,8 @@ class DemoHandlers:
         Image ``i`` uses seed ``seed + i``: generate with that seed and 1 image to get it alone."""
         prompt = self._text("prompt", prompt, required=True)
         num_images = _number("Number of images", num_images, 1, self.limits.max_images, integer=True)
-        guidance_scale = _number("Guidance scale", guidance_scale, 1, 20)
-        temperature = _number("Temperature", temperature, 0, 2, low_open=True)
+        guidance_scale = _number("Guidance scale", guidance_scale, 1, self.max_guidance)
+        temperature = _number("Temperature", temperature, 0, self.max_temperature, low_open=True)
         top_k = _number("Top-k", top_k, 0, MAX_TOP_K, integer=True)
         top_p = _number("Top-p", top_p, 0, 1, low_open=True)
         seed = self._seed(seed)
@@ -242,6 +250,16 @@ class DemoHandlers:
         return history, history, ""
 
 
+def sampling_note(sampling: SamplingConfig, source: str) -> str:
+    """The line the page shows about the text-to-image settings it starts with."""
+    values = (f"guidance {sampling.guidance_scale:g}, temperature {sampling.temperature:g}, "
+              f"top-k {sampling.top_k or 'off'}, top-p {sampling.top_p:g}")
+    if source == SAMPLING_SOURCE_MODEL:
+        return f"Sampling settings: from the model's generation_config.json ({values})."
+    name = source.removeprefix("preset ").capitalize()
+    return f"Sampling settings: {name} preset ({values}); the model has none."
+
+
 def _transcript(turns: list[dict]) -> str:
     """``User: ...`` / ``Assistant: ...`` lines ending in ``Assistant:`` for the model to continue."""
     names = {"user": "User", "assistant": "Assistant"}
@@ -272,19 +290,23 @@ def build_demo(pipeline: UnimodalPipeline, limits: DemoLimits = DemoLimits(),
             gallery = gr.Gallery(label="Images (click to enlarge)", columns=4, format="png", interactive=False,
                                  object_fit="contain", buttons=["download", "download_all", "fullscreen"],
                                  elem_id="t2i-gallery", elem_classes="pixelated")
+            start = handlers.image_sampling  # the model's settings, else Liquid's
+            gr.Markdown(sampling_note(start, handlers.image_sampling_source), elem_id="t2i-sampling-source")
             with gr.Accordion("Advanced Settings", open=False):
                 with gr.Row():
                     num_images = gr.Slider(1, limits.max_images, value=min(4, limits.max_images), step=1,
                                            label="Number of images", elem_id="t2i-num-images")
-                    guidance = gr.Slider(1, 20, value=LIQUID.guidance_scale, step=0.5, label="Guidance scale",
-                                         elem_id="t2i-guidance")
+                    guidance = gr.Slider(1, handlers.max_guidance, value=start.guidance_scale, step=0.5,
+                                         label="Guidance scale", elem_id="t2i-guidance")
                     image_seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="t2i-seed")
                 with gr.Row():
-                    image_temperature = gr.Slider(0.05, 2, value=LIQUID.temperature, step=0.05, label="Temperature",
+                    image_temperature = gr.Slider(min(0.05, start.temperature), handlers.max_temperature,
+                                                  value=start.temperature, step=0.05, label="Temperature",
                                                   elem_id="t2i-temperature")
-                    top_k = gr.Slider(0, MAX_TOP_K, value=LIQUID.top_k, step=1, label="Top-k (0: off)",
-                                      elem_id="t2i-top-k")
-                    image_top_p = gr.Slider(0.01, 1, value=LIQUID.top_p, step=0.01, label="Top-p", elem_id="t2i-top-p")
+                    top_k = gr.Slider(0, max(MAX_TOP_K, start.top_k or 0), value=start.top_k or 0, step=1,
+                                      label="Top-k (0: off)", elem_id="t2i-top-k")
+                    image_top_p = gr.Slider(min(0.01, start.top_p), 1, value=start.top_p, step=0.01, label="Top-p",
+                                            elem_id="t2i-top-p")
             gr.on([generate.click, prompt.submit], handlers.text_to_image,
                   [prompt, num_images, guidance, image_temperature, top_k, image_top_p, image_seed],
                   gallery, api_name="text_to_image", **queued)
@@ -298,7 +320,7 @@ def build_demo(pipeline: UnimodalPipeline, limits: DemoLimits = DemoLimits(),
                                           max_length=limits.max_prompt_chars, elem_id="i2t-question")
                     describe = gr.Button("Describe", variant="primary", elem_id="i2t-describe")
                 answer = gr.Textbox(label="Answer", lines=6, interactive=False, elem_id="i2t-answer")
-            i2t_settings = _text_settings(limits, temperature=0.0)
+            i2t_settings = _text_settings(limits, handlers, "i2t", default_temperature=0.0)
             gr.on([describe.click, question.submit], handlers.image_to_text,
                   [upload, question, *i2t_settings], answer, api_name="image_to_text", **queued)
 
@@ -310,7 +332,7 @@ def build_demo(pipeline: UnimodalPipeline, limits: DemoLimits = DemoLimits(),
                                      elem_id="t2t-message")
                 send = gr.Button("Send", variant="primary", scale=1, elem_id="t2t-send")
             clear = gr.Button("Clear conversation", variant="secondary")
-            chat_settings = _text_settings(limits, temperature=0.7)
+            chat_settings = _text_settings(limits, handlers, "t2t", default_temperature=0.7)
             gr.on([send.click, message.submit], handlers.chat, [message, history, *chat_settings],
                   [chatbot, history, message], api_name="chat", **queued)
             clear.click(lambda: ([], [], ""), None, [chatbot, history, message], queue=False, api_visibility="private")
@@ -318,14 +340,22 @@ def build_demo(pipeline: UnimodalPipeline, limits: DemoLimits = DemoLimits(),
     return demo
 
 
-def _text_settings(limits: DemoLimits, temperature: float) -> list[gr.components.Component]:
-    """Advanced Settings of a text-output tab: max new tokens, temperature, top-p, seed."""
+def _text_settings(limits: DemoLimits, handlers: DemoHandlers, tab: str,
+                   default_temperature: float) -> list[gr.components.Component]:
+    """Advanced Settings of a text-output tab (elem ids ``<tab>-temperature``, ``<tab>-top-p``):
+    max new tokens, temperature, top-p, seed. They start
+    at the model's text settings when it has them, else at ``default_temperature`` and top-p 0.9."""
+    temperature, top_p = default_temperature, 0.9
+    if handlers.text_sampling_source == SAMPLING_SOURCE_MODEL:
+        own = handlers.text_sampling
+        temperature, top_p = (own.temperature if own.do_sample else 0.0), own.top_p
     with gr.Accordion("Advanced Settings", open=False):
         with gr.Row():
             max_new = gr.Slider(1, limits.max_new_tokens, value=min(64, limits.max_new_tokens), step=1,
                                 label="Max new tokens")
-            temp = gr.Slider(0, 2, value=temperature, step=0.05, label="Temperature (0: greedy)")
-            top_p = gr.Slider(0.01, 1, value=0.9, step=0.01, label="Top-p")
+            temp = gr.Slider(0, handlers.max_temperature, value=temperature, step=0.05, label="Temperature (0: greedy)",
+                             elem_id=f"{tab}-temperature")
+            top_p = gr.Slider(min(0.01, top_p), 1, value=top_p, step=0.01, label="Top-p", elem_id=f"{tab}-top-p")
             seed = gr.Number(0, label="Seed", precision=0, minimum=0)
     return [max_new, temp, top_p, seed]
 

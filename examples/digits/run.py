@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from unimodal import PixelTokenizer, PixelTokenizerConfig
-from unimodal.digits import (
+from digits import (  # examples/digits/digits.py: this script's folder is on sys.path
     DIGIT_WORDS, DigitClassifier, DigitClassifierConfig, caption_for, dataset_to_tensors, label_from_caption,
     load_digits_dataset,
 )
+from unimodal import PixelTokenizer, PixelTokenizerConfig
 from unimodal.evaluation import Target, evaluate_model, write_report
 from unimodal.offline import SAMPLE_TEXT, export_smollm2, train_text_tokenizer
 from unimodal.outputs import FINAL_SUBFOLDER
@@ -77,6 +77,8 @@ class DemoConfig:
     samples_per_digit: int = 20
     grid_columns: int = 8
     display_size: int = 48  # side of each image in the PNG grids (nearest-neighbour upscaling)
+    # Text-to-image sampling: the fine-tune saves it in final/generation_config.json as the model's
+    # own settings (the web demo and `unimodal generate` start from them) and the report uses those.
     guidance_scale: float = 3.0
     temperature: float = 1.0
     generation_dtype: str = "float32"  # bfloat16 on GPUs and CPUs with native bf16
@@ -174,7 +176,9 @@ def main(argv: list[str] | None = None) -> Path:
         launch = [py, "-m", "accelerate.commands.launch", "--config_file", repo_path(cfg.launch_config)]
         run(f"{name}: fine-tune", [*launch, "recipes/finetune.py", "--config", repo_path(cfg.finetune_config), *lm,
                                    "--dataset_path", str(run_dir / "data"), "--output_dir", str(run_dir / "finetune"),
-                                   "--num_epochs", str(epochs), "--seed", str(cfg.seed)],
+                                   "--num_epochs", str(epochs), "--seed", str(cfg.seed),
+                                   "--sample_guidance_scale", str(cfg.guidance_scale),
+                                   "--sample_temperature", str(cfg.temperature)],
             out / "logs", times, threads)
 
     with ThreadPoolExecutor(len(lanes)) as pool:
@@ -192,14 +196,18 @@ def main(argv: list[str] | None = None) -> Path:
         model_dir = out / FINAL_SUBFOLDER if name == "VQ-GAN" else run_dir / "finetune" / FINAL_SUBFOLDER
         pipe = UnimodalPipeline.from_pretrained(model_dir, dtype=getattr(torch, cfg.generation_dtype))
         p = pipe.processor
+        sampling, _ = pipe.sampling("image")  # what the fine-tune saved: the settings users get
         evaluation = evaluate_model(
             name, pipe, [caption_for(d) for d in range(10)], test["image"], test["label"], classifier,
             label_from_caption, out, feature_extractor=classifier.features,
             samples_per_prompt=cfg.samples_per_digit, grid_columns=cfg.grid_columns, display_size=cfg.display_size,
-            guidance_scale=cfg.guidance_scale, temperature=cfg.temperature, seed=cfg.seed,
+            guidance_scale=sampling.guidance_scale, temperature=sampling.temperature, top_k=sampling.top_k,
+            top_p=sampling.top_p, seed=cfg.seed,
             sequence_length=len(p.text_to_image_ids(caption_for(7))) + p.num_image_tokens + 2)  # + <eoi> <eos>
         evaluation.seconds = {"fine-tune CPU": times[f"{name}: fine-tune"]["CPU s"], **evaluation.seconds}
-        evaluation.settings = {"fine-tune epochs": epochs}
+        evaluation.settings = {"fine-tune epochs": epochs, "guidance scale": sampling.guidance_scale,
+                               "temperature": sampling.temperature, "top-k": sampling.top_k or "off",
+                               "top-p": sampling.top_p}
         evaluations.append(evaluation)
         times[f"{name}: evaluate"] = {"wall s": time.perf_counter() - started}
 

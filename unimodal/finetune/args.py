@@ -85,6 +85,10 @@ class FinetuneArguments(RunArguments):
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
+    # "chunked": the LM head runs only at positions that take a loss, a chunk of them at a time
+    # (no [B, T, V] logits; unimodal.training.loss); "model": the model's own ``.loss``.
+    loss: str = "chunked"
+    loss_chunk_size: int | None = None  # positions per head call; None: sized to the vocabulary
     sample_prompts: list[str] = field(default_factory=list)
     # How those images are sampled; also saved as the model's own text-to-image settings in
     # final/generation_config.json (generate_images, the web demo, `unimodal generate` use them).

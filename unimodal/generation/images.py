@@ -16,19 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .decoder import KVDecoder
-from .sampling import RowUniforms, SamplingConfig, TokenSampler, resolve_sampling
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Id lists -> ``input_ids``, ``attention_mask`` ``[B, L]``, padded on the left."""
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if len(row):
-            ids[i, length - len(row):] = torch.as_tensor(row, dtype=torch.long)
-            mask[i, length - len(row):] = 1
-    return ids, mask
+from .sampling import RowUniforms, SamplingConfig, TokenSampler, model_sampling, resolve_sampling
 
 
 @torch.no_grad()
@@ -75,7 +63,8 @@ def sample_image_tokens(
     for start in range(0, n_rows, batch_size):
         stop = min(start + batch_size, n_rows)
         rows = list(prompt_ids[start:stop])
-        ids, mask = left_pad(rows + [uncond] * len(rows) if guided else rows, processor.pad_token_id)
+        batch = processor.pad(rows + [uncond] * len(rows) if guided else rows, padding_side="left")
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # [R, L], R = B or 2B
         decoder = KVDecoder(model, vocab_slice=(lo, hi))
         logits = decoder.prefill(ids, mask)  # [R, K] logits of the K image ids, R = B or 2B
         u = None if uniforms is None else uniforms.rows(start, stop, logits.device)  # [B, h*w, 2]
@@ -109,7 +98,7 @@ def generate_images(
     prompts: str | Sequence[str],
     num_images_per_prompt: int = 1,
     *,
-    preset: str | SamplingConfig = "liquid",
+    preset: str | SamplingConfig | None = None,
     guidance_scale: float | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
@@ -128,9 +117,11 @@ def generate_images(
         processor: its `UnimodalProcessor`.
         prompts: one caption or a list; output images are ordered prompt by prompt,
             ``num_images_per_prompt`` each.
-        preset: named settings from `unimodal.generation.PRESETS` (``"liquid"``: guidance 7,
-            temperature 0.9, top-k 4096, top-p 0.99) or a `SamplingConfig`; the explicit
-            arguments below override it.
+        preset: the settings to start from: ``None`` (default) the model's own
+            (``generation_config.json``, see `model_sampling`), or the ``"liquid"`` preset
+            (guidance 7, temperature 0.9, top-k 4096, top-p 0.99) when it has none; a name from
+            `unimodal.generation.PRESETS`; or a `SamplingConfig`. The explicit arguments below
+            override it.
         guidance_scale, temperature, top_k, top_p, do_sample: see `SamplingConfig`.
         negative_prompt: caption for the unconditional branch instead of the empty caption.
         seed: ``int`` (image ``i`` uses ``seed + i``, so it is reproduced alone with ``seed + i``),
@@ -142,6 +133,8 @@ def generate_images(
         ``len(prompts) * num_images_per_prompt`` RGB images.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if preset is None:
+        preset, _ = model_sampling(model, "image")
     sampling = resolve_sampling(preset, guidance_scale=guidance_scale, temperature=temperature,
                                 top_k=top_k, top_p=top_p, do_sample=do_sample)
     rows = [processor.text_to_image_ids(p) for p in prompts for _ in range(num_images_per_prompt)]

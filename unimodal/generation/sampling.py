@@ -10,6 +10,9 @@ sampled fast and reproducibly in batches, is written here:
   sorting the vocabulary each step (exactly the distribution of transformers' warpers);
 - `ImageSpanConstraint`: after ``<boi>`` only image ids, exactly ``h*w`` of them, then ``<eoi>``;
   outside a span no image ids (and ``<boi>`` only when interleaved output is allowed).
+
+A model carries its recommended settings in ``generation_config.json`` (`set_sampling` writes
+them, `model_sampling` reads them); generation uses them unless told otherwise.
 """
 
 from __future__ import annotations
@@ -66,6 +69,62 @@ PRESETS: dict[str, SamplingConfig] = {
     "plain": SamplingConfig(),
     "greedy": SamplingConfig(do_sample=False),
 }
+
+
+# What a model without its own settings gets, per task: Liquid's text-to-image settings, and the
+# argmax for text (what captioning accuracy is measured with).
+FALLBACK_PRESETS = {"image": "liquid", "text": "greedy"}
+SAMPLING_SOURCE_MODEL = "model"  # `model_sampling`'s source for settings from generation_config.json
+
+
+def _settings_key(task: str) -> str:
+    """The `GenerationConfig` attribute holding a task's settings: ``unimodal_image`` / ``unimodal_text``."""
+    if task not in FALLBACK_PRESETS:
+        raise ValueError(f"task must be one of {sorted(FALLBACK_PRESETS)}, got {task!r}")
+    return f"unimodal_{task}"
+
+
+def model_sampling(model, task: str = "image") -> tuple[SamplingConfig, str]:
+    """The sampling settings ``model`` was saved with for ``task`` (``"image"``: text-to-image,
+    ``"text"``: text generation), and where they come from.
+
+    They live in ``model.generation_config`` as ``unimodal_image`` / ``unimodal_text`` (a dict of
+    `SamplingConfig` fields; `set_sampling` writes it, ``save_pretrained`` stores it in
+    ``generation_config.json``). A model without them gets ``FALLBACK_PRESETS[task]``. transformers'
+    own fields (``temperature``, ``top_p``, ...) are not read: in a base LM's file they are its
+    chat settings, not settings anyone measured image or caption quality with.
+
+    Returns:
+        ``(config, source)`` with ``source`` ``"model"`` or ``"preset <name>"``.
+    """
+    key = _settings_key(task)
+    stored = getattr(getattr(model, "generation_config", None), key, None)
+    if stored is None:
+        name = FALLBACK_PRESETS[task]
+        return PRESETS[name], f"preset {name}"
+    try:
+        return SamplingConfig(**stored), SAMPLING_SOURCE_MODEL
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"the model's generation_config.json has unusable {key}={stored!r} ({err}); "
+                         f"fix it, or write it again with unimodal.generation.set_sampling") from None
+
+
+def set_sampling(model, sampling: str | SamplingConfig | None, task: str = "image") -> None:
+    """Record ``sampling`` (a preset name or config; ``None`` removes it) as ``model``'s settings for
+    ``task`` in ``model.generation_config``, so ``save_pretrained`` writes them to
+    ``generation_config.json`` and `model_sampling` (hence `generate_images`, the web demo and
+    ``unimodal generate``) uses them by default."""
+    key = _settings_key(task)
+    config = model.generation_config
+    if sampling is None:
+        if hasattr(config, key):
+            delattr(config, key)
+        return
+    setattr(config, key, dataclasses.asdict(resolve_sampling(sampling)))
+    # A generation config derived from the model config (a model built from a config) is saved
+    # with `_from_model_config: true`, and transformers drops every extra field of such a file
+    # when loading it: the settings would vanish on the way back.
+    config._from_model_config = False
 
 
 def resolve_sampling(preset: str | SamplingConfig, **overrides) -> SamplingConfig:

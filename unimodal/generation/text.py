@@ -14,7 +14,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .decoder import KVDecoder
-from .sampling import ImageSpanConstraint, RowUniforms, SamplingConfig, TokenSampler, resolve_sampling
+from .sampling import (
+    ImageSpanConstraint, RowUniforms, SamplingConfig, TokenSampler, model_sampling, resolve_sampling,
+)
 
 Segment = str | Image.Image
 
@@ -41,7 +43,7 @@ def generate_text(
     *,
     max_new_tokens: int = 64,
     allow_images: bool = False,
-    preset: str | SamplingConfig = "greedy",
+    preset: str | SamplingConfig | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -60,8 +62,9 @@ def generate_text(
         max_new_tokens: generated tokens per row at most (stops early at ``<eos>``).
         allow_images: let the model open image spans (interleaved output); else image ids,
             ``<boi>`` and ``<eoi>`` can never be sampled.
-        preset: ``"greedy"`` (default), ``"plain"`` or a `SamplingConfig`; giving ``temperature``,
-            ``top_k`` or ``top_p`` switches sampling on unless ``do_sample=False``.
+        preset: ``None`` (default): the model's text settings (`model_sampling`), else
+            ``"greedy"``; or ``"greedy"``, ``"plain"``, a `SamplingConfig`. Giving
+            ``temperature``, ``top_k`` or ``top_p`` switches sampling on unless ``do_sample=False``.
         seed, generator: one random stream per row (see `RowUniforms`).
         progress: show a progress bar.
 
@@ -70,6 +73,8 @@ def generate_text(
         segments); for a list of prompts a list of those.
     """
     texts = [text] if isinstance(text, str) else list(text)
+    if preset is None:
+        preset, _ = model_sampling(model, "text")
     sampling = resolve_sampling(preset, temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample)
     if sampling.guidance_scale != 1:
         raise ValueError("guidance applies to generate_images; generate_text samples with guidance_scale=1")

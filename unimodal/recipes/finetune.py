@@ -36,8 +36,8 @@ from unimodal.images import make_grid
 from unimodal.processor import UnimodalProcessor
 from unimodal.outputs import save_finetuned
 from unimodal.training import (
-    CheckpointManager, Throughput, check_finite, cosine_with_warmup, infinite_batches, make_accelerator,
-    parse_config, weights_sharded,
+    LOSS_METHODS, CheckpointManager, Throughput, batch_loss, check_finite, cosine_with_warmup, infinite_batches,
+    make_accelerator, parse_config, weights_sharded,
 )
 
 
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     with bad_input("sample_guidance_scale / sample_temperature / sample_top_k / sample_top_p"):
         sampling = SamplingConfig(guidance_scale=args.sample_guidance_scale, temperature=args.sample_temperature,
                                   top_k=args.sample_top_k, top_p=args.sample_top_p)
+    if args.loss not in LOSS_METHODS:
+        raise UserError(f"loss must be one of {LOSS_METHODS}, got {args.loss!r}")
     if lora_args.use_lora and not args.merge_lora and not model_args.model_name_or_path:
         raise UserError("merge_lora=false saves an adapter on top of a base others can load; "
                         "a model built from a config has none: set model_name_or_path or merge_lora")
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr
         with accelerator.accumulate(model):
-            loss = model(**batch).loss
+            loss = batch_loss(model, batch, args.loss, args.loss_chunk_size)
             # One all-reduce for [loss, tokens, positions]: a NaN on any process stops them all
             # (none is left waiting in a collective), and tokens/s counts every process.
             ids = batch["input_ids"]  # [B, T]
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
             progress.set_postfix(loss=f"{mean_loss.item():.3f}", tok_s=f"{speed:.0f}")
             accelerator.log({"train/loss": mean_loss.item(), "train/lr": lr, "train/tokens_per_s": speed}, step=step)
         if (args.eval_steps and step % args.eval_steps == 0) or step == total_steps:
-            metrics = evaluate(accelerator, model, eval_loaders)
+            metrics = evaluate(accelerator, model, eval_loaders, args.loss, args.loss_chunk_size)
             accelerator.log(metrics, step=step)
             accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if args.sample_prompts and not sharded:
