@@ -1,7 +1,8 @@
 """`accelerate launch recipes/finetune.py ...` from a clone; the recipe itself is `unimodal.recipes.finetune`
 (also `unimodal finetune ...` once installed)."""
 
+from unimodal.cli import run_recipe
 from unimodal.recipes.finetune import main
 
 if __name__ == "__main__":
-    main()
+    run_recipe(main)

@@ -92,7 +92,7 @@ def documents():
 
 CONFIG_FLAG = re.compile(r"--config[ =]+([^\s`'\"\\),\]]+)")
 CONFIG_PATH = re.compile(r"(?<![\w/])((?:unimodal/)?recipes/configs/[\w./*-]*\.yaml|examples/[\w./*-]+\.yaml)")
-PLACEHOLDER = re.compile(r"(my[\w-]*\.yaml|file\.yaml|\.\.\.)$")
+PLACEHOLDER = re.compile(r"(my[\w-]*\.yaml|file\.yaml|\.\.\.|[A-Z_]+)$")  # my.yaml, NAME, ...
 
 
 def mentions() -> list[tuple[str, str]]:
@@ -139,7 +139,8 @@ def test_shipped_configs_resolve_by_name_from_anywhere(tmp_path, monkeypatch):
     for name in ("finetune_smollm2_lora", "finetune_smollm2_lora.yaml", "recipes/configs/finetune_smollm2_lora.yaml"):
         assert resolve_config(name) == shipped
     assert resolve_config("accelerate/zero2") == SHIPPED_CONFIG_DIR / "accelerate" / "zero2.yaml"
-    assert {"finetune_smollm2_lora", "train_tokenizer", "train_tokenizer_tiny", "accelerate/zero3"} <= set(shipped_configs())
+    names = {"finetune_smollm2_lora", "train_tokenizer", "train_tokenizer_tiny", "accelerate/zero3"}
+    assert names <= set(shipped_configs())
     (tmp_path / "train_tokenizer").write_text("max_steps: 7\n")  # an existing file wins over a shipped name
     assert resolve_config("train_tokenizer") == Path("train_tokenizer")
     *_, run = parse_config(FINETUNE, ["--config", "finetune_smollm2_lora", "--max_steps", "3"])

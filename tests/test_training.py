@@ -53,7 +53,8 @@ def test_nested_section_from_yaml_then_dotted_cli_keys(tmp_path):
         "--config", str(cfg), "--model.width", "64", "--model.mult", "1", "2", "4", "--model.rope.factor=4",
         "--model.beta", "1e-3", "--model.ema", "null", "--model.l2", "true", "--lr", "0.1"])
     # The YAML section replaces the default (no depth); CLI keys merge into it, typed as YAML reads them.
-    assert nested.model == {"width": 64, "mult": [1, 2, 4], "rope": {"factor": 4}, "beta": 1e-3, "ema": None, "l2": True}
+    assert nested.model == {"width": 64, "mult": [1, 2, 4], "rope": {"factor": 4}, "beta": 1e-3, "ema": None,
+                            "l2": True}
     assert a.lr == 0.1
     # Without a YAML section the default is what the keys merge into; each parse gets its own copy.
     (nested,) = parse_config((Nested,), ["--model.depth", "3"])

@@ -130,7 +130,8 @@ def _add_configs(subparsers) -> None:
         "configs", help="list the shipped recipe and accelerate configs, or print the path of one",
         description="The YAML configs shipped with unimodal. A recipe takes a name directly "
                     "(--config finetune_smollm2_lora); accelerate needs a path: "
-                    'accelerate launch --config_file "$(unimodal configs accelerate/zero2)" -m unimodal.recipes.finetune ...',
+                    'accelerate launch --config_file "$(unimodal configs accelerate/zero2)" '
+                    "-m unimodal.recipes.finetune ...",
     )
     configs.add_argument("name", nargs="?", help="print this config's path (e.g. accelerate/zero2)")
     configs.set_defaults(func=_configs)

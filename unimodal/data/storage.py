@@ -49,8 +49,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The ``unimodal_data.json`` of a pre-tokenised folder."""
     meta_file = Path(path) / METADATA_NAME
     if not meta_file.exists():
-        raise FileNotFoundError(f"{path} is not a pre-tokenised data set (no {METADATA_NAME}); "
-                                "create one with recipes/tokenize_dataset.py")
+        raise FileNotFoundError(f"{path} is not a pre-tokenised data set (no {METADATA_NAME}); create one with "
+                                "`unimodal tokenize-dataset` (recipes/tokenize_dataset.py in a clone)")
     return json.loads(meta_file.read_text())
 
 
@@ -60,12 +60,12 @@ def load_pretokenized(path: str | os.PathLike, processor: UnimodalProcessor | No
     With ``processor`` given, checks that its ids match the ones the data was built with (same
     text vocabulary, control ids, image id range, grid and image tokenizer weights) and raises a
     ``ValueError`` naming the first difference otherwise. The processor the data was built with
-    is saved next to it: ``UnimodalProcessor.from_pretrained(path / "processor")``.
+    is saved next to it: ``UnimodalProcessor.from_pretrained(path / PROCESSOR_SUBFOLDER)``.
     """
     meta = read_metadata(path)
     if meta["format_version"] != FORMAT_VERSION:
         raise ValueError(f"{path} has data format {meta['format_version']}, this unimodal reads "
-                         f"{FORMAT_VERSION}; re-run recipes/tokenize_dataset.py")
+                         f"{FORMAT_VERSION}; re-run `unimodal tokenize-dataset` (recipes/tokenize_dataset.py)")
     if processor is not None:
         ours = processor_signature(processor)
         for key, stored in meta["processor"].items():
@@ -73,7 +73,7 @@ def load_pretokenized(path: str | os.PathLike, processor: UnimodalProcessor | No
                 raise ValueError(
                     f"{path} was tokenised with {key}={stored} but this processor has {ours.get(key)}; "
                     "use the processor saved with the data (its 'processor/' folder) or re-run "
-                    "recipes/tokenize_dataset.py with this one")
+                    "`unimodal tokenize-dataset` (recipes/tokenize_dataset.py) with this one")
     if meta["output_format"] == "parquet":
         files = sorted(str(f) for f in (Path(path) / "data").glob("*.parquet"))
         return datasets.Dataset.from_parquet(files)

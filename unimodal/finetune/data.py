@@ -22,8 +22,8 @@ def load_task_data(
     stats = read_metadata(args.dataset_path)["stats"]
     if stats["num_samples"] == 0:  # (datasets cannot even load an empty Arrow/parquet folder)
         raise ValueError(f"{args.dataset_path} holds no samples: {stats['num_skipped']} of {stats['num_examples']} "
-                         f"source rows were skipped ({stats['skipped'][:3]}); fix the source data and "
-                         "re-run recipes/tokenize_dataset.py")
+                         f"source rows were skipped ({stats['skipped'][:3]}); fix the source data and re-run "
+                         "`unimodal tokenize-dataset` (recipes/tokenize_dataset.py in a clone)")
     data = load_pretokenized(args.dataset_path, processor)
     weights = args.task_weights or [1.0] * len(args.tasks)
     if len(weights) != len(args.tasks) or min(weights) <= 0:

@@ -50,7 +50,8 @@ def make_accelerator(
         raise RuntimeError(
             f"{accelerator.num_processes} processes were launched but accelerate set up no process group "
             "(each would train alone). On CPU launch with `ACCELERATE_USE_CPU=true accelerate launch "
-            "--multi_gpu ...` or one of recipes/configs/accelerate/*.yaml."
+            "--multi_gpu ...` or a launch config with MULTI_CPU: `unimodal configs accelerate/ddp_cpu` prints "
+            "the shipped one's path (recipes/configs/accelerate/ddp_cpu.yaml in a clone)."
         )
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None and max_grad_norm is not None:

@@ -195,7 +195,8 @@ def parse_config(dataclass_types: tuple[type, ...], args: list[str] | None = Non
     pre.add_argument("--config", type=str, default=None)
     known, rest = pre.parse_known_args(args)
 
-    parser = HfArgumentParser(dataclass_types, prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = HfArgumentParser(dataclass_types, prog=prog, description=description,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=str, default=None,
                         help="YAML file, or the name of a shipped config: " + ", ".join(
                             n for n in shipped_configs() if not n.startswith("accelerate/")))
