@@ -102,7 +102,7 @@ def build_finetune_data(root: Path, text_tokenizer, num_digits: int | None = Non
     Returns the data folder and the processor that encoded it (16 grey levels, one token per pixel).
     """
     from unimodal.data import PretokenizeOptions, pretokenize, save_pretokenized
-    from unimodal.digits import load_digits_dataset
+    from digits import load_digits_dataset  # examples/digits/digits.py, on pytest's pythonpath
 
     tokenizer = copy.deepcopy(text_tokenizer)
     tokenizer.save_pretrained(root / "text_tokenizer")  # before add_image_tokens extends it
@@ -164,7 +164,7 @@ class FakeHub:
         self.repos.setdefault(repo_id, private)
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
-    def _commit(self, repo_id: str, commit_message: str | None, revision: str | None, write) -> "CommitInfo":
+    def _commit(self, repo_id: str, commit_message: str | None, revision: str | None, write):
         from huggingface_hub import CommitInfo
 
         if repo_id not in self.repos:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from unimodal import PixelTokenizer, PixelTokenizerConfig, add_image_tokens
+from unimodal import PixelTokenizer
 from unimodal.data import (
     IGNORE_INDEX,
     LengthGroupedSampler,
@@ -25,7 +25,7 @@ from unimodal.data import (
     save_pretokenized,
     shard_bounds,
 )
-from unimodal.offline import build_causal_lm, train_text_tokenizer
+from unimodal.offline import build_causal_lm
 
 WORDS = "a small red cat sits on the mat by the sea under blue sky".split()
 
@@ -39,12 +39,9 @@ def _caption(rng: np.random.Generator, lo: int = 1, hi: int = 24) -> str:
 
 
 @pytest.fixture(scope="module")
-def processor():
+def processor(tiny_pipeline_factory):
     # 8x8 images, 2x2 pixel blocks: 4x4 = 16 image tokens, so spans are 18 tokens long.
-    tokenizer = train_text_tokenizer()
-    model = build_causal_lm("llama", vocab_size=len(tokenizer))
-    image_tokenizer = PixelTokenizer(PixelTokenizerConfig(codebook_size=16, image_size=8, pixel_size=2))
-    return add_image_tokens(model, tokenizer, image_tokenizer)
+    return tiny_pipeline_factory(image_size=8, pixel_size=2).processor
 
 
 @pytest.fixture(scope="module")
@@ -166,16 +163,15 @@ def test_second_run_reads_the_cache_without_encoding(processor, captioned, tmp_p
 
 
 @pytest.mark.parametrize("output_format", ["arrow", "parquet"])
-def test_save_and_load_checks_the_processor(processor, captioned, tmp_path, output_format):
+def test_save_and_load_checks_the_processor(processor, captioned, tmp_path, output_format, tiny_pipeline_factory):
     options = PretokenizeOptions(tasks=("t2i",))
     result = pretokenize(captioned.select(range(5)), processor, options, cache_dir=tmp_path / "cache")
     save_pretokenized(result, tmp_path / "out", processor, options, output_format)
     loaded = load_pretokenized(tmp_path / "out", processor)
     assert loaded["input_ids"] == result.dataset["input_ids"] and loaded["task"] == ["t2i"] * 5
-    other = PixelTokenizer(PixelTokenizerConfig(codebook_size=16, image_size=16, pixel_size=2))
-    tokenizer = train_text_tokenizer()
-    mismatched = add_image_tokens(build_causal_lm("llama", vocab_size=len(tokenizer)), tokenizer, other)
-    with pytest.raises(ValueError, match="grid_shape=.*re-run recipes/tokenize_dataset.py"):
+    mismatched = tiny_pipeline_factory(image_size=16, pixel_size=2).processor  # an 8x8 grid, not 4x4
+    message = r"grid_shape=\[4, 4\] but this processor has \[8, 8\].*re-run .*recipes/tokenize_dataset.py"
+    with pytest.raises(ValueError, match=message):
         load_pretokenized(tmp_path / "out", mismatched)
 
 

@@ -14,8 +14,8 @@ from unimodal.offline import TINY_ARCHITECTURES, build_causal_lm
 
 @pytest.fixture
 def tokenizer(text_tokenizer):
-    # add_image_tokens mutates the tokenizer; the session fixture must stay pristine
-    return copy.deepcopy(text_tokenizer)
+    # A fresh one per test: add_image_tokens extends it in place.
+    return text_tokenizer
 
 
 def _batch(processor, pixel_tokenizer):
@@ -164,13 +164,12 @@ def test_tokenizer_without_pad_token_gets_one(pixel_tokenizer):
     assert model.config.vocab_size == len(tokenizer)  # no rounding asked for
 
 
-def test_second_extension_or_clashing_token_is_refused(tokenizer, pixel_tokenizer):
-    model = build_causal_lm("llama", vocab_size=len(tokenizer))
-    add_image_tokens(model, tokenizer, pixel_tokenizer)
+def test_second_extension_or_clashing_token_is_refused(tokenizer, pixel_tokenizer, tiny_pipeline_factory):
+    fresh = copy.deepcopy(tokenizer)
+    model = tiny_pipeline_factory(text_tokenizer=tokenizer, image_tokenizer=pixel_tokenizer).model
     with pytest.raises(ValueError, match="already has a token '<boi>'"):
         add_image_tokens(model, tokenizer, pixel_tokenizer)
     # a control string that is an ordinary text token would let text produce it
-    fresh = copy.deepcopy(tokenizer)
     with pytest.raises(ValueError, match="already has a token 'the'"):
         add_image_tokens(build_causal_lm("llama", vocab_size=len(fresh)), fresh, pixel_tokenizer,
                          boi_token="the", eoi_token="<eoi2>", image_token_template="<c{}>")
