@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -26,9 +28,11 @@ from torch.utils.data import DataLoader
 
 from unimodal import VQGAN, PixelTokenizer, PixelTokenizerConfig, VQGANConfig, add_image_tokens
 from unimodal.data import PretokenizeOptions, RowDataset, UnimodalCollator, make_dataloader, plan_dataset, pretokenize
-from unimodal.digits import load_digits_dataset
 from unimodal.images import pil_to_tensor
 from unimodal.offline import build_causal_lm, train_text_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "digits"))  # the demo's data set
+from digits import load_digits_dataset  # noqa: E402
 
 # A digits-sized VQGAN, ~2.2M params (random weights: speed does not depend on them): 32 px,
 # f=4 -> 8x8 = 64 tokens per image, 1024 codes. The tables in docs/benchmarks.md were measured

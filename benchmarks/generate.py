@@ -37,7 +37,7 @@ from datetime import date
 import torch
 
 from unimodal import PixelTokenizer, PixelTokenizerConfig, add_image_tokens
-from unimodal.generation import ImageSpanConstraint, KVDecoder, left_pad, resolve_sampling, sample_image_tokens
+from unimodal.generation import ImageSpanConstraint, KVDecoder, resolve_sampling, sample_image_tokens
 from unimodal.offline import build_causal_lm, train_text_tokenizer
 
 MODELS = {
@@ -97,10 +97,16 @@ def split_ours(model, processor, batch, sampling) -> float:
     return total / spent[0] - 1
 
 
+def left_pad(processor, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` ``[B, L]`` of ``rows``, left-padded by the processor."""
+    batch = processor.pad(rows, padding_side="left")
+    return batch["input_ids"], batch["attention_mask"]
+
+
 @torch.no_grad()
 def run_hf(model, processor, batch, sampling):
-    ids, mask = left_pad([processor.text_to_image_ids(PROMPT)] * batch, processor.pad_token_id)
-    neg, neg_mask = left_pad([processor.unconditional_prompt_ids()] * batch, processor.pad_token_id)
+    ids, mask = left_pad(processor, [processor.text_to_image_ids(PROMPT)] * batch)
+    neg, neg_mask = left_pad(processor, [processor.unconditional_prompt_ids()] * batch)
     n = processor.num_image_tokens
     constraint = ImageSpanConstraint.from_processor(processor, max_length=ids.shape[1] + n)
     model.generate(input_ids=ids, attention_mask=mask, guidance_scale=sampling.guidance_scale,
@@ -113,7 +119,7 @@ def run_hf(model, processor, batch, sampling):
 def run_naive(model, processor, batch, sampling, steps):
     lo, hi = processor.image_token_range
     rows = [processor.text_to_image_ids(PROMPT)] * batch + [processor.unconditional_prompt_ids()] * batch
-    ids, mask = left_pad(rows, processor.pad_token_id)
+    ids, mask = left_pad(processor, rows)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -130,8 +136,8 @@ def run_naive(model, processor, batch, sampling, steps):
 @torch.no_grad()
 def run_bare(model, processor, batch, sliced):
     lo, hi = processor.image_token_range
-    ids, mask = left_pad([processor.text_to_image_ids(PROMPT)] * batch + [processor.unconditional_prompt_ids()] * batch,
-                         processor.pad_token_id)
+    ids, mask = left_pad(processor, [processor.text_to_image_ids(PROMPT)] * batch
+                         + [processor.unconditional_prompt_ids()] * batch)
     decoder = KVDecoder(model, vocab_slice=(lo, hi) if sliced else None)
     decoder.prefill(ids, mask)
     token = torch.full((2 * batch,), lo)

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
-from unimodal.digits import (
+from digits import (
     DIGIT_WORDS,
     DigitClassifier,
     DigitClassifierConfig,
@@ -15,7 +15,7 @@ from unimodal.digits import (
     label_from_caption,
     load_digits_dataset,
 )
-from unimodal.metrics import caption_accuracy, fid, per_class_diversity, prompt_fidelity
+from unimodal.evaluation.metrics import caption_accuracy, fid, per_class_diversity, prompt_fidelity
 
 
 def test_captions_round_trip_and_parse_robustly():

@@ -21,8 +21,6 @@ from unimodal.offline import build_causal_lm, train_text_tokenizer
 from unimodal.outputs import load_model, save_finetuned
 from unimodal.training import make_accelerator
 
-from digits import load_digits_dataset  # examples/digits/digits.py, on pytest's pythonpath
-
 
 @pytest.fixture
 def extended(tiny_pipeline_factory):

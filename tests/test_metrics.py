@@ -1,4 +1,4 @@
-"""unimodal.metrics returns known values on constructed inputs and matches reference implementations."""
+"""unimodal.evaluation.metrics returns known values on constructed inputs and matches reference implementations."""
 
 import math
 
@@ -9,7 +9,7 @@ import torch
 from skimage.metrics import structural_similarity
 
 from unimodal.images import tensor_to_pil
-from unimodal.metrics import (
+from unimodal.evaluation.metrics import (
     caption_accuracy,
     classifier_accuracy,
     codebook_perplexity,
@@ -92,6 +92,23 @@ def test_ssim_matches_skimage_on_structured_images():
     assert ssim(small * 0.9, small, sigma=0.5).item() == pytest.approx(_skimage_ssim(small[0] * 0.9, small[0], 0.5), abs=1e-6)
 
 
+def test_ssim_averages_where_the_window_fits_not_torchmetrics_padded_border():
+    # Why `ssim` crops torchmetrics' SSIM map: torchmetrics' own mean also covers a reflect-padded
+    # border of int(3.5 * sigma + 0.5) px, which is not what skimage (and the paper's code) report.
+    from skimage import data
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    photo = torch.from_numpy(data.astronaut()[100:164, 150:214].astype(np.float64) / 127.5 - 1).permute(2, 0, 1)
+    blurred = torch.nn.functional.avg_pool2d(photo[None], 3, stride=1, padding=1)[0]
+    reference = _skimage_ssim(blurred, photo)
+    padded_mean = structural_similarity_index_measure(blurred[None], photo[None], data_range=2.0).item()
+    assert abs(padded_mean - reference) > 0.05  # measured: 0.856 against skimage's 0.928
+    assert ssim(blurred[None], photo[None]).item() == pytest.approx(reference, abs=1e-9)
+    # on 16 px digits the border is most of the image: only 6x6 of 16x16 pixels are inside
+    tiny, tiny_blurred = photo[None, :, ::4, ::4], blurred[None, :, ::4, ::4]
+    assert ssim(tiny_blurred, tiny).item() == pytest.approx(_skimage_ssim(tiny_blurred[0], tiny[0]), abs=1e-9)
+
+
 def test_ssim_window_larger_than_image_raises_with_advice():
     x = rand_pixels(1, 3, 8, 8)
     with pytest.raises(ValueError, match="smaller sigma"):
@@ -134,9 +151,19 @@ def test_reconstruction_metrics_of_a_pixel_tokenizer(pixel_tokenizer):
     assert report.codebook_perplexity == pytest.approx(16)
     noisy = (exact + 0.05 * torch.randn(exact.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
     report = reconstruction_metrics(pixel_tokenizer, noisy, ssim_sigma=0.5)
-    recon = pixel_tokenizer.decode(pixel_tokenizer.encode(noisy))
+    _, recon = pixel_tokenizer.reconstruct(noisy)
     assert report.psnr == pytest.approx(psnr(recon, noisy).item())
     assert 10 < report.psnr < 60 and report.ssim < 1
+
+
+def test_reconstruct_batches_encode_then_decode(pixel_tokenizer):
+    pixels = rand_pixels(5, 3, 8, 8)
+    codes, recon = pixel_tokenizer.reconstruct(pixels, batch_size=2)  # batches of 2, 2, 1
+    assert codes.shape == (5, *pixel_tokenizer.grid_shape) and codes.dtype == torch.long
+    assert recon.shape == pixels.shape and recon.dtype == torch.float32 and recon.device.type == "cpu"
+    with torch.no_grad():  # the reference: one encode and one decode over the whole batch
+        assert torch.equal(codes, pixel_tokenizer.encode(pixels))
+        assert torch.equal(recon, pixel_tokenizer.decode(codes))
 
 
 # ---------------------------------------------------------------- classifier-based metrics

@@ -1,6 +1,5 @@
 """recipes/tokenize_dataset.py: image folder + captions in, pre-tokenised data out, 1 and 2 processes."""
 
-import importlib.util
 import json
 import os
 import socket
@@ -11,18 +10,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unimodal import PixelTokenizer, PixelTokenizerConfig, add_image_tokens
-from unimodal.data import load_pretokenized, read_metadata
-from unimodal.digits import load_digits_dataset
-from unimodal.offline import build_causal_lm, train_text_tokenizer
+from unimodal.data import PROCESSOR_SUBFOLDER, load_pretokenized, read_metadata
 from unimodal.processor import UnimodalProcessor
+
+from digits import load_digits_dataset  # examples/digits/digits.py, on pytest's pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tokenize_dataset.py"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_pipeline_factory):
     """An image folder of 11 captioned digits (one file corrupt) and a saved processor."""
     tmp = tmp_path_factory.mktemp("tokenize")
     folder = tmp / "images"
@@ -36,9 +34,7 @@ def setup(tmp_path_factory):
     meta.insert(6, {"file_name": "05b.png", "caption": "broken", "label": 0})
     (folder / "metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
 
-    tokenizer = train_text_tokenizer()
-    image_tokenizer = PixelTokenizer(PixelTokenizerConfig(codebook_size=16, image_size=16, pixel_size=4))
-    processor = add_image_tokens(build_causal_lm("llama", vocab_size=len(tokenizer)), tokenizer, image_tokenizer)
+    processor = tiny_pipeline_factory(image_size=16, pixel_size=4).processor  # 4x4 = 16 image tokens
     processor.save_pretrained(tmp / "processor")
     config = {"source": str(folder), "processor": str(tmp / "processor"), "tasks": ["t2i", "i2t"],
               "keep_columns": ["label"], "batch_size": 4, "cache_dir": str(tmp / "cache")}
@@ -47,18 +43,17 @@ def setup(tmp_path_factory):
 
 
 def _run_in_process(args):
-    spec = importlib.util.spec_from_file_location("tokenize_dataset", RECIPE)
-    recipe = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = recipe  # dataclasses resolve the config's annotations through it
-    spec.loader.exec_module(recipe)
-    recipe.main(args)
+    # What RECIPE (a two-line wrapper) runs; the two-process test below launches the file itself.
+    from unimodal.recipes import tokenize_dataset
+
+    tokenize_dataset.main(args)
 
 
 def test_one_process_writes_loadable_data(setup, capsys):
     out = setup / "one"
     _run_in_process(["--config", str(setup / "config.yaml"), "--output_dir", str(out)])
     assert "wrote 20 samples from 11 rows" in capsys.readouterr().out
-    processor = UnimodalProcessor.from_pretrained(out / "processor")
+    processor = UnimodalProcessor.from_pretrained(out / PROCESSOR_SUBFOLDER)
     data = load_pretokenized(out, processor)
     stats = read_metadata(out)["stats"]
     assert stats["num_skipped"] == 1 and "row 6:" in stats["skipped"][0]

@@ -16,7 +16,6 @@ process of a multi-process run on the same list of images, and a strict run fail
 
 from __future__ import annotations
 
-import io
 import os
 import warnings
 import zlib
@@ -30,7 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .images import to_rgb
+from .images import center_square, crop_resize, open_image, to_pixels, to_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -77,30 +76,14 @@ class CropPolicy:
         rng = rng if rng is not None else np.random.default_rng(torch.randint(2**31, ()).item())
         w, h = image.size
         if not self.random:
-            side = max(1, round(self.max_scale * min(w, h)))
-            left, top = (w - side) // 2, (h - side) // 2
+            left, top, side = center_square(w, h, self.max_scale)
         else:
             side = max(1, round(rng.uniform(self.min_scale, self.max_scale) * min(w, h)))
             left, top = int(rng.integers(w - side + 1)), int(rng.integers(h - side + 1))
-        image = image.crop((left, top, left + side, top + side))
-        if side != self.image_size:
-            image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
+        image = crop_resize(image, left, top, side, self.image_size)
         if self.random and self.flip and rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         return image
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> ``[3, H, W]`` float tensor in [-1, 1]."""
-    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # [H, W, 3]
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def open_image(source: str | os.PathLike | bytes) -> Image.Image:
-    """Decode a file path or encoded bytes fully and convert it to RGB (raises on corrupt data)."""
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-        image.load()  # decode now: a truncated file fails here, not later in a worker
-        return to_rgb(image)
 
 
 def _report_skipped(skipped: list[tuple[str, str]], total: int, strict: bool, what: str) -> None:
@@ -139,7 +122,7 @@ class _CheckedImages(Dataset):
         return len(self.keep)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return to_tensor(self.policy(self._read(self.keep[i])))
+        return to_pixels(self.policy(self._read(self.keep[i])))
 
 
 class ImageFolderDataset(_CheckedImages):
@@ -190,14 +173,7 @@ class HFImageDataset(_CheckedImages):
         super().__init__(self._read_row, [f"row {i}" for i in range(len(dataset))], policy, strict, "images")
 
     def _read_row(self, i: int) -> Image.Image:
-        value = self.dataset[i][self.image_column]
-        if isinstance(value, Image.Image):
-            return to_rgb(value)
-        if isinstance(value, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
-            value = value.get("bytes") or value.get("path")
-        if not isinstance(value, (bytes, str)):
-            raise ValueError(f"cannot read an image from a {type(value).__name__}")
-        return open_image(value)
+        return open_image(self.dataset[i][self.image_column])
 
 
 @lru_cache(maxsize=1)
@@ -244,7 +220,7 @@ class ShippedCrops(Dataset):
             raise IndexError(i)
         rng = np.random.default_rng((self.seed, self.split == "eval", i))
         region = self.regions[int(rng.integers(len(self.regions)))]
-        return to_tensor(self.policy(region, rng))
+        return to_pixels(self.policy(region, rng))
 
 
 def load_image_dataset(source: str | None, policy: CropPolicy, split: str, *, image_column: str = "image",

@@ -22,13 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModel, AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
 from .hub import PushToHubMixin, push_folder_to_hub
-from .images import pil_to_tensor, tensor_to_pil
+from .images import center_crop_resize_pixels, pil_to_tensor, tensor_to_pil
 from .vocab import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN_TEMPLATE, ImageVocabulary
 from .vq.base import ImageTokenizerMixin
 
@@ -40,18 +39,6 @@ IMAGE_PLACEHOLDER = "<image>"
 
 ImagesInput = Image.Image | Sequence[Image.Image] | torch.Tensor
 Segment = str | Image.Image | torch.Tensor
-
-
-def _center_resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
-    """``[B, 3, H, W]`` -> ``[B, 3, size, size]``: centre-crop to a square, then antialiased resize."""
-    h, w = pixels.shape[-2:]
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    pixels = pixels[..., top : top + side, left : left + side]
-    if side == size:
-        return pixels
-    resized = F.interpolate(pixels.float(), size=(size, size), mode="bicubic", antialias=True)
-    return resized.clamp(-1, 1)
 
 
 class UnimodalProcessor(PushToHubMixin):
@@ -161,7 +148,7 @@ class UnimodalProcessor(PushToHubMixin):
         """
         size = int(self.image_tokenizer.config.image_size)
         if isinstance(images, torch.Tensor):
-            pixels = _center_resize(images if images.ndim == 4 else images.unsqueeze(0), size)
+            pixels = center_crop_resize_pixels(images if images.ndim == 4 else images.unsqueeze(0), size)
         else:
             pixels = pil_to_tensor(images, size=size)
         tok = self.image_tokenizer
@@ -220,38 +207,53 @@ class UnimodalProcessor(PushToHubMixin):
         Returns:
             `BatchEncoding` with ``input_ids`` and ``attention_mask`` (``[B, T]``).
         """
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         texts = [text] if isinstance(text, str) else list(text)
         if isinstance(images, Image.Image):
             images = [images]
         elif images is not None and not isinstance(images, torch.Tensor):
             images = [im for item in images for im in ([item] if isinstance(item, Image.Image) else item)]
-        codes = None if images is None or len(images) == 0 else self.encode_images(images)
-        n_images = 0 if codes is None else len(codes)
-        pieces = [t.split(self.image_placeholder) for t in texts]
+        codes = [] if images is None or len(images) == 0 else self.encode_images(images)
+        sequences = self.interleaved_ids(texts, codes, add_bos=add_bos, add_eos=add_eos)
+        return self.pad(sequences, padding_side, return_tensors, padding=padding)
+
+    def split_placeholders(self, text: str) -> list[str]:
+        """The text pieces around the ``<image>`` placeholders: ``n`` placeholders -> ``n + 1``
+        pieces (image ``i`` goes between pieces ``i`` and ``i + 1``)."""
+        return text.split(self.image_placeholder)
+
+    def interleaved_ids(self, texts: Sequence[str], codes: Sequence[torch.Tensor] | torch.Tensor = (), *,
+                        add_bos: bool = True, add_eos: bool = False) -> list[list[int]]:
+        """One id list per text, each ``<image>`` replaced by the image span of the next code grid.
+
+        ``codes`` are the grids (``[h, w]`` each, or one ``[N, h, w]`` tensor) for all placeholders
+        in reading order across the batch; ``<bos>``/``<eos>`` go around each sequence when asked.
+        """
+        pieces = [self.split_placeholders(t) for t in texts]
         n_slots = sum(len(p) - 1 for p in pieces)
-        if n_slots != n_images:
+        if n_slots != len(codes):
             raise ValueError(
                 f"the text has {n_slots} {self.image_placeholder} placeholders but "
-                f"{n_images} images were given"
+                f"{len(codes)} images were given"
             )
-
-        encoded = iter(self._encode_pieces([piece for p in pieces for piece in p]))
-        next_image = iter(range(n_images))
+        encoded = iter(self._encode_pieces([piece for p in pieces for piece in p]))  # one tokenizer call
+        grids = iter(codes)
         sequences = []
         for p in pieces:
             ids = [self.bos_token_id] if add_bos else []
             for j in range(len(p)):
                 if j:
-                    ids += self.image_span_ids(codes[next(next_image)].cpu())
+                    ids += self.image_span_ids(next(grids).cpu())
                 ids += next(encoded)
             sequences.append(ids + [self.eos_token_id] if add_eos else ids)
-        return self._pad(sequences, padding, padding_side, return_tensors)
+        return sequences
 
-    def _pad(
-        self, sequences: list[list[int]], padding: bool, side: str, return_tensors: str | None
-    ) -> BatchEncoding:
+    def pad(self, sequences: Sequence[Sequence[int]], padding_side: str = "right",
+            return_tensors: str | None = "pt", *, padding: bool = True) -> BatchEncoding:
+        """Id lists -> ``input_ids`` and ``attention_mask`` ``[B, T]``, padded to the longest with
+        ``pad_token_id`` (mask 0 there). ``"left"`` for batched generation (every row's last token
+        in the last column), ``"right"`` for training; ``padding=False`` needs equal lengths."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         longest = max(len(s) for s in sequences)
         if not padding:
             if return_tensors is not None and any(len(s) != longest for s in sequences):
@@ -261,8 +263,8 @@ class UnimodalProcessor(PushToHubMixin):
         for s in sequences:
             fill = max(0, longest - len(s))
             pad, ones = [self.pad_token_id] * fill, [1] * len(s)
-            ids.append(pad + s if side == "left" else s + pad)
-            mask.append([0] * fill + ones if side == "left" else ones + [0] * fill)
+            ids.append(pad + list(s) if padding_side == "left" else list(s) + pad)
+            mask.append([0] * fill + ones if padding_side == "left" else ones + [0] * fill)
         return BatchEncoding({"input_ids": ids, "attention_mask": mask}, tensor_type=return_tensors)
 
     # ------------------------------------------------------------------ decoding

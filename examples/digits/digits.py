@@ -1,10 +1,12 @@
-"""Captioned handwritten digits: the demo and test data set, and a classifier to judge generations.
+"""Captioned handwritten digits: the demo's data set, and a classifier to judge its generations.
 
-The images are scikit-learn's ``load_digits`` (1797 greyscale 8x8 scans, shipped with the
-package, so nothing is downloaded), upsampled to ``image_size`` and stored as RGB with a white
+Part of the digits example, not of the library: ``run.py`` imports it as a sibling module, the
+tests through pytest's ``pythonpath`` (pyproject.toml), the benchmarks by putting this folder on
+``sys.path``. The images are scikit-learn's ``load_digits`` (1797 greyscale 8x8 scans, shipped
+with the package, so nothing is downloaded), upsampled to ``image_size`` and stored as RGB with a white
 digit on black, captioned ``"a handwritten digit seven"``. `DigitClassifier` is a small CNN
 trained on the train split; on generated images it measures prompt fidelity, and its
-penultimate layer is the feature space for FID and diversity (see `unimodal.metrics`).
+penultimate layer is the feature space for FID and diversity (see `unimodal.evaluation.metrics`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .images import pil_to_tensor
+from unimodal.images import pil_to_tensor
 
 DIGIT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTION_PREFIX = "a handwritten digit"
@@ -102,6 +104,16 @@ def load_digits_dataset(
         },
         features=features,
     )
+
+
+def save_splits(output_dir: str | Path, image_size: int = 32, seed: int = 0) -> dict[str, Path]:
+    """Write the train and test splits as ``save_to_disk`` folders ``output_dir/{train,test}``:
+    data every recipe reads like any user's (``tokenize_dataset.py --source output_dir/train``,
+    ``train_tokenizer.py --data output_dir/train``)."""
+    paths = {split: Path(output_dir) / split for split in ("train", "test")}
+    for split, path in paths.items():
+        load_digits_dataset(image_size, split, seed=seed).save_to_disk(str(path))
+    return paths
 
 
 def dataset_to_tensors(dataset: datasets.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,3 +267,15 @@ class DigitClassifier(nn.Module):
         model = cls(DigitClassifierConfig(**json.loads((path / "config.json").read_text())))
         model.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
         return model.to(device).eval()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the captioned digits as save_to_disk folders.")
+    parser.add_argument("output_dir", help="gets train/ and test/ (e.g. outputs/digits)")
+    parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    cli = parser.parse_args()
+    for split, path in save_splits(cli.output_dir, cli.image_size, cli.seed).items():
+        print(f"{split}: {path}")

@@ -15,10 +15,12 @@ from .format import DEFAULT_LOSS_ON, IGNORE_INDEX, SequenceFormat, fit_sample, l
 from .loader import LengthGroupedSampler, RowDataset, make_dataloader, plan_dataset
 from .packing import RowPlan, pack_lengths, plan_rows
 from .pretokenize import TASKS, PretokenizeOptions, PretokenizeResult, PretokenizeStats, load_source, pretokenize
-from .storage import load_pretokenized, merge_shards, read_metadata, save_pretokenized, shard_bounds
+from .storage import (
+    PROCESSOR_SUBFOLDER, load_pretokenized, merge_shards, read_metadata, save_pretokenized, shard_bounds,
+)
 
 __all__ = [
-    "DEFAULT_LOSS_ON", "IGNORE_INDEX", "TASKS", "LengthGroupedSampler", "PretokenizeOptions",
+    "DEFAULT_LOSS_ON", "IGNORE_INDEX", "PROCESSOR_SUBFOLDER", "TASKS", "LengthGroupedSampler", "PretokenizeOptions",
     "PretokenizeResult", "PretokenizeStats", "RowDataset", "RowPlan", "SequenceFormat",
     "UnimodalCollator", "drops_condition", "fit_sample", "load_pretokenized", "load_source", "loss_mask",
     "make_dataloader", "merge_shards", "pack_lengths", "plan_dataset", "plan_rows", "pretokenize", "read_metadata",

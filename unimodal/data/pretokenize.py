@@ -30,8 +30,7 @@ import numpy as np
 import pyarrow.compute as pc
 from PIL import Image
 
-from ..image_data import open_image
-from ..images import to_rgb
+from ..images import open_image
 
 if TYPE_CHECKING:
     from ..processor import UnimodalProcessor
@@ -179,21 +178,6 @@ def _undecoded(dataset: datasets.Dataset, columns: Sequence[str]) -> datasets.Da
     return dataset
 
 
-def _read_image(value: Any, base_dir: Path | None) -> Image.Image:
-    """An RGB image from a path, encoded bytes, a ``{"bytes", "path"}`` dict or a PIL image."""
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, Image.Image):
-        value.load()
-        return to_rgb(value)
-    if isinstance(value, (bytes, bytearray)):
-        return open_image(bytes(value))
-    if isinstance(value, (str, os.PathLike)):
-        path = Path(value)
-        return open_image(base_dir / path if base_dir is not None and not path.is_absolute() else path)
-    raise ValueError(f"cannot read an image from a {type(value).__name__}")
-
-
 # ---------------------------------------------------------------------------------- encoding
 class _Encoder:
     """The batched map function: decode images, encode them in one call, build the samples."""
@@ -208,14 +192,14 @@ class _Encoder:
         if {"t2i", "i2t"} & set(o.tasks):
             if batch[o.caption_column][i] is None:
                 raise ValueError(f"missing caption in column {o.caption_column!r}")
-            images.append(_read_image(batch[o.image_column][i], self.base_dir))
+            images.append(open_image(batch[o.image_column][i], self.base_dir))
         if "interleaved" in o.tasks:
             text, refs = batch[o.text_column][i], batch[o.images_column][i] or []
-            slots = (text or "").count(self.processor.image_placeholder)
+            slots = len(self.processor.split_placeholders(text or "")) - 1
             if slots != len(refs):
                 raise ValueError(f"text has {slots} {self.processor.image_placeholder} placeholders "
                                  f"but {len(refs)} images")
-            images += [_read_image(ref, self.base_dir) for ref in refs]
+            images += [open_image(ref, self.base_dir) for ref in refs]
         return images
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
@@ -259,18 +243,11 @@ class _Encoder:
             if "i2t" in o.tasks:
                 emit(p.image_to_text_ids(grid, caption), "i2t", 0, i)
             if "interleaved" in o.tasks:
-                emit(self._interleave(batch[o.text_column][i] or "", grids), "interleaved", 0, i)
+                # <bos> text0 <boi>..<eoi> text1 ... <eos>: each placeholder becomes an image span
+                ids = p.interleaved_ids([batch[o.text_column][i] or ""], grids, add_bos=True, add_eos=True)[0]
+                emit(ids, "interleaved", 0, i)
         out["length"] = [len(ids) for ids in out["input_ids"]]
         return out
-
-    def _interleave(self, text: str, grids: list) -> list[int]:
-        """``<bos> text0 <boi>..<eoi> text1 ... <eos>``: each placeholder becomes an image span."""
-        p = self.processor
-        pieces = text.split(p.image_placeholder)
-        ids = [p.bos_token_id, *p.encode_text(pieces[0])]
-        for grid, piece in zip(grids, pieces[1:]):
-            ids += p.image_span_ids(grid) + p.encode_text(piece)
-        return ids + [p.eos_token_id]
 
 
 @dataclass

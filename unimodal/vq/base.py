@@ -38,6 +38,21 @@ class ImageTokenizerMixin:
         give the LM's image-token embeddings the codebook's geometry (`add_image_tokens`)."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def reconstruct(self, pixels: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode and decode ``pixels [N, 3, H, W]`` in batches on this tokenizer's device.
+
+        Returns the codes ``LongTensor[N, h, w]`` and the reconstructions ``[N, 3, H, W]`` (float32),
+        both on the CPU: what every quality measure and sample grid of a tokenizer is made from.
+        Runs under the caller's autocast, if any.
+        """
+        codes, recon = [], []
+        for batch in pixels.split(batch_size):
+            c = self.encode(batch.to(device=self.device, dtype=self.dtype))  # [b, h, w]
+            codes.append(c.cpu())
+            recon.append(self.decode(c).float().cpu())  # [b, 3, H, W]
+        return torch.cat(codes), torch.cat(recon)
+
     def check_pixels(self, pixels: torch.Tensor) -> None:
         """Raise a clear ``ValueError`` unless ``pixels`` is ``[B, 3, H, W]`` with H, W divisible."""
         if pixels.ndim != 4 or pixels.shape[1] != 3:

@@ -54,6 +54,17 @@ def _is_rank0() -> bool:
 # ----------------------------------------------------------------------------- codebook math
 
 
+def code_perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """``exp(entropy)`` of a code histogram ``counts [K]``: the effective number of codes in use.
+
+    ``K`` when all codes are equally frequent, 1 when one code takes everything; 0-d, in the
+    dtype and on the device of ``counts`` (float it first; float64 for exact evaluation numbers).
+    An all-zero histogram gives 1.
+    """
+    p = counts / counts.sum().clamp(min=1)
+    return torch.exp(-torch.special.xlogy(p, p).sum())  # xlogy: 0 log 0 = 0, no clamp needed
+
+
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     """Index of the nearest row of ``codebook [K, D]`` for each row of ``z [N, D]`` -> ``[N]``.
 
@@ -235,8 +246,7 @@ class VectorQuantizer(nn.Module):
             if self.training:
                 all_reduce_sum_(counts)  # every rank sees the global histogram
                 self._update_statistics(flat.detach(), codes, counts)
-            p = counts.float() / counts.sum().clamp(min=1)
-            perplexity = torch.exp(-(p * torch.log(p.clamp(min=1e-10))).sum())
+            perplexity = code_perplexity(counts.float())
             # straight-through: forward value zq, gradient of the identity to z
             st = flat + (zq - flat).detach()
         quantized = st.view(b, h, w, d).permute(0, 3, 1, 2).to(z.dtype)  # [B, D, h, w]
