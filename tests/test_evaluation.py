@@ -24,6 +24,7 @@ from unimodal.evaluation import (
     score_tokenizer,
     write_report,
 )
+from unimodal.images import tensor_to_pil
 
 
 class BrightnessJudge(nn.Module):
@@ -196,7 +197,7 @@ def test_evaluate_model_generates_captions_and_scores_a_tiny_pipeline(tmp_path, 
     lm = build_causal_lm(vocab_size=len(text_tokenizer), hidden_size=32)
     pipe = UnimodalPipeline(lm.eval(), add_image_tokens(lm, text_tokenizer, tok))
     real = torch.cat([noisy(-0.5, 3, 0), noisy(0.5, 3, 1)])
-    real_pil = [Image.fromarray(((p.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()) for p in real]
+    real_pil = tensor_to_pil(real)
     ev = evaluate_model("Pixel baseline", pipe, ["a dark image", "a bright image"], real_pil, [0, 0, 0, 1, 1, 1],
                         BrightnessJudge(), lambda c: None, tmp_path, samples_per_prompt=3, grid_columns=2,
                         display_size=16, sequence_length=24, ssim_sigma=0.5)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from PIL import Image
 from skimage.metrics import structural_similarity
 
-from unimodal.images import tensor_to_pil
 from unimodal.evaluation.metrics import (
     caption_accuracy,
     classifier_accuracy,
@@ -21,6 +21,7 @@ from unimodal.evaluation.metrics import (
     reconstruction_metrics,
     ssim,
 )
+from unimodal.images import tensor_to_pil, to_pixels
 
 
 def rand_pixels(*shape, seed=0):
@@ -58,6 +59,13 @@ def test_psnr_accepts_pil_images_and_rejects_mismatched_shapes():
         psnr(x, x[:, :, :4])
 
 
+def astronaut_crop() -> torch.Tensor:
+    """A 64x64 crop of scikit-image's astronaut photo, ``[3, 64, 64]`` in [-1, 1]."""
+    from skimage import data
+
+    return to_pixels(Image.fromarray(data.astronaut()[100:164, 150:214]))
+
+
 def _skimage_ssim(a: torch.Tensor, b: torch.Tensor, sigma: float = 1.5) -> float:
     return structural_similarity(
         a.double().numpy(), b.double().numpy(), data_range=2.0, channel_axis=0,
@@ -75,9 +83,9 @@ def test_ssim_matches_skimage_on_random_images():
 
 
 def test_ssim_matches_skimage_on_structured_images():
-    from skimage import data, filters
+    from skimage import filters
 
-    photo = torch.from_numpy(data.astronaut()[100:164, 150:214].astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
+    photo = astronaut_crop()
     blurred = torch.from_numpy(
         filters.gaussian(photo.numpy(), sigma=1.0, channel_axis=0).astype(np.float32)
     )
@@ -89,16 +97,16 @@ def test_ssim_matches_skimage_on_structured_images():
     assert ssim(photo[None], photo[None]).item() == pytest.approx(1.0)
     # a smaller window for small images, same parity
     small = photo[None, :, :8, :8]
-    assert ssim(small * 0.9, small, sigma=0.5).item() == pytest.approx(_skimage_ssim(small[0] * 0.9, small[0], 0.5), abs=1e-6)
+    reference = _skimage_ssim(small[0] * 0.9, small[0], 0.5)
+    assert ssim(small * 0.9, small, sigma=0.5).item() == pytest.approx(reference, abs=1e-6)
 
 
 def test_ssim_averages_where_the_window_fits_not_torchmetrics_padded_border():
     # Why `ssim` crops torchmetrics' SSIM map: torchmetrics' own mean also covers a reflect-padded
     # border of int(3.5 * sigma + 0.5) px, which is not what skimage (and the paper's code) report.
-    from skimage import data
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    photo = torch.from_numpy(data.astronaut()[100:164, 150:214].astype(np.float64) / 127.5 - 1).permute(2, 0, 1)
+    photo = astronaut_crop().double()
     blurred = torch.nn.functional.avg_pool2d(photo[None], 3, stride=1, padding=1)[0]
     reference = _skimage_ssim(blurred, photo)
     padded_mean = structural_similarity_index_measure(blurred[None], photo[None], data_range=2.0).item()

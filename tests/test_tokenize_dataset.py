@@ -13,7 +13,7 @@ import yaml
 from unimodal.data import PROCESSOR_SUBFOLDER, load_pretokenized, read_metadata
 from unimodal.processor import UnimodalProcessor
 
-from digits import load_digits_dataset  # examples/digits/digits.py, on pytest's pythonpath
+from digits import load_digits_dataset, save_splits  # examples/digits/digits.py, on pytest's pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tokenize_dataset.py"
@@ -63,6 +63,21 @@ def test_one_process_writes_loadable_data(setup, capsys):
     assert data[2]["input_ids"] == processor.text_to_image_ids(digit["caption"], codes[0])
     with pytest.raises(FileExistsError, match="--overwrite true"):
         _run_in_process(["--config", str(setup / "config.yaml"), "--output_dir", str(out)])
+
+
+def test_the_digits_are_ordinary_data_and_a_source_is_required(setup, capsys):
+    # No built-in data set: the demo's digits are a save_to_disk folder, read like any user's.
+    splits = save_splits(setup / "digits", image_size=8)  # 8 px: the processor resizes to its 16
+    out = setup / "from-disk"
+    _run_in_process(["--config", str(setup / "config.yaml"), "--source", str(splits["test"]),
+                     "--output_dir", str(out)])
+    assert "wrote 720 samples from 360 rows" in capsys.readouterr().out
+    processor = UnimodalProcessor.from_pretrained(out / PROCESSOR_SUBFOLDER)
+    first = load_digits_dataset(image_size=8, split="test")[0]
+    codes = processor.encode_images(first["image"])
+    assert load_pretokenized(out)[0]["input_ids"] == processor.text_to_image_ids(first["caption"], codes[0])
+    with pytest.raises(ValueError, match="set `source`"):
+        _run_in_process(["--config", str(setup / "config.yaml"), "--source", "", "--output_dir", str(setup / "x")])
 
 
 def test_two_processes_merge_to_the_one_process_result(setup):
