@@ -90,7 +90,7 @@ def test_state_tensors_round_trip_and_fingerprint(tmp_path):
         trainer.load_state_tensors({k: v for k, v in saved.items() if not k.startswith("ema.")})
 
 
-def test_recipe_stops_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_recipe_stops_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeypatch, fake_hub):
     recipe = _recipe()
     args = ["--config", str(TINY), "--report_to", "none"]
     full = recipe.main([*args, "--output_dir", str(tmp_path / "full")])
@@ -111,21 +111,20 @@ def test_recipe_stops_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         recipe.main([*args, "--output_dir", str(out)])
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
-    uploads = []
-    monkeypatch.setattr("huggingface_hub.HfApi.create_repo",
-                        lambda self, repo_id, **kw: type("Repo", (), {"repo_id": f"me/{repo_id}"})())
-    monkeypatch.setattr("huggingface_hub.HfApi.upload_folder",
-                        lambda self, repo_id, folder_path, **kw: uploads.append((repo_id, sorted(os.listdir(folder_path)))))
-    resumed = recipe.main([*args, "--output_dir", str(out), "--push_to_hub", "true", "--hub_model_id", "tok"])
+    resumed = recipe.main([*args, "--output_dir", str(out), "--push_to_hub", "true", "--hub_model_id", "tok",
+                           "--hub_private", "true"])
     assert ran == [0, 1, "crash", 2, 3]  # the step count continued from the checkpoint
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
     assert sorted(p.name for p in (out / "eval").iterdir()) == ["step-00000002.json", "step-00000004.json"]
-    assert uploads == [("me/tok", ["config.json", "model.safetensors"])]
+    (upload,) = fake_hub.uploads
+    assert (upload.repo_id, upload.private, upload.commit_message) == ("me/tok", True, "VQ-GAN tokenizer after 4 steps")
+    assert upload.files == {"config.json", "model.safetensors"}
 
     # Identical to the uninterrupted run: weights, EMA, optimiser and discriminator all restored.
     a, b = VQGAN.from_pretrained(full), VQGAN.from_pretrained(resumed)
-    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(p, q), name
+    uploaded = VQGAN.from_pretrained(upload.folder)  # what went up is the final tokenizer
+    for (name, p), q, r in zip(a.state_dict().items(), b.state_dict().values(), uploaded.state_dict().values()):
+        assert torch.equal(p, q) and torch.equal(q, r), name
     ckpt_a = CheckpointManager(tmp_path / "full" / "checkpoints").load_tensors()
     ckpt_b = CheckpointManager(out / "checkpoints").load_tensors()
     assert all(torch.equal(ckpt_a[k], ckpt_b[k]) for k in ckpt_a)

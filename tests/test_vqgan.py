@@ -101,27 +101,14 @@ def test_load_image_tokenizer_accepts_tokenizers_and_rejects_lms(tmp_path, text_
         load_image_tokenizer(tmp_path / "lm")
 
 
-def test_push_to_hub_uploads_config_and_safetensors(tmp_path, monkeypatch, vq):
-    from huggingface_hub import HfApi, RepoUrl
-
-    uploaded: dict[str, bytes] = {}
-
-    def create_repo(self, repo_id, **kwargs):
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        uploaded.update({op.path_in_repo: open(op.path_or_fileobj, "rb").read() for op in operations})
-        return f"https://huggingface.co/{repo_id}/commit/0"
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "create_commit", create_commit)
-    vq.push_to_hub("someone/tiny-vqgan")
-    assert {"config.json", "model.safetensors"} <= set(uploaded)
-    assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in uploaded)
-    for name, data in uploaded.items():  # what went up loads back to the same tokenizer
-        (tmp_path / name).write_bytes(data)
-    x = pixels()
-    assert torch.equal(load_image_tokenizer(tmp_path).encode(x), vq.encode(x))
+def test_push_to_hub_uploads_config_and_safetensors(vq, fake_hub):
+    vq.push_to_hub("someone/tiny-vqgan", private=True)  # transformers' push_to_hub: one create_commit
+    (upload,) = fake_hub.uploads
+    assert (upload.repo_id, upload.private, upload.commit_message) == ("someone/tiny-vqgan", True, "Upload VQGAN")
+    assert {"config.json", "model.safetensors"} <= upload.files
+    assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in upload.files)
+    x = pixels()  # what went up loads back to the same tokenizer
+    assert torch.equal(load_image_tokenizer(upload.folder).encode(x), vq.encode(x))
 
 
 def test_decode_rejects_codes_outside_the_codebook(vq):
