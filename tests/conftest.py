@@ -38,6 +38,7 @@ def make_pipeline(
     seed: int = 0,
     text_tokenizer=None,
     image_tokenizer=None,
+    base_dir: Path | None = None,
 ):
     """A random tiny LM of ``model_type`` extended with image tokens, as a `UnimodalPipeline`.
 
@@ -52,6 +53,8 @@ def make_pipeline(
         hidden_size, tie, seed: the LM's width, tied input/output embeddings, init seed.
         text_tokenizer: extended in place; default a fresh `train_text_tokenizer()`.
         image_tokenizer: e.g. a `VQGAN`; replaces the pixel tokenizer.
+        base_dir: save the LM here before extending it: a base checkpoint others can load (a LoRA
+            adapter's output names one).
     """
     from unimodal import PixelTokenizer, PixelTokenizerConfig, UnimodalPipeline, add_image_tokens
     from unimodal.offline import build_causal_lm, train_text_tokenizer
@@ -62,6 +65,8 @@ def make_pipeline(
             codebook_size=codebook_size, image_size=image_size, pixel_size=pixel_size))
     model = build_causal_lm(model_type, vocab_size=len(tokenizer), hidden_size=hidden_size,
                             tie_word_embeddings=tie, seed=seed)
+    if base_dir is not None:
+        model.save_pretrained(base_dir)
     processor = add_image_tokens(model, tokenizer, image_tokenizer)
     return UnimodalPipeline(model.eval(), processor)
 

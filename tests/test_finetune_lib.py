@@ -1,7 +1,6 @@
 """Fine-tuning parts in-process: LoRA + new token rows, compatibility checks, task data,
 held-out evaluation, export (merged, adapter, model card, Hub upload)."""
 
-import copy
 import json
 import logging
 import shutil
@@ -11,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from unimodal import PixelTokenizer, PixelTokenizerConfig, UnimodalProcessor, add_image_tokens
+from unimodal import UnimodalProcessor
 from unimodal.extend import check_compatibility, new_token_ids
 from unimodal.finetune import (
     DataArguments, LoraArguments, ModelArguments, apply_lora, evaluate, frozen_new_rows, load_model_and_processor,
@@ -178,15 +177,12 @@ def test_evaluate_equals_the_loss_over_all_held_out_tokens(extended, digits_data
 
 
 @pytest.mark.parametrize("merge", [True, False])
-def test_export_one_folder_loads_back(tmp_path, text_tokenizer, merge, fake_hub):
+def test_export_one_folder_loads_back(tmp_path, tiny_pipeline_factory, merge, fake_hub):
     from unimodal.hub import push_folder_to_hub
 
     base_dir = tmp_path / "base"
-    base = build_causal_lm("llama", vocab_size=len(text_tokenizer))
-    base.save_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    tokenizer = copy.deepcopy(text_tokenizer)
-    processor = add_image_tokens(model, tokenizer, PixelTokenizer(PixelTokenizerConfig(codebook_size=16, image_size=4)))
+    pipe = tiny_pipeline_factory(image_size=4, base_dir=base_dir)
+    model, processor = pipe.model, pipe.processor
     peft = apply_lora(model, new_token_ids(processor), LoraArguments(use_lora=True, lora_r=4))
     with torch.no_grad():  # stand-in for training: move the adapters and the new rows off their init
         for name, p in peft.named_parameters():

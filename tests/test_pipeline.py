@@ -168,17 +168,14 @@ def test_sampling_settings_and_control_ids_travel_with_the_folder(pipeline, tmp_
 
 
 @pytest.mark.parametrize("adapter", [False, True])
-def test_save_finetuned_writes_the_settings_for_merged_and_adapter_folders(tmp_path, adapter):
-    from unimodal import add_image_tokens
+def test_save_finetuned_writes_the_settings_for_merged_and_adapter_folders(tmp_path, adapter, tiny_pipeline_factory):
     from unimodal.extend import new_token_ids
     from unimodal.finetune import LoraArguments, apply_lora
     from unimodal.outputs import load_model, save_finetuned
     from unimodal.training import make_accelerator
 
-    tok = train_text_tokenizer()
-    build_causal_lm("llama", vocab_size=len(tok), hidden_size=32).save_pretrained(tmp_path / "base")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # a base others can load (adapters need one)
-    processor = add_image_tokens(model, tok, PixelTokenizer(PixelTokenizerConfig(codebook_size=16, image_size=4)))
+    pipe = tiny_pipeline_factory(image_size=4, base_dir=tmp_path / "base")  # a base others can load (adapters need one)
+    model, processor = pipe.model, pipe.processor
     if adapter:
         model = apply_lora(model, new_token_ids(processor), LoraArguments(use_lora=True, lora_r=4))
     out = save_finetuned(make_accelerator(log_with=None), model, processor, tmp_path / "final", config={},
