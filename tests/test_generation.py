@@ -281,9 +281,14 @@ def test_generate_images_api(lm):
     assert len(images) == 4 and all(im.size == (6, 6) and im.mode == "RGB" for im in images)
     again = generate_images(model, processor, PROMPTS[1], seed=7, top_k=8, progress=False)
     assert again[0].tobytes() == images[2].tobytes()  # image 2 = prompt 1 with seed 5 + 2
-    negative = generate_images(model, processor, PROMPTS[1], seed=7, top_k=8, negative_prompt="a cat",
-                               do_sample=False, progress=False)
-    assert len(negative) == 1
+    greedy = dict(seed=7, top_k=8, do_sample=False, progress=False)
+    negative = generate_images(model, processor, PROMPTS[1], negative_prompt="a cat", **greedy)
+    # The negative caption is the unconditional branch: the reference guides away from it.
+    expected = reference_image_tokens(model, processor, processor.text_to_image_ids(PROMPTS[1]),
+                                      resolve_sampling("liquid", top_k=8, do_sample=False), None,
+                                      negative=processor.text_to_image_ids("a cat"))
+    assert [im.tobytes() for im in negative] == [decode_image_ids(processor, torch.tensor([expected]))[0].tobytes()]
+    assert negative[0].tobytes() != generate_images(model, processor, PROMPTS[1], **greedy)[0].tobytes()
     with pytest.raises(ValueError, match="must end with <boi>"):
         sample_image_tokens(model, processor, [[processor.bos_token_id]], SamplingConfig(), progress=False)
 
