@@ -12,9 +12,16 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from unimodal import UnimodalPipeline, UnimodalProcessor
+    from unimodal.vq import ImageTokenizerMixin
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -36,10 +43,10 @@ def make_pipeline(
     hidden_size: int = 32,
     tie: bool = False,
     seed: int = 0,
-    text_tokenizer=None,
-    image_tokenizer=None,
+    text_tokenizer: PreTrainedTokenizerBase | None = None,
+    image_tokenizer: ImageTokenizerMixin | None = None,
     base_dir: Path | None = None,
-):
+) -> UnimodalPipeline:
     """A random tiny LM of ``model_type`` extended with image tokens, as a `UnimodalPipeline`.
 
     The LM is `unimodal.offline.build_causal_lm` (2 layers, ``hidden_size``, weights drawn after
@@ -100,7 +107,8 @@ def pixel_tokenizer():
 
 # ---------------------------------------------------------------------------- fine-tuning data
 
-def build_finetune_data(root: Path, text_tokenizer, num_digits: int | None = None, image_size: int = 8):
+def build_finetune_data(root: Path, text_tokenizer: PreTrainedTokenizerBase, num_digits: int | None = None,
+                        image_size: int = 8) -> tuple[Path, UnimodalProcessor]:
     """Pre-tokenised captioned digits (t2i + i2t) in ``root/data`` and the base text tokenizer in
     ``root/text_tokenizer``, as ``recipes/tokenize_dataset.py`` would write them.
 
