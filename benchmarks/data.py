@@ -113,7 +113,7 @@ def train_tokens_per_s(vocab: int, batches: dict[str, list], repeats: int, bf16:
                                     max_position_embeddings=1024)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-            def step(batch):
+            def step(batch, model=model, opt=opt):  # bound to this iteration's model
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     loss = model(**batch).loss
                 loss.backward()
@@ -182,11 +182,11 @@ def main() -> None:
                            PretokenizeOptions(tasks=("interleaved",)), cache_dir=cache).dataset
         vocab = len(processor.tokenizer)
         # About 1000 real tokens per batch in every setting.
-        sets = {"digits t2i + i2t": (pairs, loaders(pairs, processor, 512, 14, {160: 7, 512: 2})),
-                "interleaved digits docs": (docs, loaders(docs, processor, 512, 6, {512: 2}))}
+        sets = {"digits t2i + i2t": loaders(pairs, processor, 512, 14, {160: 7, 512: 2}),
+                "interleaved digits docs": loaders(docs, processor, 512, 6, {512: 2})}
         print("| data | batching | padding waste | trained tokens per CPU-s, fp32 | ... bf16 autocast |")
         print("| --- | --- | ---: | ---: | ---: |")
-        for name, (data, made) in sets.items():
+        for name, made in sets.items():
             waste = {kind: padding_waste(loader, processor.pad_token_id) for kind, loader in made.items()}
             timed = {kind: [b for _, b in zip(range(steps + 1), loader)]
                      for kind, loader in made.items() if kind != "padded, random order"}

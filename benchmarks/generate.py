@@ -33,6 +33,7 @@ import os
 import platform
 import time
 from datetime import date
+from functools import partial
 
 import torch
 
@@ -172,16 +173,17 @@ def main() -> None:
         model, processor = build(name, dtype, args.codebook_size, args.grid)
         run_ours(model, processor, 1, sampling)  # warm-up (allocator, kernels)
         for batch in args.batches:
-            runs = {"ours": lambda: run_ours(model, processor, batch, sampling),
-                    "bare": lambda: run_bare(model, processor, batch, True),
-                    "full": lambda: run_bare(model, processor, batch, False)}
+            # Each timed call is bound to this loop's model and batch (best_of runs them right away).
+            runs = {"ours": partial(run_ours, model, processor, batch, sampling),
+                    "bare": partial(run_bare, model, processor, batch, True),
+                    "full": partial(run_bare, model, processor, batch, False)}
             if "hf" not in args.skip:
-                runs["hf"] = lambda: run_hf(model, processor, batch, sampling)
+                runs["hf"] = partial(run_hf, model, processor, batch, sampling)
             t = best_of(args.repeats, runs)
             overhead = min(split_ours(model, processor, batch, sampling) for _ in range(args.repeats))
             naive = float("nan")
             if "naive" not in args.skip:
-                naive = best_of(1, {"naive": lambda: run_naive(model, processor, batch, sampling, args.naive_steps)})
+                naive = best_of(1, {"naive": partial(run_naive, model, processor, batch, sampling, args.naive_steps)})
                 naive = naive["naive"] / (batch * args.naive_steps)
             ours, hf = t["ours"] / (batch * n), t.get("hf", float("nan")) / (batch * n)
             print(f"| {name} | {batch} | {1 / ours:.0f} | {1 / hf:.0f} | {1 / naive:.0f} | {hf / ours:.2f}x | "

@@ -31,12 +31,11 @@ import torch
 import yaml
 from torch import nn
 
-from unimodal.image_data import CropPolicy, ShippedCrops
 from unimodal.evaluation.metrics import codebook_perplexity, codebook_usage, psnr, ssim
-from unimodal.training import make_accelerator
+from unimodal.image_data import CropPolicy, ShippedCrops
+from unimodal.training import make_accelerator, resolve_config
 from unimodal.vq.losses import VQGANLoss, VQGANLossConfig
 from unimodal.vq.quantizer import QuantizerOutput, code_perplexity
-from unimodal.training import resolve_config
 from unimodal.vq.train import VQGANModelArguments, VQGANTrainConfig, VQGANTrainer
 
 
@@ -116,7 +115,8 @@ NEVER = 10**9  # disc_start: the discriminator never trains here
 def shared_pixels(args) -> tuple[torch.Tensor, torch.Tensor]:
     """Training crops (random scale / position / flip), ``[steps * B, 3, 32, 32]``, and held-out crops
     from the part of each photo no training crop touches; identical in every process."""
-    train = ShippedCrops(CropPolicy(32, True, 0.1, 0.4, flip=True), "train", args.steps * args.batch_size, seed=args.seed)
+    crops = CropPolicy(32, True, 0.1, 0.4, flip=True)
+    train = ShippedCrops(crops, "train", args.steps * args.batch_size, seed=args.seed)
     held = ShippedCrops(CropPolicy(32, True, 0.1, 0.4), "eval", args.eval_samples, seed=args.seed)
     return torch.stack([train[i] for i in range(len(train))]), torch.stack([held[i] for i in range(len(held))])
 

@@ -1,5 +1,7 @@
-"""`accelerate launch recipes/finetune.py ...` from a clone; the recipe itself is `unimodal.recipes.finetune`
-(also `unimodal finetune ...` once installed)."""
+"""`accelerate launch recipes/finetune.py ...` from a clone.
+
+The recipe itself is `unimodal.recipes.finetune` (also `unimodal finetune ...` once installed).
+"""
 
 from unimodal.cli import run_recipe
 from unimodal.recipes.finetune import main

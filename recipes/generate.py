@@ -1,5 +1,7 @@
-"""`accelerate launch recipes/generate.py ...` from a clone; the recipe itself is `unimodal.recipes.generate`
-(also `unimodal generate ...` once installed)."""
+"""`accelerate launch recipes/generate.py ...` from a clone.
+
+The recipe itself is `unimodal.recipes.generate` (also `unimodal generate ...` once installed).
+"""
 
 from unimodal.cli import run_recipe
 from unimodal.recipes.generate import main

@@ -1,5 +1,7 @@
-"""`accelerate launch recipes/tokenize_dataset.py ...` from a clone; the recipe itself is `unimodal.recipes.tokenize_dataset`
-(also `unimodal tokenize-dataset ...` once installed)."""
+"""`accelerate launch recipes/tokenize_dataset.py ...` from a clone.
+
+The recipe itself is `unimodal.recipes.tokenize_dataset` (also `unimodal tokenize-dataset ...` once installed).
+"""
 
 from unimodal.cli import run_recipe
 from unimodal.recipes.tokenize_dataset import main

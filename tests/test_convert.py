@@ -139,7 +139,8 @@ def _to_llamagen_layout(janus_state_dict, levels):
     """transformers' Janus names -> LlamaGen's published ones (tokenizer_image/vq_model.py)."""
     out = {}
     for key, value in janus_state_dict.items():
-        key = key.replace(".mid.block_1.", ".mid.0.").replace(".mid.attn_1.", ".mid.1.").replace(".mid.block_2.", ".mid.2.")
+        for old, new in ((".mid.block_1.", ".mid.0."), (".mid.attn_1.", ".mid.1."), (".mid.block_2.", ".mid.2.")):
+            key = key.replace(old, new)
         key = key.replace("encoder.down.", "encoder.conv_blocks.").replace("decoder.up.", "decoder.conv_blocks.")
         key = key.replace(".block.", ".res.")  # both run levels in execution order: indices stay
         out[key] = value
@@ -194,7 +195,8 @@ def test_emu3_image_codes_and_pixels_match_transformers(tmp_path, capsys):
     assert "frame 0" in capsys.readouterr().out
     ours = VQGAN.from_pretrained(tmp_path / "out")
     c = ours.config
-    assert (c.decoder_norm, c.encoder_latent_convs, c.latent_res_blocks, c.decoder_latent_convs) == ("spatial", [8, 4], 1, 2)
+    latent = (c.decoder_norm, c.encoder_latent_convs, c.latent_res_blocks, c.decoder_latent_convs)
+    assert latent == ("spatial", [8, 4], 1, 2)
     codes = ours.encode(x)
     ref_codes = torch.stack(ref.encode(x, image_sizes=torch.tensor([[16, 24]] * 2)).image_tokens)
     assert torch.equal(codes, ref_codes) and codes.unique().numel() > 4
@@ -213,7 +215,8 @@ def test_folded_temporal_downsampling_equals_emu3s_on_repeated_frames(frames):
     for layer in layers:
         ref = F.silu(layer(ref))
     ours = image
-    for weight, bias in fold_temporal_downsampling([(l.conv.conv.weight, l.conv.conv.bias) for l in layers], frames):
+    pairs = [(layer.conv.conv.weight, layer.conv.conv.bias) for layer in layers]
+    for weight, bias in fold_temporal_downsampling(pairs, frames):
         ours = F.silu(F.conv2d(ours, weight, bias, padding=1))
     assert ref.shape[2] == 1
     torch.testing.assert_close(ours, ref[:, :, 0], **TOL)
@@ -243,9 +246,11 @@ def test_diffusers_vqmodel_codes_and_pixels_match(kind, tmp_path):
     ref, x = perturb(VQModel(**DIFFUSERS[kind])), pixels()
     # saved inside a pipeline folder, as LDM / Kandinsky / aMUSEd ship it
     ref.save_pretrained(tmp_path / "pipe" / "vqvae")
-    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({"_class_name": "X", "vqvae": ["diffusers", "VQModel"]}))
+    index = {"_class_name": "X", "vqvae": ["diffusers", "VQModel"]}
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps(index))
     ours = convert_checkpoint("diffusers", tmp_path / "pipe").model
-    assert ours.config.mid_attention == (kind == "group") and ours.config.decoder_norm == DIFFUSERS[kind].get("norm_type", "group")
+    assert ours.config.mid_attention == (kind == "group")
+    assert ours.config.decoder_norm == DIFFUSERS[kind].get("norm_type", "group")
     h = ref.encode(x).latents
     torch.testing.assert_close(ours.encode_latents(x), h, **TOL)
     _, _, (_, _, ref_codes) = ref.quantize(h)

@@ -354,7 +354,7 @@ def test_resumed_loader_reproduces_batches_and_dropout(processor, samples, packi
         loader = accelerator.prepare(make_dataloader(samples, collator, batch_size=4, seed=5))
         per_epoch = len(loader)
         out = []
-        for step, batch in infinite_batches(accelerator, loader, start, per_epoch):
+        for _step, batch in infinite_batches(accelerator, loader, start, per_epoch):
             out.append(batch["input_ids"])
             if len(out) == steps:
                 return out, per_epoch, loader

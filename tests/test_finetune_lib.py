@@ -13,7 +13,13 @@ from transformers import AutoModelForCausalLM
 from unimodal import UnimodalProcessor
 from unimodal.extend import check_compatibility, new_token_ids
 from unimodal.finetune import (
-    DataArguments, LoraArguments, ModelArguments, apply_lora, evaluate, frozen_new_rows, load_model_and_processor,
+    DataArguments,
+    LoraArguments,
+    ModelArguments,
+    apply_lora,
+    evaluate,
+    frozen_new_rows,
+    load_model_and_processor,
     load_task_data,
 )
 from unimodal.offline import build_causal_lm, train_text_tokenizer
@@ -141,7 +147,8 @@ def test_task_data_mix_holdout_and_errors(digits_data):
     tasks = train["task"]
     assert tasks.count("t2i") == 2 * 110 and tasks.count("i2t") == 55
     held_out = set(evals["t2i"]["source_index"])
-    assert len(held_out) == 10 and not held_out & set(train.filter(lambda t: t == "t2i", input_columns="task")["source_index"])
+    trained_t2i = set(train.filter(lambda t: t == "t2i", input_columns="task")["source_index"])
+    assert len(held_out) == 10 and not held_out & trained_t2i
     assert load_task_data(args, processor, seed=3)[0]["source_index"] == train["source_index"]  # seeded
     with pytest.raises(ValueError, match="task 'interleaved' has no samples.*'i2t', 't2i'"):
         load_task_data(DataArguments(dataset_path=str(path), tasks=["interleaved"]), processor)
@@ -185,7 +192,7 @@ def test_export_one_folder_loads_back(tmp_path, tiny_pipeline_factory, merge, fa
     model, processor = pipe.model, pipe.processor
     peft = apply_lora(model, new_token_ids(processor), LoraArguments(use_lora=True, lora_r=4))
     with torch.no_grad():  # stand-in for training: move the adapters and the new rows off their init
-        for name, p in peft.named_parameters():
+        for _name, p in peft.named_parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     ids = every_new_token(processor)

@@ -136,7 +136,7 @@ def test_lora_with_trainable_new_rows():
     model = get_peft_model(build("llama"), LoraConfig(
         r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
         trainable_token_indices={"embed_tokens": new_rows, "lm_head": new_rows}))
-    for name, p in model.named_parameters():  # LoRA B starts at 0: move off it so A gets grads
+    for _name, p in model.named_parameters():  # LoRA B starts at 0: move off it so A gets grads
         if p.requires_grad:
             with torch.no_grad():
                 p.add_(0.05 * torch.randn_like(p))

@@ -205,7 +205,7 @@ def _sync_worker(rank: int, world: int, store: str, out_dir: str) -> None:
         vq = VectorQuantizer(
             16, 3, ema_decay=0.8, kmeans_init=True, kmeans_iters=3, dead_code_threshold=2, usage_window=2
         )
-        for step in range(6):
+        for _ in range(6):
             z = torch.randn(2, 3, 4, 4) + rank * 3.0
             out = vq(z)
         state = {k: v.clone() for k, v in vq.named_buffers()}

@@ -152,7 +152,8 @@ def test_recipe_on_a_folder_skips_corrupt_files_or_fails_when_strict(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(12):
-        Image.new("RGB" if i % 3 else "L", (20 + i, 20), (i * 20, 100, 50) if i % 3 else i * 20).save(folder / f"{i}.png")
+        color = (i * 20, 100, 50) if i % 3 else i * 20
+        Image.new("RGB" if i % 3 else "L", (20 + i, 20), color).save(folder / f"{i}.png")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     args = ["--config", str(TINY), "--report_to", "none", "--data", str(folder), "--eval_fraction", "0.3",
             "--max_steps", "1", "--per_device_batch_size", "4", "--min_scale", "1.0", "--max_scale", "1.0"]
@@ -174,7 +175,8 @@ def test_two_processes_keep_codebooks_identical(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--main_process_port", str(_free_port()), str(ROOT / "recipes" / "train_tokenizer.py"),
+           "--num_machines", "1", "--main_process_port", str(_free_port()),
+           str(ROOT / "recipes" / "train_tokenizer.py"),
            "--config", str(TINY), "--output_dir", str(out), "--report_to", "none",
            "--model.ema_decay", "0.9", "--model.kmeans_init", "true"]  # EMA codebook + k-means: every synced path
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -30,12 +30,17 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from PIL import Image
-
 from digits import (  # examples/digits/digits.py: this script's folder is on sys.path
-    DIGIT_WORDS, DigitClassifier, DigitClassifierConfig, caption_for, dataset_to_tensors, label_from_caption,
+    DIGIT_WORDS,
+    DigitClassifier,
+    DigitClassifierConfig,
+    caption_for,
+    dataset_to_tensors,
+    label_from_caption,
     load_digits_dataset,
 )
+from PIL import Image
+
 from unimodal import PixelTokenizer, PixelTokenizerConfig
 from unimodal.evaluation import Target, evaluate_model, write_report
 from unimodal.offline import SAMPLE_TEXT, export_smollm2, train_text_tokenizer
@@ -172,7 +177,8 @@ def main(argv: list[str] | None = None) -> Path:
                                   "--source", str(out / "digits-train-lm"), "--image_tokenizer", image_tokenizer,
                                   *text, "--output_dir", str(run_dir / "data"), "--overwrite", "true"],
             out / "logs", times, threads)
-        lm = ["--model_name_or_path", cfg.base_model] if cfg.base_model else ["--tokenizer_name_or_path", text_tokenizer]
+        lm = (["--model_name_or_path", cfg.base_model] if cfg.base_model
+              else ["--tokenizer_name_or_path", text_tokenizer])
         launch = [py, "-m", "accelerate.commands.launch", "--config_file", repo_path(cfg.launch_config)]
         run(f"{name}: fine-tune", [*launch, "recipes/finetune.py", "--config", repo_path(cfg.finetune_config), *lm,
                                    "--dataset_path", str(run_dir / "data"), "--output_dir", str(run_dir / "finetune"),
