@@ -24,7 +24,7 @@ Variants (``--only`` takes names or shell patterns):
 
 Each child's peak is its own maximum resident set (``ru_maxrss``; GPU: max allocated). A parent
 thread sums the resident memory of the child's process tree and kills it above
-``--memory_limit_gb`` (default 90% of what the machine has free at the start): that row then
+``--memory_limit_gb`` (default: what the machine has free at the start less 1.5 GB): that row then
 reads "did not fit in N GB" and the run goes on.
 """
 
@@ -80,12 +80,13 @@ QUICK = Shape(64, 2, 4, 2, 128, 2048, 64, 8, 12, TINY_VQGAN)
 
 LM = [f"lm-{m}-{g}-{t}-{s}" for m in ("full", "lora") for g in ("gc", "nogc") for t in ("t2i", "i2t") for s in SYSTEMS]
 DIST = {"single": None, "zero3": "zero3.yaml", "ddp": "ddp_cpu.yaml", "zero2": "zero2.yaml"}
-# ~40 min on an idle 2-core machine (see --list for the estimate): the rows the targets of issue
-# #13 read (full fine-tune, GC on so that the model's loss fits; TRL on i2t), plus ours without GC
-# and LoRA on i2t. Everything else: --only.
-DEFAULT_PLAN = ["vq-b1", "vq-b2", "lm-full-gc-t2i-ours", "lm-full-gc-t2i-model", "lm-full-gc-i2t-ours",
-                "lm-full-gc-i2t-model", "lm-full-gc-i2t-trl", "lm-full-nogc-i2t-ours", "lm-lora-gc-i2t-ours",
-                "lm-lora-gc-i2t-model", "gen", "dist-single", "dist-zero3"]
+# The rows the targets of issue #13 read: full fine-tune at batch 4 x 1,100 with gradient
+# checkpointing (without it the model's own loss does not fit in 24 GB: 16 B/param + 105 KB per token
+# and layer + ~3 logits-sized buffers), ours and the model's loss on t2i and i2t, TRL on i2t; the
+# VQ-GAN, the measured activation constants, generation and ZeRO-3. ~55-65 min on an idle 2-core
+# EPYC (the estimate is printed first; one full-shape step is 3-5 min). LoRA and no-GC rows: --only.
+DEFAULT_PLAN = ["vq-b1", "vq-b2", "act", "lm-full-gc-t2i-ours", "lm-full-gc-t2i-model", "lm-full-gc-i2t-ours",
+                "lm-full-gc-i2t-model", "lm-full-gc-i2t-trl", "gen", "dist-single", "dist-zero3"]
 
 
 # ----------------------------------------------------------------------------- data and model
@@ -249,6 +250,55 @@ def run_gen(args, shape: Shape) -> dict:
     return {"tokens": n, **{f"{k}_tokens_per_s": n / s for k, s in seconds.items()}, "peak_gb": peak_memory_gb()}
 
 
+def run_activations(args, shape: Shape) -> dict:
+    """Bytes per token that autograd holds for backward once the forward is done (saved tensors,
+    parameters excluded, each storage once) at this shape on one sample: one decoder layer without
+    and with gradient checkpointing, and the embedding + head + loss with the model's own loss and
+    with ours at t2i / i2t targets. From the same random LM run with 2 and with 1 layer; the
+    constants of docs/distributed.md's memory formula."""
+    from scale_report import head_rows
+    from unimodal.offline import build_causal_lm
+    from unimodal.training.loss import batch_loss
+
+    rows, length = head_rows(shape), shape.sample_tokens
+    model = build_causal_lm("qwen2", vocab_size=rows, hidden_size=shape.hidden, num_layers=2, num_heads=shape.heads,
+                            num_key_value_heads=shape.kv_heads, intermediate_size=shape.intermediate,
+                            max_position_embeddings=2048, tie_word_embeddings=True).train()
+    all_layers = model.model.layers
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    ids = torch.randint(0, rows, (1, length))
+    spans = {"t2i": slice(length - shape.grid**2 - 2, length - 1), "i2t": slice(length - shape.caption_tokens - 1, None)}
+
+    def held(layers: int, gc: bool, method: str, task: str) -> float:
+        model.model.layers, model.config.num_hidden_layers = all_layers[:layers], layers
+        if gc:  # (checkpointing keeps each layer's input outside these hooks: hidden x 4 B, added below)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
+        labels = torch.full_like(ids, -100)
+        labels[0, spans[task]] = ids[0, spans[task]]
+        kept = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                kept[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            batch_loss(model, {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}, method)
+        return sum(kept.values()) / length
+
+    one, two = held(1, False, "model", "t2i"), held(2, False, "model", "t2i")
+    layer = two - one
+    layer_gc = held(2, True, "model", "t2i") - held(1, True, "model", "t2i") + 4 * shape.hidden
+    return {"layer_bytes_per_token": layer, "layer_gc_bytes_per_token": layer_gc,
+            "head_model_bytes_per_token": one - layer,
+            "head_ours_t2i_bytes_per_token": held(1, False, "chunked", "t2i") - layer,
+            "head_ours_i2t_bytes_per_token": held(1, False, "chunked", "i2t") - layer,
+            "tokens": length, "head_rows": rows, "peak_gb": peak_memory_gb()}
+
+
 def worker(args) -> None:
     torch.set_num_threads(args.threads)
     shape = current_shape(args)
@@ -264,6 +314,8 @@ def worker(args) -> None:
         result = run_recipe(args, shape, rest[2], rest[3], rest[0] == "lora", rest[1] == "gc", args.batch)
     elif kind == "gen":
         result = run_gen(args, shape)
+    elif kind == "act":
+        result = run_activations(args, shape)
     else:  # dist-*: the recipe on i2t, full fine-tune, GC, our loss (the same in every dist row)
         result = run_recipe(args, shape, "i2t", "ours", False, True, args.dist_batch)
     print(RESULT + json.dumps(result), flush=True)
@@ -298,7 +350,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per variant; the first is warm-up")
     parser.add_argument("--precision", default="no", choices=["no", "bf16"], help="the recipe's mixed_precision")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--memory_limit_gb", type=float, help="kill a variant above this (default 90%% of free)")
+    parser.add_argument("--memory_limit_gb", type=float, help="kill a variant above this (default: free - 1.5 GB)")
     parser.add_argument("--timeout_s", type=float, default=3600, help="per variant")
     parser.add_argument("--root", default=str(REPO / "outputs" / "bench_scale"))
     parser.add_argument("--out", help="also write the markdown table here")
@@ -312,7 +364,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
     shape = current_shape(args)
-    names = [f"vq-b{b}" for b in (1, 2, 4)] + LM + ["gen"] + [f"dist-{d}" for d in DIST]
+    names = [f"vq-b{b}" for b in (1, 2, 4)] + LM + ["gen", "act"] + [f"dist-{d}" for d in DIST]
     patterns = args.only or DEFAULT_PLAN
     plan = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     unknown = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
@@ -325,7 +377,7 @@ def main() -> None:
         for n, s in estimates.items():
             print(f"{'*' if n in DEFAULT_PLAN else ' '} {n:24s} ~{s / 60:5.1f} min")
         return
-    limit = args.memory_limit_gb or 0.9 * memory_available_gb()
+    limit = args.memory_limit_gb or max(1.0, memory_available_gb() - 1.5)
     header = (f"{date.today()}, {platform.machine()} {platform.processor()}, {os.cpu_count()} cores, {args.threads} "
               f"threads, torch {torch.__version__}, fp32 matmul {rate / 1e9:.0f} GFLOP/s, memory limit {limit:.1f} GB; "
               f"LM {shape.layers} layers, hidden {shape.hidden}, {shape.text_rows} + {shape.codes} rows, "

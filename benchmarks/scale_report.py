@@ -60,6 +60,8 @@ def estimate_seconds(name: str, s, args, rate: float) -> float:
         hf = steps * 2 * max(2 * (backbone + head_rows(s) * s.hidden) / rate,
                              4 * (backbone + head_rows(s) * s.hidden) / (MEMORY_GB_PER_S * 1e9))
         return 15 + ours + hf
+    if kind == "act":  # six forwards of a 1-2 layer model on one sample
+        return 20 + 6 * 2 * (2 * layer_params(s) + head_rows(s) * s.hidden) * s.sample_tokens / train_rate
     flops = step_flops(s, args.dist_batch, "i2t", "ours", False, True)
     processes = 1 if rest[0] == "single" else 2  # two processes share the cores
     return process_overhead_s(s) * processes + args.steps * flops * processes / train_rate
@@ -125,6 +127,13 @@ def render_table(runs: dict, s, args, limit_gb: float) -> str:
                 f"{_ratio(got.get('ours_tokens_per_s'), got.get('hf_tokens_per_s'))} of generate" if got else "")
             row(name, setting, "transformers generate CFG", "(same process)",
                 f"{got['hf_tokens_per_s']:.1f} tokens/s" if got else "-")
+        elif kind == "act":
+            kb = {k: f"{v / 1024:.1f} KB" for k, v in got.items() if k.endswith("bytes_per_token")}
+            speed = (f"layer {kb['layer_bytes_per_token']} (GC {kb['layer_gc_bytes_per_token']}); head + loss: "
+                     f"model {kb['head_model_bytes_per_token']}, ours t2i {kb['head_ours_t2i_bytes_per_token']}, "
+                     f"i2t {kb['head_ours_i2t_bytes_per_token']}") if got else "-"
+            row(name, f"activations autograd holds per token after the forward, 1 x {s.sample_tokens} tokens",
+                "saved tensors", peak, speed)
         else:
             mode = name.split("-", 1)[1]
             per_rank = ", ".join(f"{r['peak_gb']:.2f}" for r in sorted(run.results, key=lambda r: r["rank"]))
