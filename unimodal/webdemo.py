@@ -292,7 +292,7 @@ def build_demo(pipeline: UnimodalPipeline, limits: DemoLimits = DemoLimits(),
                                  elem_id="t2i-gallery", elem_classes="pixelated")
             start = handlers.image_sampling  # the model's settings, else Liquid's
             gr.Markdown(sampling_note(start, handlers.image_sampling_source), elem_id="t2i-sampling-source")
-            with gr.Accordion("Advanced Settings", open=False):
+            with gr.Accordion("Advanced Settings", open=False, elem_id="t2i-advanced"):
                 with gr.Row():
                     num_images = gr.Slider(1, limits.max_images, value=min(4, limits.max_images), step=1,
                                            label="Number of images", elem_id="t2i-num-images")
