@@ -315,8 +315,8 @@ def _page_settings(demo) -> dict:
 
 def _text_tab_settings(demo) -> list[float]:
     """Initial temperature and top-p of the Image To Text, then the Text To Text tab."""
-    by_id = {b.elem_id: b.value for b in demo.blocks.values() if getattr(b, "elem_id", None)}
-    return [by_id[f"{tab}-{name}"] for tab in ("i2t", "t2t") for name in ("temperature", "top-p")]
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    return [by_id[f"{tab}-{name}"].value for tab in ("i2t", "t2t") for name in ("temperature", "top-p")]
 
 
 def test_page_starts_at_the_models_own_settings_and_says_where_they_come_from(tiny_pipeline_factory, tmp_path):
