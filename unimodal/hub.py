@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import TYPE_CHECKING
 
 from huggingface_hub import HfApi
 
@@ -30,6 +31,10 @@ class PushToHubMixin:
     upload it as one commit."""
 
     hub_commit_message = "Upload with unimodal"
+
+    if TYPE_CHECKING:  # what the class using the mixin provides
+
+        def save_pretrained(self, save_directory: str | os.PathLike, /) -> object: ...
 
     def push_to_hub(
         self,

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,7 +74,7 @@ class CropPolicy:
 
     def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> Image.Image:
         """Crop and resize an RGB image; ``rng`` makes the random choices reproducible."""
-        rng = rng if rng is not None else np.random.default_rng(torch.randint(2**31, ()).item())
+        rng = rng if rng is not None else np.random.default_rng(int(torch.randint(2**31, ())))
         w, h = image.size
         if not self.random:
             left, top, side = center_square(w, h, self.max_scale)
@@ -82,7 +83,7 @@ class CropPolicy:
             left, top = int(rng.integers(w - side + 1)), int(rng.integers(h - side + 1))
         image = crop_resize(image, left, top, side, self.image_size)
         if self.random and self.flip and rng.random() < 0.5:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return image
 
 
@@ -186,7 +187,8 @@ def load_shipped_images() -> dict[str, Image.Image]:
     arrays = {Path(f).stem: a for f, a in zip(sample.filenames, sample.images)}
     for name in SHIPPED_IMAGES:
         if name not in arrays:
-            arrays[name] = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+            arrays[name] = (skimage.data.stereo_motorcycle()[0] if name == "motorcycle"
+                            else getattr(skimage.data, name)())
     return {name: to_rgb(Image.fromarray(arrays[name])) for name in SHIPPED_IMAGES}
 
 
@@ -223,9 +225,12 @@ class ShippedCrops(Dataset):
         return to_pixels(self.policy(region, rng))
 
 
+ImageDataset = ShippedCrops | ImageFolderDataset | HFImageDataset  # what load_image_dataset returns
+
+
 def load_image_dataset(source: str | None, policy: CropPolicy, split: str, *, image_column: str = "image",
                        eval_fraction: float = 0.05, num_samples: int = 20_000, strict: bool = False,
-                       seed: int = 0) -> Dataset:
+                       seed: int = 0) -> ImageDataset:
     """One entry point for the recipe: ``split`` is ``"train"`` or ``"eval"``.
 
     ``source`` is None or ``"shipped"`` (`ShippedCrops`), a folder of image files
@@ -280,7 +285,7 @@ class ImageDataArguments:
     strict: bool = False
 
 
-def load_image_datasets(args: ImageDataArguments, seed: int = 0) -> tuple[Dataset, Dataset]:
+def load_image_datasets(args: ImageDataArguments, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
     """The training dataset (random crops) and the held-out dataset (fixed crops).
 
     Held-out crops are fixed: centred for folders and ``datasets`` sources, seeded positions
@@ -289,7 +294,8 @@ def load_image_datasets(args: ImageDataArguments, seed: int = 0) -> tuple[Datase
     shipped = args.data in ("", "shipped")
     train_policy = CropPolicy(args.image_size, True, args.min_scale, args.max_scale, args.flip)
     eval_policy = CropPolicy(args.image_size, shipped, args.min_scale, args.max_scale, flip=False)
-    common = dict(image_column=args.image_column, eval_fraction=args.eval_fraction, strict=args.strict, seed=seed)
+    common: dict[str, Any] = dict(image_column=args.image_column, eval_fraction=args.eval_fraction,
+                                  strict=args.strict, seed=seed)
     train = load_image_dataset(args.data, train_policy, "train", num_samples=args.train_samples, **common)
     held = load_image_dataset(args.data, eval_policy, "eval", num_samples=args.eval_samples, **common)
     return train, held

@@ -76,13 +76,13 @@ def center_square(width: int, height: int, scale: float = 1.0) -> tuple[int, int
 
 
 def crop_resize(image: Image.Image, left: int, top: int, side: int, size: int,
-                resample: int = Image.BICUBIC) -> Image.Image:
+                resample: int = Image.Resampling.BICUBIC) -> Image.Image:
     """Cut the square ``(left, top, side)`` out of ``image`` and resize it to ``size x size``."""
     image = image.crop((left, top, left + side, top + side))
     return image if side == size else image.resize((size, size), resample)
 
 
-def center_crop_resize(image: Image.Image, size: int, resample: int = Image.BICUBIC) -> Image.Image:
+def center_crop_resize(image: Image.Image, size: int, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
     """Centre-crop to a square, then resize to ``size x size``."""
     return crop_resize(image, *center_square(*image.size), size, resample)
 
@@ -111,7 +111,7 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
 def pil_to_tensor(
     images: Image.Image | Sequence[Image.Image],
     size: int | None = None,
-    resample: int = Image.BICUBIC,
+    resample: int = Image.Resampling.BICUBIC,
 ) -> torch.Tensor:
     """PIL image(s) -> ``[B, 3, H, W]`` in [-1, 1]; resized to ``size x size`` when given
     (centre-cropped to a square first so aspect ratio is kept)."""

@@ -20,6 +20,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 from PIL import Image
@@ -97,7 +98,7 @@ class UnimodalProcessor(PushToHubMixin):
 
     def _token_id(self, token: str) -> int:
         """Id of a control/image token, with an error that says what to do when it is missing."""
-        idx = self.tokenizer.convert_tokens_to_ids(token)
+        idx = cast("int | None", self.tokenizer.convert_tokens_to_ids(token))  # an id for one token
         if idx is None or self.tokenizer.convert_ids_to_tokens(idx) != token:
             raise ValueError(
                 f"the tokenizer has no token {token!r}; extend it with unimodal.add_image_tokens "
@@ -108,7 +109,8 @@ class UnimodalProcessor(PushToHubMixin):
     # ------------------------------------------------------------------ shape facts
     @property
     def grid_shape(self) -> tuple[int, int]:
-        return tuple(self.image_tokenizer.grid_shape)
+        h, w = self.image_tokenizer.grid_shape
+        return h, w
 
     @property
     def num_image_tokens(self) -> int:
@@ -212,7 +214,9 @@ class UnimodalProcessor(PushToHubMixin):
             images = [images]
         elif images is not None and not isinstance(images, torch.Tensor):
             images = [im for item in images for im in ([item] if isinstance(item, Image.Image) else item)]
-        codes = [] if images is None or len(images) == 0 else self.encode_images(images)
+        codes: list[torch.Tensor] | torch.Tensor = (
+            [] if images is None or len(images) == 0 else self.encode_images(images)
+        )
         sequences = self.interleaved_ids(texts, codes, add_bos=add_bos, add_eos=add_eos)
         return self.pad(sequences, padding_side, return_tensors, padding=padding)
 
@@ -325,7 +329,7 @@ class UnimodalProcessor(PushToHubMixin):
     @torch.no_grad()
     def batch_decode(
         self,
-        sequences: torch.Tensor | Sequence[Sequence[int]],
+        sequences: torch.Tensor | Sequence[torch.Tensor | Sequence[int]],
         strict: bool = True,
         return_codes: bool = False,
     ) -> list[list[Segment]]:
@@ -338,13 +342,14 @@ class UnimodalProcessor(PushToHubMixin):
         parsed = [self._parse(torch.as_tensor(s).long().flatten().cpu(), strict) for s in sequences]
         grids = [seg for segs in parsed for seg in segs if isinstance(seg, torch.Tensor)]
         texts = [seg for segs in parsed for seg in segs if not isinstance(seg, torch.Tensor)]
+        decoded: Sequence[torch.Tensor | Image.Image] = grids
         if grids and not return_codes:
             tok = self.image_tokenizer
-            grids = tensor_to_pil(tok.decode(torch.stack(grids).to(tok.device)))
+            decoded = tensor_to_pil(tok.decode(torch.stack(grids).to(tok.device)))
         strings = iter(self.tokenizer.batch_decode(
             texts, skip_special_tokens=False, clean_up_tokenization_spaces=False
         ))
-        images = iter(grids)
+        images = iter(decoded)
         # put decoded text and images back in sequence order
         return [
             [next(images) if isinstance(s, torch.Tensor) else next(strings) for s in segs] for segs in parsed
@@ -387,10 +392,12 @@ class UnimodalProcessor(PushToHubMixin):
             push_folder_to_hub(save_directory, repo_id, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo: str | os.PathLike, **hub_kwargs) -> "UnimodalProcessor":
+    def from_pretrained(cls, path_or_repo: str | os.PathLike, **hub_kwargs) -> UnimodalProcessor:
         """Load from a folder or Hub repo written by `save_pretrained`. ``hub_kwargs`` (``revision``,
         ``token``, ``cache_dir``, ``local_files_only``) are passed to the Hub downloads."""
         config_file = cached_file(path_or_repo, PROCESSOR_CONFIG_NAME, **hub_kwargs)
+        if config_file is None:  # cached_file raises for a missing file; None only if told not to
+            raise FileNotFoundError(f"{path_or_repo}: no {PROCESSOR_CONFIG_NAME}")
         config = json.loads(Path(config_file).read_text())
         subfolder = Path(path_or_repo) / config["image_tokenizer_subfolder"]
         if Path(path_or_repo).is_dir() and not (subfolder / "config.json").is_file():

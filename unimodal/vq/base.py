@@ -8,10 +8,20 @@ with ``h = H / downsample_factor`` and back. Its config carries ``codebook_size`
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+if TYPE_CHECKING:
+    # Every image tokenizer is also a `transformers.PreTrainedModel` (``class VQGAN(
+    # ImageTokenizerMixin, PreTrainedModel)``): to the type checker the mixin derives from it, so
+    # code typed against the mixin can use ``config``, ``device``, ``to``, ``save_pretrained``...
+    from transformers import PreTrainedModel as _TokenizerBase
+else:
+    _TokenizerBase = object
 
-class ImageTokenizerMixin:
+
+class ImageTokenizerMixin(_TokenizerBase):
     """Shared shape logic and input checks for `VQGAN` and `PixelTokenizer`."""
 
     @property
@@ -32,6 +42,14 @@ class ImageTokenizerMixin:
     def num_image_tokens(self) -> int:
         h, w = self.grid_shape
         return h * w
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - each tokenizer defines it
+        """Pixels ``[B, 3, H, W]`` in ``[-1, 1]`` -> codes ``LongTensor[B, h, w]``."""
+        raise NotImplementedError
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:  # pragma: no cover - each tokenizer defines it
+        """Codes ``LongTensor[B, h, w]`` -> pixels ``[B, 3, H, W]`` in ``[-1, 1]``."""
+        raise NotImplementedError
 
     def code_vectors(self) -> torch.Tensor:  # pragma: no cover - each tokenizer defines it
         """What each code stands for, fp32 ``[K, D]``: similar images -> nearby vectors. Used to

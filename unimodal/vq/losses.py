@@ -165,6 +165,9 @@ class LPIPS(nn.Module):
     `LPIPS.from_pretrained`.
     """
 
+    shift: torch.Tensor  # buffers, see __init__
+    scale: torch.Tensor
+
     def __init__(self):
         super().__init__()
         self.net = VGG16Features()
@@ -183,11 +186,12 @@ class LPIPS(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         fx = self.net((x - self.shift) / self.scale)
         fy = self.net((y - self.shift) / self.scale)
-        dist = 0
+        dist: torch.Tensor | int = 0
         for k, (a, b) in enumerate(zip(fx, fy)):
             a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # [B, C_k, H_k, W_k], unit length per pixel
             b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
             dist = dist + getattr(self, f"lin{k}")((a - b).pow(2)).mean(dim=(1, 2, 3))  # [B]
+        assert isinstance(dist, torch.Tensor)  # five taps, never empty
         return dist
 
     @classmethod
@@ -285,6 +289,9 @@ class VQGANLoss(nn.Module):
     Dict values other than ``"loss"`` are detached, for logging.
     """
 
+    lecam_ema_real: torch.Tensor  # buffers, see __init__
+    lecam_ema_fake: torch.Tensor
+
     def __init__(self, config: VQGANLossConfig | None = None, image_channels: int = 3):
         super().__init__()
         self.config = config = config or VQGANLossConfig()
@@ -321,7 +328,9 @@ class VQGANLoss(nn.Module):
             last_layer: ``vqgan.last_layer``; needed when ``adaptive_weight`` and the GAN term is on.
         """
         cfg = self.config
-        rec = output.reconstruction
+        rec, quant_loss = output.reconstruction, output.quant_loss
+        if rec is None or quant_loss is None:
+            raise ValueError("output must be a VQGAN forward output with reconstruction and quant_loss")
         rec_loss = (inputs - rec).abs().mean() if cfg.reconstruction_loss == "l1" else F.mse_loss(rec, inputs)
         nll = cfg.reconstruction_weight * rec_loss
         p_loss = torch.zeros((), device=rec.device)
@@ -339,11 +348,11 @@ class VQGANLoss(nn.Module):
                     raise ValueError("adaptive_weight needs last_layer=vqgan.last_layer (or set adaptive_weight=False)")
                 d_weight = adaptive_weight(nll, g_loss, last_layer, cfg.adaptive_weight_max)
             d_weight = d_weight * cfg.disc_weight
-        loss = nll + d_weight * g_loss + cfg.quant_weight * output.quant_loss
+        loss = nll + d_weight * g_loss + cfg.quant_weight * quant_loss
         logs = {
             "reconstruction_loss": rec_loss,
             "perceptual_loss": p_loss,
-            "quant_loss": output.quant_loss,
+            "quant_loss": quant_loss,
             "generator_loss": g_loss,
             "adaptive_weight": d_weight,
         }

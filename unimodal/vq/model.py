@@ -13,6 +13,7 @@ Parameter names follow taming-transformers' ``VQModel`` (``encoder.*``, ``quant_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,7 +77,7 @@ class VQGAN(ImageTokenizerMixin, PreTrainedModel):
 
     def __init__(self, config: VQGANConfig):
         super().__init__(config)
-        arch = dict(
+        arch: dict[str, Any] = dict(  # shared by the encoder and the decoder
             ch=config.ch,
             ch_mult=config.ch_mult,
             num_res_blocks=config.num_res_blocks,
@@ -125,6 +126,9 @@ class VQGAN(ImageTokenizerMixin, PreTrainedModel):
             # transformers' init functions, not reset_parameters(): they leave loaded running stats be
             init.ones_(module.weight)
             init.zeros_(module.bias)
+            # taming's BatchNorm layers track running stats
+            assert module.running_mean is not None and module.running_var is not None
+            assert module.num_batches_tracked is not None
             init.zeros_(module.running_mean)
             init.ones_(module.running_var)
             init.zeros_(module.num_batches_tracked)

@@ -88,15 +88,14 @@ def kmeans(
     chosen one), so well-separated clusters each get a centre; an empty cluster keeps its centre.
     """
     n = x.shape[0]
-    gen = {"generator": generator} if generator is not None else {}
-    first = torch.randint(n, (1,), device=x.device, **gen)
+    first = torch.randint(n, (1,), device=x.device, generator=generator)
     centres = [x[first]]  # list of [1, D]
     d2 = (x - centres[0]).pow(2).sum(1)  # [N] squared distance to the nearest centre so far
     for _ in range(k - 1):
         if d2.sum() > 0:
-            pick = torch.multinomial(d2, 1, **gen)
+            pick = torch.multinomial(d2, 1, generator=generator)
         else:  # fewer distinct points than codes: repeat random ones
-            pick = torch.randint(n, (1,), device=x.device, **gen)
+            pick = torch.randint(n, (1,), device=x.device, generator=generator)
         centres.append(x[pick])
         d2 = torch.minimum(d2, (x - centres[-1]).pow(2).sum(1))
     c = torch.cat(centres)  # [k, D]
@@ -152,6 +151,15 @@ class VectorQuantizer(nn.Module):
             ``usage_window`` training batches (and not restarted within it); 0 = off.
         usage_window: batches the rolling usage (and dead-code test) covers.
     """
+
+    # Buffers registered in __init__ (the EMA ones only with ``ema_decay``, ``initted`` only with
+    # ``kmeans_init``).
+    ema_cluster_size: torch.Tensor
+    ema_embed_sum: torch.Tensor
+    initted: torch.Tensor
+    usage_counts: torch.Tensor
+    step: torch.Tensor
+    restarted_at: torch.Tensor
 
     def __init__(
         self,

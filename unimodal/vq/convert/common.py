@@ -11,7 +11,7 @@ import json
 import os
 import pickle
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
 
 from ..config import VQGANConfig
 from ..model import VQGAN
@@ -136,8 +137,9 @@ def read_hf_weights(get: Callable[[str], Path | None], select: Callable[[str], b
         if index is not None:
             weight_map = json.loads(index.read_text())["weight_map"]
             shards = sorted({shard for name, shard in weight_map.items() if select(name)})
-            files = [get(shard) for shard in shards]
-            if any(f is None for f in files):
+            found = [get(shard) for shard in shards]
+            files = [f for f in found if f is not None]
+            if len(files) != len(found):
                 raise FileNotFoundError(f"{source}: shards {shards} listed in {index.name} are missing")
         else:
             single = get(base)
@@ -157,8 +159,11 @@ def read_hf_weights(get: Callable[[str], Path | None], select: Callable[[str], b
 
 
 def transformers_vq(
-    source, vq_class: type, model_config_class: type, vq_config_class: type
-) -> tuple[object, StateDict, str]:
+    source,
+    vq_class: type[PreTrainedModel],
+    model_config_class: type[PretrainedConfig],
+    vq_config_class: type[PretrainedConfig],
+) -> tuple[PretrainedConfig, StateDict, str]:
     """``(vq config, state dict, name)`` of a transformers VQ model (Janus, Emu3).
 
     ``source`` is the ``vq_class`` module, a model holding one, or a folder / Hub repo whose
@@ -180,7 +185,8 @@ def transformers_vq(
         weights = read_hf_weights(get, lambda k: "vqmodel." in k, str(source))
         return config, {k.split("vqmodel.", 1)[1]: v for k, v in weights.items()}, str(source)
     if model_type == vq_config_class.model_type:
-        return vq_config_class.from_json_file(config_file), read_hf_weights(get, lambda k: True, str(source)), str(source)
+        weights = read_hf_weights(get, lambda k: True, str(source))
+        return vq_config_class.from_json_file(config_file), weights, str(source)
     raise ValueError(
         f"{source}: model_type {model_type!r} is neither {model_config_class.model_type!r} nor "
         f"{vq_config_class.model_type!r}; check --format"
@@ -190,7 +196,7 @@ def transformers_vq(
 # ----------------------------------------------------------------------------- renaming
 
 
-def rename(state_dict: StateDict, rules: list[Rule]) -> StateDict:
+def rename(state_dict: StateDict, rules: Sequence[Rule]) -> StateDict:
     """Apply every ``(regex, replacement)`` rule, in order, to every key."""
     out = {}
     for key, value in state_dict.items():

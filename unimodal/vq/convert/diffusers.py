@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
+from typing import Any, cast
 
 from torch import nn
 
@@ -62,7 +64,8 @@ def _diffusers_source(source) -> tuple[dict, StateDict, str]:
     if isinstance(source, nn.Module):
         if type(source).__name__ != "VQModel":
             raise TypeError(f"expected a diffusers VQModel, got {type(source).__name__}")
-        return dict(source.config), source.state_dict(), "VQModel"
+        # diffusers' ConfigMixin keeps its config as a FrozenDict
+        return dict(cast(Mapping[str, Any], source.config)), source.state_dict(), "VQModel"
     get = hf_file_getter(source)
     subfolder = ""
     if get("config.json") is None and (index := get("model_index.json")) is not None:
