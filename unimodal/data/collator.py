@@ -108,10 +108,10 @@ class UnimodalCollator:
 
     def __call__(self, rows: Sequence[Sequence[Mapping[str, Any]] | Mapping[str, Any]]) -> dict[str, Any]:
         # A row is a list of samples (make_dataloader) or one sample dict (a plain data set).
-        rows = [[r] if isinstance(r, Mapping) else r for r in rows]
-        if not self.packing and any(len(row) > 1 for row in rows):
+        grouped: list[Sequence[Mapping[str, Any]]] = [[r] if isinstance(r, Mapping) else r for r in rows]
+        if not self.packing and any(len(row) > 1 for row in grouped):
             raise ValueError("rows of several samples need packing=True (else they would attend to each other)")
-        built = [[s for s in map(self.sample, row) if s is not None] for row in rows]
+        built = [[s for s in map(self.sample, row) if s is not None] for row in grouped]
         # A row whose samples were all dropped (only possible without make_dataloader's plan) would
         # be fully masked, which gives NaN attention: leave it out of the batch.
         built = [row for row in built if row]

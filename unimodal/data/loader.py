@@ -67,7 +67,7 @@ class LengthGroupedSampler(Sampler[int]):
     (``skip_first_batches``) continues it exactly. Only the very last batch can be short.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega_batches: int = 64):
+    def __init__(self, lengths: Sequence[int] | np.ndarray, batch_size: int, seed: int = 0, mega_batches: int = 64):
         self.lengths = np.asarray(lengths)
         self.batch_size, self.seed, self.mega_batches, self.epoch = batch_size, seed, mega_batches, 0
 

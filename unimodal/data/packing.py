@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def pack_lengths(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+def pack_lengths(lengths: Sequence[int] | np.ndarray, capacity: int) -> list[list[int]]:
     """Best-fit-decreasing bin packing: indices of ``lengths`` grouped into bins of total length
     <= ``capacity``. Each item goes into the fullest bin it fits in (a sorted list of the free
     spaces makes that a bisection), so few bins stay part-empty. Deterministic."""
@@ -62,20 +62,20 @@ class RowPlan:
         return 1.0 - float(self.row_lengths.sum()) / max(1, len(self.rows) * self.max_length)
 
 
-def plan_rows(lengths: Sequence[int], max_length: int, *, packing: bool,
-              dropped: Sequence[int] = (), num_truncated: int = 0) -> RowPlan:
+def plan_rows(lengths: Sequence[int] | np.ndarray, max_length: int, *, packing: bool,
+              dropped: Sequence[int] | np.ndarray = (), num_truncated: int = 0) -> RowPlan:
     """Rows of sample indices for samples of (already fitted) ``lengths``.
 
     ``dropped`` are indices of samples that could not fit and get no row; ``num_truncated``
     counts the samples that lost text to fit (both are reported in the plan).
     """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    keep = np.ones(len(lengths), dtype=bool)
+    lens = np.asarray(lengths, dtype=np.int64)
+    keep = np.ones(len(lens), dtype=bool)
     keep[np.asarray(dropped, dtype=np.int64)] = False
     kept = np.flatnonzero(keep)
     if packing:
-        rows = [[int(kept[j]) for j in b] for b in pack_lengths(lengths[kept], max_length)]
+        rows = [[int(kept[j]) for j in b] for b in pack_lengths(lens[kept], max_length)]
     else:
         rows = [[int(i)] for i in kept]
-    row_lengths = np.array([lengths[r].sum() for r in rows], dtype=np.int64)
-    return RowPlan(rows, row_lengths, len(lengths), num_truncated, len(keep) - len(kept), max_length)
+    row_lengths = np.array([lens[r].sum() for r in rows], dtype=np.int64)
+    return RowPlan(rows, row_lengths, len(lens), num_truncated, len(keep) - len(kept), max_length)

@@ -77,7 +77,7 @@ def evaluate_model(
 
     def grid(images: list[Image.Image], ncols: int) -> Image.Image:
         if display_size:
-            images = [im.resize((display_size, display_size), Image.NEAREST) for im in images]
+            images = [im.resize((display_size, display_size), Image.Resampling.NEAREST) for im in images]
         return make_grid(images, ncols=ncols)
 
     shown = [im for c in range(len(prompts)) for im in

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from .scoring import ModelEvaluation
 
@@ -27,7 +28,7 @@ class Target:
     label: str = ""
 
     def value(self, evaluation: ModelEvaluation) -> float:
-        node = asdict(evaluation)
+        node: Any = asdict(evaluation)
         for key in self.metric.split("."):
             if not isinstance(node, dict) or key not in node:
                 raise KeyError(f"{self.metric!r} is not a metric of ModelEvaluation (no {key!r})")

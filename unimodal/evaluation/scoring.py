@@ -64,7 +64,8 @@ def score_tokenizer(
     pixels = as_pixels(images)
     codes, recon = tokenizer.reconstruct(pixels, batch_size)  # [N, h, w], [N, 3, H, W]
     report = reconstruction_report(pixels, recon, codes, tokenizer.codebook_size, ssim_sigma)
-    recon_accuracy = None if classifier is None else classifier_accuracy(classifier, recon, labels)
+    recon_accuracy = (None if classifier is None or labels is None
+                      else classifier_accuracy(classifier, recon, labels))
     recon_fid = None if feature_extractor is None else fid(pixels, recon, feature_extractor)
     return TokenizerScores(
         tokens_per_image=int(tokenizer.num_image_tokens), codebook_size=int(tokenizer.codebook_size),

@@ -31,6 +31,13 @@ def check_finite(loss: torch.Tensor, step: int, checkpoints: CheckpointManager |
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+def _step_of(path: Path) -> int:
+    """``N`` of a ``step-N`` folder (one whose name `_STEP_DIR` matched)."""
+    match = _STEP_DIR.match(path.name)
+    assert match is not None
+    return int(match.group(1))
+
+
 class CheckpointManager:
     """Numbered accelerate checkpoints under ``root`` (``step-00000100``...), written atomically.
 
@@ -46,7 +53,7 @@ class CheckpointManager:
         if not self.root.is_dir():
             return None
         done = [p for p in self.root.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").exists()]
-        return max(done, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), default=None)
+        return max(done, key=_step_of, default=None)
 
     def save(self, accelerator, step: int, state: dict[str, Any] | None = None,
              tensors: dict[str, torch.Tensor] | None = None) -> Path:
@@ -96,7 +103,7 @@ class CheckpointManager:
     def _prune(self) -> None:
         done = sorted(
             (p for p in self.root.iterdir() if _STEP_DIR.match(p.name)),
-            key=lambda p: int(_STEP_DIR.match(p.name).group(1)),
+            key=_step_of,
         )
         for old in done[: max(0, len(done) - self.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)

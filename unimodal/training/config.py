@@ -23,12 +23,16 @@ import dataclasses
 import re
 import sys
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import yaml
 from transformers import HfArgumentParser
+
+if TYPE_CHECKING:
+    from transformers.hf_argparser import DataClassType
 
 from ..errors import MissingInputError, UserError
 
@@ -195,7 +199,7 @@ def parse_config(dataclass_types: tuple[type, ...], args: list[str] | None = Non
     pre.add_argument("--config", type=str, default=None)
     known, rest = pre.parse_known_args(args)
 
-    parser = HfArgumentParser(dataclass_types, prog=prog, description=description,
+    parser = HfArgumentParser(cast("Iterable[DataClassType]", dataclass_types), prog=prog, description=description,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=str, default=None,
                         help="YAML file, or the name of a shipped config: " + ", ".join(
@@ -225,7 +229,8 @@ def parse_config(dataclass_types: tuple[type, ...], args: list[str] | None = Non
     for action in parser._actions:
         if action.dest in sections:
             action.type, action.metavar = _whole_section(action.dest), "VALUE"
-            action.option_strings[:] = [f"--{action.dest}.KEY"]  # what --help shows; --model alone is refused
+            # what --help shows; --model alone is refused
+            cast(list[str], action.option_strings)[:] = [f"--{action.dest}.KEY"]
             action.help = f"a nested section: set one key with --{action.dest}.KEY VALUE (now: %(default)s)"
         elif action.help is None and action.dest != "help":
             action.help = "default: %(default)s"  # with --config: the file's value
