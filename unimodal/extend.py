@@ -7,20 +7,28 @@ one way to count an embedding's rows (plain, PEFT-wrapped or ZeRO-3-partitioned)
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .processor import UnimodalProcessor
 from .vocab import (
-    BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN_TEMPLATE, PAD_TOKEN, RESERVED_TOKEN_TEMPLATE, ImageVocabulary,
+    BOI_TOKEN,
+    EOI_TOKEN,
+    IMAGE_TOKEN_TEMPLATE,
+    PAD_TOKEN,
+    RESERVED_TOKEN_TEMPLATE,
+    ImageVocabulary,
 )
 from .vq.base import ImageTokenizerMixin
 
 
-def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_peft(model: torch.nn.Module) -> PreTrainedModel:
     """The transformers model inside a PEFT wrapper (the model itself when not wrapped)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base_model = getattr(model, "get_base_model", None)
+    return cast(PreTrainedModel, get_base_model() if get_base_model is not None else model)
 
 
 def base_weight(layer: torch.nn.Module) -> torch.Tensor:
@@ -30,7 +38,7 @@ def base_weight(layer: torch.nn.Module) -> torch.Tensor:
         if inner is None:
             inner = getattr(layer, "original_module", None)  # PEFT wrappers
         if inner is None:
-            return layer.weight
+            return cast(torch.Tensor, layer.weight)
         layer = inner
 
 
@@ -57,7 +65,7 @@ def _add_new_tokens(tokenizer: PreTrainedTokenizerBase, tokens: list[str]) -> in
     """
     first = len(tokenizer)
     tokenizer.add_tokens(tokens, special_tokens=True)
-    got = tokenizer.convert_tokens_to_ids(tokens)
+    got = cast("list[int | None]", tokenizer.convert_tokens_to_ids(tokens))  # a list for a list
     if got != list(range(first, first + len(tokens))):
         clash = next(t for t, i in zip(tokens, got) if i is None or i < first)
         raise ValueError(
@@ -87,7 +95,7 @@ def init_rows_from_codes(model: PreTrainedModel, start: int, num_text: int, vect
     if output is not None and output.weight is not heads[0].weight:
         heads.append(output)
     for module in heads:
-        weight = module.weight  # [V, H]
+        weight = cast(torch.Tensor, module.weight)  # [V, H]
         text = weight[:num_text].float()
         projection = torch.randn(vectors.shape[1], weight.shape[1], generator=generator) / vectors.shape[1] ** 0.5
         rows = text.mean(0) + text.std() * (centred @ projection)  # [K, H]
@@ -205,12 +213,15 @@ def check_compatibility(model: torch.nn.Module, processor: UnimodalProcessor, da
                          f"codebook_size={processor.image_tokenizer.codebook_size})")
     recorded = getattr(unwrap_peft(model).config, "unimodal", None)
     if recorded:
-        ours = {"boi_token_id": processor.boi_token_id, "eoi_token_id": processor.eoi_token_id,
-                "image_token_range": list(processor.image_token_range), "grid_shape": list(processor.grid_shape)}
+        ours: dict[str, int | list[int]] = {
+            "boi_token_id": processor.boi_token_id, "eoi_token_id": processor.eoi_token_id,
+            "image_token_range": list(processor.image_token_range), "grid_shape": list(processor.grid_shape),
+        }
         for key, value in ours.items():
             if list(np.atleast_1d(recorded.get(key))) != list(np.atleast_1d(value)):
                 raise ValueError(f"the LM was extended with {key}={recorded.get(key)} but the processor has "
-                                 f"{value}: they come from different checkpoints; load the processor saved with this LM")
+                                 f"{value}: they come from different checkpoints; load the processor saved "
+                                 "with this LM")
     if data is None:
         return
     sample = data.select(range(min(num_checked, len(data))))["input_ids"]

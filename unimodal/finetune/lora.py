@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -124,7 +125,8 @@ def frozen_new_rows(model: torch.nn.Module, new_token_ids: Sequence[int]) -> dic
 
 def _trainable_rows(layer: torch.nn.Module) -> set[int] | range:
     """Row ids of ``layer`` that some trainable parameter controls."""
-    adapter = getattr(layer, "token_adapter", None) or (layer if hasattr(layer, "token_indices") else None)
+    # PEFT's wrapper layers, recognised by their attributes (duck-typed, so Any)
+    adapter: Any = getattr(layer, "token_adapter", None) or (layer if hasattr(layer, "token_indices") else None)
     if adapter is not None:  # TrainableTokensWrapper / TrainableTokensLayer
         if adapter.tied_adapter is not None:
             adapter = adapter.tied_adapter
@@ -134,7 +136,8 @@ def _trainable_rows(layer: torch.nn.Module) -> set[int] | range:
             for i in adapter.token_indices[name]
         }
     if hasattr(layer, "modules_to_save"):  # ModulesToSaveWrapper: the active copy trains
-        copies = [layer.modules_to_save[n] for n in layer.active_adapters if n in layer.modules_to_save]
+        wrapper: Any = layer
+        copies = [wrapper.modules_to_save[n] for n in wrapper.active_adapters if n in wrapper.modules_to_save]
         if any(p.requires_grad for m in copies for p in m.parameters()):
             return range(layer_rows(layer))
         return set()
