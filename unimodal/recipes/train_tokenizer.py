@@ -18,6 +18,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from accelerate.utils import gather_object
@@ -30,6 +31,7 @@ from unimodal.image_data import ImageDataArguments, load_image_datasets
 from unimodal.images import make_grid, tensor_to_pil
 from unimodal.training import CheckpointManager, RunArguments, infinite_batches, make_accelerator, parse_config
 from unimodal.vq.losses import VQGANLoss, VQGANLossConfig
+from unimodal.vq.model import VQGAN
 from unimodal.vq.train import VQGANModelArguments, VQGANTrainConfig, VQGANTrainer, codebook_fingerprint
 
 
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
         """Held-out metrics of the evaluated weights, on the main process (others wait)."""
         metrics = {}
         if accelerator.is_main_process:
-            model_eval = trainer.eval_model.eval()
+            model_eval = cast(VQGAN, trainer.eval_model).eval()  # the trainer got a VQGAN
             with accelerator.autocast():
                 report = reconstruction_metrics(model_eval, eval_pixels, args.eval_batch_size, args.ssim_sigma)
             metrics = {"step": step, **dataclasses.asdict(report), "num_images": len(eval_pixels),
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     def save_grid(step: int) -> None:
         """Originals (top row) over reconstructions (bottom row) of fixed held-out images."""
         if accelerator.is_main_process:
-            model_eval = trainer.eval_model.eval()
+            model_eval = cast(VQGAN, trainer.eval_model).eval()  # the trainer got a VQGAN
             with accelerator.autocast():
                 _, recon = model_eval.reconstruct(fixed)  # [n, 3, H, W] on the CPU
             grid = make_grid(tensor_to_pil(torch.cat([fixed, recon])), ncols=len(fixed))
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     if accelerator.is_main_process:
         (out / "eval_results.json").write_text(json.dumps(
             {**metrics, "skipped_images": skipped, "codebook_fingerprints": fingerprints}, indent=2))
-        trainer.eval_model.save_pretrained(final)
+        cast(VQGAN, trainer.eval_model).save_pretrained(final)
         accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                        if isinstance(v, float)) + f"; saved {final}")
         if args.push_to_hub:

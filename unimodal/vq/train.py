@@ -21,7 +21,7 @@ import copy
 import hashlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -123,7 +123,7 @@ def codebook_fingerprint(model: nn.Module) -> str:
     """SHA-256 of the quantizer's parameters and buffers (codebook, EMA sums, usage statistics):
     equal on every rank of a correctly synchronised run."""
     h = hashlib.sha256()
-    quantize = model.quantize
+    quantize = cast(nn.Module, model.quantize)  # a VectorQuantizer
     for name, t in [*quantize.named_parameters(), *quantize.named_buffers()]:
         h.update(name.encode())
         h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
