@@ -8,7 +8,10 @@ is not -100 ([N, H]) and calls the real head on ``chunk_size`` rows at a time un
 ``torch.utils.checkpoint``: at most one [chunk_size, V] block of logits lives, forward or backward.
 
 Running the model's forward (not its backbone alone) keeps what the model does before the head
-and keeps the call inside DDP / DeepSpeed / FSDP wrappers, accelerate's autocast and PEFT. Logit
+and keeps the call inside DDP / DeepSpeed / FSDP wrappers, accelerate's autocast and PEFT. The head
+stays in the module tree: only its instance's ``forward`` is swapped for the one call, so the hooks
+wrappers put on the head (ZeRO-3 gather / release, FSDP2 unshard) fire around the stand-in and the
+head's submodules see what they would see in the model's own forward (see `_with_head`). Logit
 transforms after the head (softcapping, scaling) are reproduced from the config, and a one-time
 probe checks that the model's forward and loss agree with ours; other models are refused with a
 `ValueError` asking for ``loss: model`` in the recipe config.
@@ -70,17 +73,17 @@ def causal_lm_loss(
     With ``num_items_in_batch`` the sum is divided by it (gradient accumulation), else the mean
     over target tokens is taken (NaN when there are none, like transformers).
     """
-    inner, name, head, steps = _resolve(model)
+    inner, _, head, steps = _resolve(model)
     if "logits_to_keep" in forward_kwargs or "shift_labels" in forward_kwargs:
         raise UnsupportedModelError("logits_to_keep / shift_labels are not supported")
     if _VERIFIED.get(inner) != id(head):
-        _probe(model, inner, name, head, steps, input_ids, forward_kwargs.get("inputs_embeds"))
+        _probe(model, inner, head, steps, input_ids, forward_kwargs.get("inputs_embeds"))
         _VERIFIED[inner] = id(head)
     capture = _LossHead(head, steps, labels, chunk_size)
     # No cache: transformers then also derives the block-diagonal mask of packed rows from
     # position_ids (with a cache it would let documents attend to each other).
     forward_kwargs["use_cache"] = False
-    out = _with_head(inner, name, capture, model, input_ids=input_ids, **forward_kwargs)
+    out = _with_head(head, capture, model, input_ids=input_ids, **forward_kwargs)
     if capture.result is None:
         raise UnsupportedModelError("the model's forward did not call its output head")
     total, row_sums, row_counts = capture.result
@@ -218,9 +221,11 @@ def _transform(steps: Steps, logits: Tensor) -> Tensor:
     return logits
 
 
-def _chunk_losses(head: nn.Module, steps: Steps, hidden: Tensor, targets: Tensor) -> Tensor:
-    """[n, H] hidden states, [n] targets -> [n] fp32 token losses; only here are [n, V] logits."""
-    logits = _transform(steps, head(hidden))  # calling the module honours PEFT, ZeRO-3 hooks, bias
+def _chunk_losses(head_forward, steps: Steps, hidden: Tensor, targets: Tensor) -> Tensor:
+    """[n, H] hidden states, [n] targets -> [n] fp32 token losses; only here are [n, V] logits.
+    ``head_forward``: the head's own ``forward`` (its submodules are called as modules, so PEFT
+    layers and their ZeRO-3 hooks run; the head's own hooks fired around the stand-in)."""
+    logits = _transform(steps, head_forward(hidden))
     return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
@@ -229,21 +234,13 @@ def _shift(labels: Tensor) -> Tensor:
     return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]  # [B, T]
 
 
-class _StandIn(nn.Module):
-    """Takes the head's place for one forward; attribute reads go to the real head, so forwards
-    doing e.g. ``hidden.to(self.lm_head.weight.dtype)`` still work."""
+class _StandIn:
+    """The head's ``forward`` for one call of the model (installed by `_with_head`). Not a module:
+    the head itself stays in the tree and is called as usual, hooks included."""
 
     def __init__(self, head: nn.Module):
-        super().__init__()
-        object.__setattr__(self, "_head", head)  # not registered: no duplicate parameters
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "_head":
-                raise
-            return getattr(self._head, name)
+        self._head = head
+        self._forward = head.forward  # the head's own forward, bound; never its __call__ (hooks)
 
 
 class _LossHead(_StandIn):
@@ -257,7 +254,7 @@ class _LossHead(_StandIn):
         self.steps, self.labels, self.chunk_size = steps, labels, max(1, int(chunk_size))
         self.result: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def forward(self, hidden: Tensor) -> Tensor:  # hidden: [B, T, H]
+    def __call__(self, hidden: Tensor) -> Tensor:  # hidden: [B, T, H]
         if self.result is not None:
             raise UnsupportedModelError("the model's forward calls its output head more than once")
         shifted = _shift(self.labels.to(hidden.device))  # [B, T]
@@ -271,9 +268,10 @@ class _LossHead(_StandIn):
         run = partial(checkpoint, _chunk_losses, use_reentrant=False) if torch.is_grad_enabled() \
             else _chunk_losses
         size = self.chunk_size  # at least one (maybe empty) chunk: every head param gets a grad
+        chunks = _same_on_all_ranks(self._head, max(-(-len(targets) // size), 1), hidden.device)
         token_losses = torch.cat([  # [N] fp32
-            run(self._head, self.steps, picked[i:i + size], targets[i:i + size])
-            for i in range(0, max(len(targets), 1), size)])
+            run(self._forward, self.steps, picked[i * size:(i + 1) * size], targets[i * size:(i + 1) * size])
+            for i in range(chunks)])
         total = token_losses.sum()
         batch = shifted.shape[0]
         row_sums = torch.zeros(batch, device=total.device).index_add_(0, rows, token_losses.detach())
@@ -281,14 +279,45 @@ class _LossHead(_StandIn):
         return total.reshape(1, 1, 1).expand(*hidden.shape[:-1], 0)  # [B, T, 0], tied to the loss
 
 
-def _with_head(inner: PreTrainedModel, name: str, stand_in: nn.Module, model: nn.Module, **kw):
-    """Call ``model(**kw)`` with ``inner.<name>`` replaced by ``stand_in``, restored afterwards."""
-    original = inner._modules[name]
-    inner._modules[name] = stand_in
+def _same_on_all_ranks(head: nn.Module, chunks: int, device: torch.device) -> int:
+    """Under ZeRO-3 the largest chunk count of all ranks (the extra chunks are empty), else ``chunks``.
+
+    Each chunk calls the head's submodules, and under ZeRO-3 each such call may all-gather their
+    parameters: ranks with different numbers of target positions would issue different numbers
+    of collectives (forward and checkpointed recompute) and hang. One scalar all-reduce instead;
+    every ZeRO-3 rank runs each forward anyway."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+            and any(hasattr(p, "ds_id") for p in head.parameters())):
+        return chunks
+    count = torch.tensor([chunks], device=device)
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+    return int(count.item())
+
+
+def _with_head(head: nn.Module, stand_in: _StandIn, model: nn.Module, **kw):
+    """Call ``model(**kw)`` with ``head.forward`` replaced by ``stand_in``, restored afterwards.
+
+    The head is NOT replaced in the module tree: ZeRO-3 gathers a parameter that a module reads
+    without calling the module holding it (PEFT's trainable-token deltas in an ``nn.ParameterDict``)
+    only while that module is flagged "in forward", which ``DeepSpeedEngine.forward`` does for
+    ``module.modules()`` of the tree as it is at call time. A stand-in module in the head's place
+    hid the head's submodules from it, so the delta stayed partitioned (empty). Overriding the
+    instance's ``forward`` keeps the tree, and the head's own hooks run around the stand-in:
+    one ZeRO-3 gather / release per forward, and the pre-backward fetch before the chunks'
+    checkpointed recompute."""
+    saved = head.__dict__.get("forward", _NOTHING)  # an instance-level forward someone set
+    head.__dict__["forward"] = stand_in  # not via nn.Module.__setattr__: no registration
     try:
         return model(**kw)
     finally:
-        inner._modules[name] = original
+        if saved is _NOTHING:
+            del head.__dict__["forward"]
+        else:
+            head.__dict__["forward"] = saved
+
+
+_NOTHING = object()
 
 
 class _ProbeHead(_StandIn):
@@ -296,8 +325,8 @@ class _ProbeHead(_StandIn):
 
     fake: Tensor | None = None
 
-    def forward(self, hidden: Tensor) -> Tensor:
-        vocab = self._head(hidden[..., :1, :]).shape[-1]
+    def __call__(self, hidden: Tensor) -> Tensor:
+        vocab = self._forward(hidden[..., :1, :]).shape[-1]
         gen = torch.Generator().manual_seed(0)
         # Spread of 20: a softcap of 30 (Gemma 2) or any scaling changes these values a lot.
         self.fake = 20 * torch.randn(*hidden.shape[:-1], vocab, generator=gen).to(hidden.device)
@@ -307,7 +336,7 @@ class _ProbeHead(_StandIn):
 _VERIFIED: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
 
 
-def _probe(model, inner, name, head, steps, input_ids, inputs_embeds) -> None:
+def _probe(model, inner, head, steps, input_ids, inputs_embeds) -> None:
     """Once per model: run its forward on <= 8 tokens with known "logits" injected at the head and
     check that its logits and loss are ours. Catches unknown post-head transforms, extra loss
     terms, unshifted labels. All ranks call this together (same first step), as ZeRO-3 needs."""
@@ -322,7 +351,7 @@ def _probe(model, inner, name, head, steps, input_ids, inputs_embeds) -> None:
     # fork_rng: dropout in this extra forward must not shift the training run's random stream.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
                                device_type=device.type), torch.no_grad():
-        out = _with_head(inner, name, probe, model, labels=labels, use_cache=False, **sample)
+        out = _with_head(head, probe, model, labels=labels, use_cache=False, **sample)
         if probe.fake is None:
             raise UnsupportedModelError("the model's forward did not call its output head")
         expected = _transform(steps, probe.fake)
