@@ -11,6 +11,8 @@ post-processing the model does (e.g. Gemma's logit soft-capping) still applies.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,9 +42,10 @@ class KVDecoder:
     """
 
     def __init__(self, model: nn.Module, vocab_slice: tuple[int, int] | None = None):
-        self.model = model
+        # a transformers causal LM or a PEFT wrapper forwarding to one: duck-typed
+        self.model: Any = cast(Any, model)
         self.vocab_slice = vocab_slice
-        head = model.get_output_embeddings()
+        head = self.model.get_output_embeddings()
         # A wrapped head (e.g. PEFT trainable tokens) cannot be sliced: compute all, then slice.
         self._sliced = (
             _RowSlicedHead(head, *vocab_slice)

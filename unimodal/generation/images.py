@@ -31,7 +31,7 @@ def sample_image_tokens(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     batch_size: int | None = None,
     progress: bool = True,
-) -> torch.LongTensor:
+) -> torch.Tensor:
     """Sample one image span per prompt row; returns image ids ``[N, h*w]`` (without <boi>/<eoi>).
 
     Args:

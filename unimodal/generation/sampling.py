@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from transformers import (
@@ -170,6 +171,7 @@ class RowUniforms:
                                      device=generator.device).cpu()
             return
         if generator is None:
+            assert seed is not None  # drawn above when neither was given
             seeds = [seed + i for i in range(rows)] if isinstance(seed, int) else list(seed)
             generator = [torch.Generator().manual_seed(int(s)) for s in seeds]
         if len(generator) != rows:
@@ -183,7 +185,7 @@ class RowUniforms:
         return self.values[start:stop].to(device)
 
 
-def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.LongTensor:
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Row ``b`` of ``probs [B, V]`` (unnormalised, >= 0) -> the first id whose cumulative mass
     exceeds ``u[b]`` times the total. Zero-probability ids are never returned."""
     cdf = probs.cumsum(-1)  # [B, V]; its last entry may miss 1 by rounding: scale u by it
@@ -224,9 +226,9 @@ def in_top_k_top_p(
             unsure = keep & (above >= top_p * (above + probs.gather(-1, ids))) & (above < top_p)
             rows = unsure.any(-1)
             if rows.any():
-                rows = slice(None) if rows.all() else rows  # a view, not a copy, when all are
-                kth = scores[rows].kthvalue(vocab - top_k + 1, dim=-1, keepdim=True).values
-                mass[rows] = (probs[rows] * (scores[rows] >= kth)).sum(-1, keepdim=True).to(mass)
+                sel: slice | torch.Tensor = slice(None) if rows.all() else rows  # a view, not a copy, when all are
+                kth = scores[sel].kthvalue(vocab - top_k + 1, dim=-1, keepdim=True).values
+                mass[sel] = (probs[sel] * (scores[sel] >= kth)).sum(-1, keepdim=True).to(mass)
         keep &= above < top_p * mass
     return keep
 
@@ -263,7 +265,7 @@ class TokenSampler:
 
     def __call__(
         self, input_ids: torch.Tensor, logits: torch.Tensor, uniforms: torch.Tensor | None
-    ) -> torch.LongTensor:
+    ) -> torch.Tensor:
         """``logits [B or 2B, V]`` (``-inf`` = forbidden), ``uniforms [B, 2]`` -> ids ``[B]``.
 
         ``input_ids [B, t]`` is what transformers' processors expect (only its batch size is read
@@ -281,7 +283,8 @@ class TokenSampler:
             return ids
         rejected = ~in_top_k_top_p(logits, ids.unsqueeze(-1), self.top_k, self.config.top_p, probs).squeeze(-1)
         if rejected.any():
-            filtered = self.filters(input_ids[rejected], logits[rejected])
+            # transformers types input_ids as LongTensor
+            filtered = self.filters(cast(torch.LongTensor, input_ids[rejected]), logits[rejected])
             ids[rejected] = _inverse_cdf(filtered.softmax(-1), uniforms[rejected, 1])
         return ids
 
@@ -367,4 +370,4 @@ class ImageSpanConstraint(LogitsProcessor):
             # Room for <boi>, h*w image ids and <eoi> before max_length.
             fits = self.max_length is None or length + self.num_image_tokens + 2 <= self.max_length
             allowed[:, self.boi] = ~in_span & fits
-        return scores.masked_fill(~allowed, float("-inf"))
+        return cast(torch.FloatTensor, scores.masked_fill(~allowed, float("-inf")))  # LogitsProcessor's type
