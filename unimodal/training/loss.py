@@ -303,9 +303,9 @@ def _with_head(head: nn.Module, stand_in: _StandIn, model: nn.Module, **kw):
     only while that module is flagged "in forward", which ``DeepSpeedEngine.forward`` does for
     ``module.modules()`` of the tree as it is at call time. A stand-in module in the head's place
     hid the head's submodules from it, so the delta stayed partitioned (empty). Overriding the
-    instance's ``forward`` keeps the tree, and the head's own hooks run around the stand-in:
-    one ZeRO-3 gather / release per forward, and the pre-backward fetch before the chunks'
-    checkpointed recompute."""
+    instance's ``forward`` keeps the tree, and the head's own hooks run once around the stand-in
+    (its direct parameters gathered for all chunks, fetched again before the chunks' checkpointed
+    recompute); PEFT submodules inside it run their hooks per chunk."""
     saved = head.__dict__.get("forward", _NOTHING)  # an instance-level forward someone set
     head.__dict__["forward"] = stand_in  # not via nn.Module.__setattr__: no registration
     try:
