@@ -28,12 +28,18 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5, wall: bool = False) -> float:
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5, wall: bool = False,
+                device: str = "cpu") -> float:
     """Best FLOP per second of an n^3 matmul: per CPU-second by default (on a busy machine
     wall-clock would understate the peak and overstate the utilisation), per wall-second with
-    ``wall`` (what a run on an idle machine with this many threads can reach)."""
-    clock = time.perf_counter if wall else time.process_time
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    ``wall`` (what a run on an idle machine with this many threads can reach; always on a GPU)."""
+    def clock() -> float:
+        if device != "cpu":
+            torch.cuda.synchronize()
+            return time.perf_counter()
+        return time.perf_counter() if wall else time.process_time()
+
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
     best = float("inf")
     for _ in range(repeats):

@@ -24,14 +24,13 @@ import copy
 import json
 import os
 import platform
-import resource
 import runpy
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+from common import matmul_peak, peak_memory_gb, time_trainer
 
 from unimodal.data import PROCESSOR_SUBFOLDER
 
@@ -49,6 +48,7 @@ def prepare(root: Path) -> None:
     from unimodal.data import PretokenizeOptions, pretokenize, save_pretokenized
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "digits"))  # the demo's data set
     from digits import load_digits_dataset
+
     from unimodal.offline import build_causal_lm, train_text_tokenizer
 
     if (root / "data" / "unimodal_data.json").exists():
@@ -61,12 +61,6 @@ def prepare(root: Path) -> None:
     result = pretokenize(load_digits_dataset(image_size=16, split="train"), processor, options,
                          cache_dir=root / "cache")
     save_pretokenized(result, root / "data", processor, options)
-
-
-def peak_memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def samples_per_step(root: Path) -> int:
@@ -93,7 +87,6 @@ def run_ours(root: Path, precision: str, steps: int, packing: bool) -> dict:
 
 
 def run_trl(root: Path, precision: str, steps: int, packing: bool) -> dict:
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from unimodal.finetune import DataArguments, ModelArguments, load_model_and_processor, load_task_data
@@ -113,46 +106,7 @@ def run_trl(root: Path, precision: str, steps: int, packing: bool) -> dict:
         report_to=[], save_strategy="no", logging_steps=10**9, dataloader_num_workers=0, seed=0,
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=processor.tokenizer)
-    counts = {"tokens": 0, "positions": 0}
-    collate = trainer.data_collator
-
-    def counting_collator(examples):
-        out = collate(examples)
-        ids = out["input_ids"]
-        real = out["attention_mask"].sum() if "attention_mask" in out else ids.numel()  # padding-free: all real
-        counts["tokens"] += int(real)
-        counts["positions"] += ids.numel()
-        return out
-
-    trainer.data_collator = counting_collator
-    marks = {}
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 1:  # like ours: the first step is warm-up
-                marks["start"], marks["counts"] = (time.perf_counter(), time.process_time()), dict(counts)
-            marks["end"], marks["end_counts"] = (time.perf_counter(), time.process_time()), dict(counts)
-
-    trainer.add_callback(Clock())
-    trainer.train()
-    tokens = marks["end_counts"]["tokens"] - marks["counts"]["tokens"]
-    positions = marks["end_counts"]["positions"] - marks["counts"]["positions"]
-    seconds, cpu_seconds = (end - start for end, start in zip(marks["end"], marks["start"]))
-    return {"tokens": tokens, "seconds": seconds, "cpu_seconds": cpu_seconds, "tokens_per_s": tokens / seconds,
-            "padding_fraction": 1 - tokens / positions, "peak_gb": peak_memory_gb()}
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Best FLOP per CPU-second of an n^3 matmul (CPU time, like the runs: on a busy machine
-    wall-clock would understate the peak and overstate the utilisation)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.process_time()
-        a @ b
-        best = min(best, time.process_time() - start)
-    return 2 * n**3 / best
+    return time_trainer(trainer)
 
 
 def flops_per_token(root: Path) -> float:
@@ -192,6 +146,8 @@ def main() -> None:
                         help="torch threads per run (1 on a machine shared with other jobs: OpenMP threads "
                              "spin-waiting on oversubscribed cores slow both systems down by an order of magnitude)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per system; best kept")
+    parser.add_argument("--precisions", nargs="+", default=["no", "bf16"], choices=["no", "bf16"],
+                        help="mixed_precision values to run (bf16 only on a GPU: benchmarks/gpu.sh)")
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -202,7 +158,7 @@ def main() -> None:
     prepare(root)
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     results: dict[tuple[str, str], dict] = {}
-    for precision in ("no", "bf16"):
+    for precision in args.precisions:
         for _ in range(args.repeats):  # alternate: every system sees the same machine load
             for system in SYSTEMS:
                 cmd = [sys.executable, __file__, "--worker", system, "--precision", precision, "--root", str(root),
@@ -228,7 +184,7 @@ def main() -> None:
     print("| system | precision | tokens per CPU-s | vs TRL, same batching | tokens/s (wall) | peak memory | "
           "padding | model FLOP / bf16 peak | / fp32 peak |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for precision in ("no", "bf16"):
+    for precision in args.precisions:
         for system in SYSTEMS:
             r = results[(system, precision)]
             trl = results[("trl_" + system.split("_")[1], precision)]

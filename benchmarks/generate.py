@@ -108,6 +108,7 @@ def left_pad(processor, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tens
 def run_hf(model, processor, batch, sampling):
     ids, mask = left_pad(processor, [processor.text_to_image_ids(PROMPT)] * batch)
     neg, neg_mask = left_pad(processor, [processor.unconditional_prompt_ids()] * batch)
+    ids, mask, neg, neg_mask = (t.to(model.device) for t in (ids, mask, neg, neg_mask))  # a model on a GPU
     n = processor.num_image_tokens
     constraint = ImageSpanConstraint.from_processor(processor, max_length=ids.shape[1] + n)
     model.generate(input_ids=ids, attention_mask=mask, guidance_scale=sampling.guidance_scale,

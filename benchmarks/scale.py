@@ -43,11 +43,11 @@ from datetime import date
 from pathlib import Path
 
 import torch
-
 from common import REPO, RESULT, bench_env, matmul_peak, memory_available_gb, peak_memory_gb, run_child
-from scale_report import SYSTEMS, estimate_seconds, render_table
+from scale_report import SYSTEMS, estimate_seconds, memory_guide, render_table, run_activations
 
 LAUNCH_CONFIGS = REPO / "recipes" / "configs" / "accelerate"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Chameleon's tokenizer/vqgan.yaml (model.params): taming's VQModel, no attention in the down/up
 # levels (attn_resolutions: []), attention in the middle blocks.
 CHAMELEON_VQGAN = {"embed_dim": 256, "n_embed": 8192, "ddconfig": {
@@ -69,13 +69,17 @@ class Shape:
     grid: int  # grid x grid image tokens per image
     caption_tokens: int  # sample length = caption + grid^2 + 4 control tokens
     vqgan: dict
+    tied: bool = True  # one matrix for input embedding and head
 
     @property
     def sample_tokens(self) -> int:
         return self.caption_tokens + self.grid**2 + 4
 
 
-REAL = Shape(896, 24, 14, 2, 4864, 151_936, 8192, 32, 72, CHAMELEON_VQGAN)  # Qwen2.5-0.5B + Chameleon
+# Qwen2.5 shapes (their config.json) + Chameleon's 8192 codes at 32 x 32; --lm picks one.
+LMS = {"0.5b": Shape(896, 24, 14, 2, 4864, 151_936, 8192, 32, 72, CHAMELEON_VQGAN),
+       "1.5b": Shape(1536, 28, 12, 2, 8960, 151_936, 8192, 32, 72, CHAMELEON_VQGAN),
+       "7b": Shape(3584, 28, 28, 4, 18944, 152_064, 8192, 32, 72, CHAMELEON_VQGAN, tied=False)}
 QUICK = Shape(64, 2, 4, 2, 128, 2048, 64, 8, 12, TINY_VQGAN)
 
 LM = [f"lm-{m}-{g}-{t}-{s}" for m in ("full", "lora") for g in ("gc", "nogc") for t in ("t2i", "i2t") for s in SYSTEMS]
@@ -91,27 +95,27 @@ DEFAULT_PLAN = ["vq-b1", "vq-b2", "act", "lm-full-gc-t2i-ours", "lm-full-gc-t2i-
 
 # ----------------------------------------------------------------------------- data and model
 
-def prepare(root: Path, shape: Shape) -> None:
+def prepare(root: Path, shape: Shape, with_lm: bool) -> None:
     """Once per shape: a text tokenizer with ``text_rows`` entries, pre-tokenised t2i + i2t samples
     of ``sample_tokens`` (random 8192-colour images through a PixelTokenizer: a grid x grid code
     grid per image, the LM sees the same ids a VQ-GAN's would give), and one LM folder per layer
     count (random Qwen2 weights, tied head)."""
     import datasets
     import numpy as np
+    from common import wide_text_tokenizer
     from PIL import Image
 
-    from common import wide_text_tokenizer
     from unimodal import PixelTokenizer, PixelTokenizerConfig, add_image_tokens
     from unimodal.data import PretokenizeOptions, pretokenize, save_pretokenized
     from unimodal.offline import SAMPLE_TEXT, build_causal_lm
 
     tokenizer = wide_text_tokenizer(shape.text_rows)
     lm_dir = root / f"lm-{shape.layers}"
-    if not (lm_dir / "config.json").exists():
+    if with_lm and not (lm_dir / "config.json").exists():
         model = build_causal_lm("qwen2", vocab_size=shape.text_rows, hidden_size=shape.hidden,
                                 num_layers=shape.layers, num_heads=shape.heads, num_key_value_heads=shape.kv_heads,
                                 intermediate_size=shape.intermediate, max_position_embeddings=2048,
-                                tie_word_embeddings=True)
+                                tie_word_embeddings=shape.tied)
         model.save_pretrained(lm_dir)
         del model
     # Its own folder: next to a qwen2 config.json, AutoTokenizer would load it as a Qwen2Tokenizer,
@@ -174,16 +178,30 @@ def run_vq(args, shape: Shape, batch: int) -> dict:
         codebook_size=shape.vqgan["n_embed"], image_size=dd["resolution"], ch=dd["ch"], ch_mult=dd["ch_mult"],
         num_res_blocks=dd["num_res_blocks"], attn_resolutions=[], z_channels=dd["z_channels"],
         embed_dim=shape.vqgan["embed_dim"], use_l2_norm=False, mid_attention=True)).state_dict()
-    vq = from_taming(random_weights, path).model.eval()  # the converter's reading of the yaml, strict
-    pixels = torch.rand(batch, 3, dd["resolution"], dd["resolution"]) * 2 - 1
-    with torch.no_grad():
-        start = time.perf_counter()
+    vq = from_taming(random_weights, path).model.eval().to(DEVICE)  # the converter's reading of the yaml
+    pixels = torch.rand(batch, 3, dd["resolution"], dd["resolution"], device=DEVICE) * 2 - 1
+    with torch.no_grad(), torch.autocast(DEVICE, torch.bfloat16, enabled=args.precision == "bf16"):
+        start = clock()
         codes = vq.encode(pixels)  # [B, 32, 32]
-        encoded = time.perf_counter()
+        encoded = clock()
         vq.decode(codes)  # [B, 3, 512, 512]
-        decoded = time.perf_counter()
+        decoded = clock()
     return {"encode_images_per_s": batch / (encoded - start), "decode_images_per_s": batch / (decoded - encoded),
             "grid": list(codes.shape[1:]), "peak_gb": peak_memory_gb()}
+
+
+def clock() -> float:
+    """Wall seconds, after the GPU's queued work is done."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def gpu_peak() -> dict:
+    """The bf16 matmul rate of this GPU (the MFU denominator), on GPUs only."""
+    if DEVICE != "cuda":
+        return {}
+    return {"bf16_peak_flops": matmul_peak(torch.bfloat16, n=8192, repeats=5, wall=True, device=DEVICE)}
 
 
 def run_recipe(args, shape: Shape, task: str, system: str, lora: bool, gc: bool, batch: int) -> dict:
@@ -192,19 +210,17 @@ def run_recipe(args, shape: Shape, task: str, system: str, lora: bool, gc: bool,
     out = Path(args.root) / "runs" / args.worker
     finetune(recipe_argv(args, shape, out, task, system, lora, gc, batch))
     stats = json.loads((out / "train_stats.json").read_text())
-    return {**stats, "peak_gb": peak_memory_gb(), "rank": int(os.environ.get("RANK", 0))}
+    return {**stats, **gpu_peak(), "peak_gb": peak_memory_gb(), "rank": int(os.environ.get("RANK", 0))}
 
 
 def run_trl(args, shape: Shape, task: str, lora: bool, gc: bool) -> dict:
     import numpy as np
+    from common import time_trainer
     from trl import SFTConfig, SFTTrainer
 
-    from common import time_trainer
-    from unimodal.data import DEFAULT_LOSS_ON, SequenceFormat, loss_mask
+    from unimodal.data import DEFAULT_LOSS_ON, PROCESSOR_SUBFOLDER, SequenceFormat, loss_mask
     from unimodal.extend import new_token_ids
-    from unimodal.finetune import DataArguments, LoraArguments, apply_lora, load_model_and_processor
-    from unimodal.finetune import load_task_data
-    from unimodal.data import PROCESSOR_SUBFOLDER
+    from unimodal.finetune import DataArguments, LoraArguments, apply_lora, load_model_and_processor, load_task_data
     from unimodal.processor import UnimodalProcessor
 
     root = Path(args.root)
@@ -225,78 +241,29 @@ def run_trl(args, shape: Shape, task: str, lora: bool, gc: bool) -> dict:
         gradient_checkpointing_kwargs={"use_reentrant": False}, report_to=[], save_strategy="no",
         logging_steps=10**9, dataloader_num_workers=0, seed=0)
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=processor.tokenizer)
-    return time_trainer(trainer)
+    return {**time_trainer(trainer), **gpu_peak()}
 
 
 def run_gen(args, shape: Shape) -> dict:
     from generate import run_hf, run_ours  # benchmarks/generate.py: the same two systems, batch 1
 
-    from unimodal.finetune import load_model_and_processor
     from unimodal.data import PROCESSOR_SUBFOLDER
+    from unimodal.finetune import load_model_and_processor
     from unimodal.generation import resolve_sampling
     from unimodal.processor import UnimodalProcessor
 
     root = Path(args.root)
     model, processor = load_model_and_processor(
         lm_arguments(root, shape), UnimodalProcessor.from_pretrained(root / "data" / PROCESSOR_SUBFOLDER))
-    model.eval()
+    model.to(DEVICE, torch.bfloat16 if args.precision == "bf16" else torch.float32).eval()
     sampling = resolve_sampling("liquid")
     seconds = {}
     for name, fn in (("ours", run_ours), ("hf", run_hf)):
-        start = time.perf_counter()
+        start = clock()
         fn(model, processor, 1, sampling)
-        seconds[name] = time.perf_counter() - start
+        seconds[name] = clock() - start
     n = processor.num_image_tokens
     return {"tokens": n, **{f"{k}_tokens_per_s": n / s for k, s in seconds.items()}, "peak_gb": peak_memory_gb()}
-
-
-def run_activations(args, shape: Shape) -> dict:
-    """Bytes per token that autograd holds for backward once the forward is done (saved tensors,
-    parameters excluded, each storage once) at this shape on one sample: one decoder layer without
-    and with gradient checkpointing, and the embedding + head + loss with the model's own loss and
-    with ours at t2i / i2t targets. From the same random LM run with 2 and with 1 layer; the
-    constants of docs/distributed.md's memory formula."""
-    from scale_report import head_rows
-    from unimodal.offline import build_causal_lm
-    from unimodal.training.loss import batch_loss
-
-    rows, length = head_rows(shape), shape.sample_tokens
-    model = build_causal_lm("qwen2", vocab_size=rows, hidden_size=shape.hidden, num_layers=2, num_heads=shape.heads,
-                            num_key_value_heads=shape.kv_heads, intermediate_size=shape.intermediate,
-                            max_position_embeddings=2048, tie_word_embeddings=True).train()
-    all_layers = model.model.layers
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    ids = torch.randint(0, rows, (1, length))
-    spans = {"t2i": slice(length - shape.grid**2 - 2, length - 1), "i2t": slice(length - shape.caption_tokens - 1, None)}
-
-    def held(layers: int, gc: bool, method: str, task: str) -> float:
-        model.model.layers, model.config.num_hidden_layers = all_layers[:layers], layers
-        if gc:  # (checkpointing keeps each layer's input outside these hooks: hidden x 4 B, added below)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_disable()
-        labels = torch.full_like(ids, -100)
-        labels[0, spans[task]] = ids[0, spans[task]]
-        kept = {}
-
-        def pack(t):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in params:
-                kept[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            batch_loss(model, {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}, method)
-        return sum(kept.values()) / length
-
-    one, two = held(1, False, "model", "t2i"), held(2, False, "model", "t2i")
-    layer = two - one
-    layer_gc = held(2, True, "model", "t2i") - held(1, True, "model", "t2i") + 4 * shape.hidden
-    return {"layer_bytes_per_token": layer, "layer_gc_bytes_per_token": layer_gc,
-            "head_model_bytes_per_token": one - layer,
-            "head_ours_t2i_bytes_per_token": held(1, False, "chunked", "t2i") - layer,
-            "head_ours_i2t_bytes_per_token": held(1, False, "chunked", "i2t") - layer,
-            "tokens": length, "head_rows": rows, "peak_gb": peak_memory_gb()}
 
 
 def worker(args) -> None:
@@ -304,7 +271,7 @@ def worker(args) -> None:
     shape = current_shape(args)
     kind, *rest = args.worker.split("-")
     if kind == "prepare":
-        prepare(Path(args.root), shape)
+        prepare(Path(args.root), shape, with_lm=rest == ["lm"])
         result = {}
     elif kind == "vq":
         result = run_vq(args, shape, int(rest[0][1:]))
@@ -324,7 +291,7 @@ def worker(args) -> None:
 # ----------------------------------------------------------------------------- the driver
 
 def current_shape(args) -> Shape:
-    shape = QUICK if args.quick else REAL
+    shape = QUICK if args.quick else LMS[args.lm]
     return replace(shape, layers=args.layers) if args.layers else shape
 
 
@@ -344,7 +311,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (seconds per variant), the same rows")
     parser.add_argument("--only", nargs="+", help="variant names or patterns (default: the default plan)")
     parser.add_argument("--list", action="store_true", help="print every variant with its estimate and exit")
-    parser.add_argument("--layers", type=int, help="LM layers (default 24; quick 2)")
+    parser.add_argument("--memory_guide", action="store_true",
+                        help="print docs/distributed.md's derived per-GPU memory table and exit")
+    parser.add_argument("--lm", default="0.5b", choices=sorted(LMS), help="the Qwen2.5 shape (default 0.5b)")
+    parser.add_argument("--layers", type=int, help="LM layers (default: the shape's; quick 2)")
     parser.add_argument("--batch", type=int, default=4, help="samples per step of the lm-* variants")
     parser.add_argument("--dist_batch", type=int, default=1, help="samples per step and process of dist-*")
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per variant; the first is warm-up")
@@ -357,12 +327,14 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.worker:  # workers get the parent's final root
-        args.root = str(Path(args.root) / ("quick" if args.quick else "real"))
+        args.root = str(Path(args.root) / ("quick" if args.quick else args.lm))
     args.passthrough = [x for k in ("quick",) if getattr(args, k) for x in (f"--{k}",)] + [
-        x for k in ("layers", "batch", "dist_batch", "steps", "precision", "threads", "root")
+        x for k in ("lm", "layers", "batch", "dist_batch", "steps", "precision", "threads", "root")
         if getattr(args, k) is not None for x in (f"--{k}", str(getattr(args, k)))]
     if args.worker:
         return worker(args)
+    if args.memory_guide:
+        return print(memory_guide(LMS))
     shape = current_shape(args)
     names = [f"vq-b{b}" for b in (1, 2, 4)] + LM + ["gen", "act"] + [f"dist-{d}" for d in DIST]
     patterns = args.only or DEFAULT_PLAN
@@ -381,12 +353,14 @@ def main() -> None:
     header = (f"{date.today()}, {platform.machine()} {platform.processor()}, {os.cpu_count()} cores, {args.threads} "
               f"threads, torch {torch.__version__}, fp32 matmul {rate / 1e9:.0f} GFLOP/s, memory limit {limit:.1f} GB; "
               f"LM {shape.layers} layers, hidden {shape.hidden}, {shape.text_rows} + {shape.codes} rows, "
-              f"{shape.sample_tokens}-token samples, batch {args.batch}, {args.steps} steps, precision {args.precision}")
+              f"{shape.sample_tokens}-token samples, batch {args.batch}, {args.steps} steps, "
+              f"precision {args.precision}")
     print(f"# {header}\n# command: python benchmarks/scale.py {' '.join(sys.argv[1:])}")
-    print(f"# plan: {len(plan)} variants, estimated {sum(estimates.values()) / 60:.0f} min: "
-          + ", ".join(f"{n} ~{s / 60:.1f}" for n, s in estimates.items()), flush=True)
+    each = ", ".join(f"{n} ~{s / 60:.1f}" for n, s in estimates.items())
+    print(f"# plan: {len(plan)} variants, estimated {sum(estimates.values()) / 60:.0f} min: {each}", flush=True)
     env = bench_env(args.threads)
-    ready = run_child(child_command(args, "prepare"), env, limit, args.timeout_s)
+    with_lm = any(not n.startswith(("vq-", "act")) for n in plan)  # (a 7B-shape folder is 31 GB)
+    ready = run_child(child_command(args, "prepare-lm" if with_lm else "prepare"), env, limit, args.timeout_s)
     if ready.error:
         raise SystemExit(f"preparing the data and LM failed: {ready.error}\n{ready.log[-3000:]}")
     runs = {}

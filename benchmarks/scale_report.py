@@ -39,7 +39,7 @@ def step_flops(s, batch: int, task: str, system: str, lora: bool, gc: bool) -> f
 
 def process_overhead_s(s) -> float:
     """Start and imports, load the weights, one held-out forward per task, save the final weights."""
-    params = s.layers * layer_params(s) + head_rows(s) * s.hidden
+    params = s.layers * layer_params(s) + (1 if s.tied else 2) * head_rows(s) * s.hidden
     return 15 + params * 4 / 0.5e9 + params * 4 / 0.3e9
 
 
@@ -106,6 +106,9 @@ def render_table(runs: dict, s, args, limit_gb: float) -> str:
         elif kind == "lm":
             system = name.rsplit("-", 1)[1]
             speed = f"{got['tokens_per_s']:.1f} tokens/s" if got else "-"
+            if got.get("bf16_peak_flops"):  # GPUs: model FLOPs (full head, no recompute) / bf16 matmul peak
+                per_token = step_flops(s, args.batch, "t2i", "model", False, False) / (args.batch * s.sample_tokens)
+                speed += f" (MFU {got['tokens_per_s'] * per_token / got['bf16_peak_flops']:.0%})"
             ratio = ""
             if system == "ours" and got:
                 ref = runs.get(name[: -len("ours")] + "model")
@@ -145,4 +148,135 @@ def render_table(runs: dict, s, args, limit_gb: float) -> str:
             row(name, f"full fine-tune, GC, i2t, {args.dist_batch} x {s.sample_tokens} tokens per process",
                 {"single": "1 process", "zero3": "DeepSpeed ZeRO-3, 2 processes", "ddp": "DDP, 2 processes",
                  "zero2": "DeepSpeed ZeRO-2, 2 processes"}[mode], peak, speed, ratio)
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the memory guide
+
+# Bytes per token autograd holds after the forward, fp32 on CPU, SDPA attention (no T^2 term):
+# `python benchmarks/scale.py --lm <shape> --only act` (2026-12-02). "layer_gc": with gradient
+# checkpointing (each layer's input); "head_*": embedding + final norm + head + loss.
+MEASURED_ACT = {
+    "0.5b": dict(layer=105.1, layer_gc=7.0, head_model=636.8, head_ours=10.8),  # KB per token
+    "1.5b": dict(layer=190.1, layer_gc=12.0, head_model=644.8, head_ours=18.6),
+}
+STRATEGIES = ("DDP", "ZeRO-2", "ZeRO-3", "ZeRO-3 + offload", "FSDP2")
+GPU_OVERHEAD_GB = 1.5  # CUDA context, allocator fragmentation, communication buffers (derived)
+
+
+def lm_params(s, lora_r: int = 16) -> tuple[float, float]:
+    """``(all parameters, trainable with LoRA)`` after `add_image_tokens`: layers + head rows (x2
+    untied); LoRA r on every linear layer + trainable new rows (PEFT trainable tokens)."""
+    head_dim = s.hidden // s.heads
+    kv = s.kv_heads * head_dim
+    total = s.layers * layer_params(s) + (1 if s.tied else 2) * head_rows(s) * s.hidden
+    lora = s.layers * lora_r * (4 * s.hidden + 2 * (s.hidden + kv) + 3 * (s.hidden + s.intermediate))
+    new_rows = (s.codes + 2) * s.hidden * (1 if s.tied else 2)
+    return total, lora + new_rows
+
+
+def state_gb(s, lora: bool, strategy: str, n: int) -> tuple[float, float]:
+    """``(GB per GPU, GB of CPU RAM per machine)`` for weights, gradients and AdamW state with
+    bf16 mixed precision. Full fine-tuning, per trainable parameter: DDP (accelerate: fp32 weights
+    4 + fp32 grads 4 + DDP's gradient buckets 4 + Adam m, v 8) 20 B; DeepSpeed (bf16 weights 2 +
+    bf16 grads 2 + fp32 master 4 + Adam 8) 16 B, ZeRO-2 keeping the 2 B of weights whole and
+    sharding the rest, ZeRO-3 sharding all; FSDP2 (fp32 shards 4 + grads 4 + Adam 8) 16 B / N.
+    LoRA: frozen weights in bf16 (``dtype: bfloat16``), 2 B each, sharded by ZeRO-3 / FSDP2."""
+    total, trainable = lm_params(s)
+    frozen, train = (total, trainable) if lora else (0.0, total)
+    # the largest module ZeRO-3 / FSDP2 gather at once (the embedding / head rows), in bf16
+    live = 2 * max(head_rows(s) * s.hidden, layer_params(s))
+    if strategy == "DDP":
+        gpu = 2 * frozen + 20 * train
+    elif strategy == "ZeRO-2":
+        gpu = 2 * frozen + 2 * train + 14 * train / n
+    elif strategy in ("ZeRO-3", "FSDP2"):
+        gpu = (2 * frozen + 16 * train) / n + live
+    else:  # ZeRO-3 + offload: parameters and optimizer in CPU RAM, the gathered working set on the GPU
+        return live / 1e9, (2 * frozen + 16 * train) / 1e9
+    return gpu / 1e9, 0.0
+
+
+def activations_gb(act: dict, s, tokens: int, batch: int, gc: bool, chunked: bool, bf16: bool = True) -> float:
+    """Peak activation memory of a step: what the forward keeps (measured constants) + in backward
+    one layer recomputed (GC) and one layer of activation gradients; the model's loss peaks at ~3
+    logits-sized fp32 buffers (logits, log-softmax, gradient), ours at one vocabulary-sized chunk
+    (256 MB of fp32 logits, x3). bf16: the fp32 measurement halved (derived)."""
+    kb = 1024 * batch * tokens
+    layer = act["layer"] * kb * (0.5 if bf16 else 1)
+    kept = s.layers * (act["layer_gc"] if gc else act["layer"]) * kb * (0.5 if bf16 else 1)
+    backward = layer * (2 if gc else 1)
+    loss = act["head_ours"] * kb + 3 * 256e6 if chunked else 3 * 4 * head_rows(s) * batch * tokens
+    return (kept + backward + loss) / 1e9
+
+
+def run_activations(args, shape) -> dict:
+    """Bytes per token that autograd holds for backward once the forward is done (saved tensors,
+    parameters excluded, each storage once) at this shape on one sample: one decoder layer without
+    and with gradient checkpointing, and the embedding + head + loss with the model's own loss and
+    with ours at t2i / i2t targets. From the same random LM run with 2 and with 1 layer; the
+    constants of docs/distributed.md's memory formula."""
+    import torch
+    from common import peak_memory_gb
+
+    from unimodal.offline import build_causal_lm
+    from unimodal.training.loss import batch_loss
+
+    rows, length = head_rows(shape), shape.sample_tokens
+    model = build_causal_lm("qwen2", vocab_size=rows, hidden_size=shape.hidden, num_layers=2, num_heads=shape.heads,
+                            num_key_value_heads=shape.kv_heads, intermediate_size=shape.intermediate,
+                            max_position_embeddings=2048, tie_word_embeddings=shape.tied).train()
+    all_layers = model.model.layers
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    ids = torch.randint(0, rows, (1, length))
+    # t2i targets: the image and <eoi>; i2t: the caption and <eos> (the sample's last tokens)
+    spans = {"t2i": slice(length - shape.grid**2 - 2, length - 1),
+             "i2t": slice(length - shape.caption_tokens - 1, None)}
+
+    def held(layers: int, gc: bool, method: str, task: str) -> float:
+        model.model.layers, model.config.num_hidden_layers = all_layers[:layers], layers
+        if gc:  # (checkpointing keeps each layer's input outside these hooks: hidden x 4 B, added below)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
+        labels = torch.full_like(ids, -100)
+        labels[0, spans[task]] = ids[0, spans[task]]
+        kept = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                kept[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            batch_loss(model, {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}, method)
+        return sum(kept.values()) / length
+
+    one, two = held(1, False, "model", "t2i"), held(2, False, "model", "t2i")
+    layer = two - one
+    layer_gc = held(2, True, "model", "t2i") - held(1, True, "model", "t2i") + 4 * shape.hidden
+    return {"layer_bytes_per_token": layer, "layer_gc_bytes_per_token": layer_gc,
+            "head_model_bytes_per_token": one - layer,
+            "head_ours_t2i_bytes_per_token": held(1, False, "chunked", "t2i") - layer,
+            "head_ours_i2t_bytes_per_token": held(1, False, "chunked", "i2t") - layer,
+            "tokens": length, "head_rows": rows, "peak_gb": peak_memory_gb()}
+
+
+def memory_guide(shapes: dict, n: int = 8, batch: int = 4) -> str:
+    """The derived per-GPU table of docs/distributed.md (GC on, our chunked loss, bf16, n GPUs)."""
+    lines = ["| LM | fine-tune | strategy | GB per GPU, 256 image tokens | GB per GPU, 1024 image tokens | "
+             "smallest GPU (1024 tokens) | CPU RAM |", "| --- | --- | --- | ---: | ---: | --- | ---: |"]
+    for name, s in shapes.items():
+        act = MEASURED_ACT.get(name)
+        for lora in (False, True):
+            for strategy in STRATEGIES:
+                gpu, cpu = state_gb(s, lora, strategy, n)
+                cells = []
+                for image_tokens in (256, 1024):
+                    tokens = image_tokens + s.caption_tokens + 4
+                    cells.append(gpu + GPU_OVERHEAD_GB + activations_gb(act, s, tokens, batch, True, True))
+                fits = next((f"{g} GB" for g in (24, 48, 80) if cells[1] <= 0.95 * g), "none (> 80 GB)")
+                lines.append(f"| {name.upper()} | {'LoRA r=16' if lora else 'full'} | {strategy} | {cells[0]:.1f} | "
+                             f"{cells[1]:.1f} | {fits} | {f'{cpu:.0f} GB' if cpu else '-'} |")
     return "\n".join(lines)
