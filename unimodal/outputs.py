@@ -28,7 +28,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import yaml
@@ -142,6 +142,7 @@ def save_finetuned(
                 raise ValueError("with sharded weights save_finetuned needs rebuild= to hold the gathered weights")
             with zero3_disabled():  # a plain copy on this process, not one more ZeRO-3 shard
                 model = rebuild()
+            assert state_dict is not None  # gathered above when sharded
             model.load_state_dict(state_dict)
         else:
             model = accelerator.unwrap_model(model)
@@ -150,15 +151,16 @@ def save_finetuned(
         output_dir.mkdir(parents=True, exist_ok=True)
         if sampling is not None:
             set_sampling(unwrap_peft(model), sampling)
+        saved = cast(Any, model)  # a PeftModel or a transformers model, duck-typed
         if adapter:
-            model.peft_config["default"].base_model_name_or_path = base
-            model.save_pretrained(output_dir / ADAPTER_SUBFOLDER)  # adapter + the resized rows
+            saved.peft_config["default"].base_model_name_or_path = base
+            saved.save_pretrained(output_dir / ADAPTER_SUBFOLDER)  # adapter + the resized rows
             # PEFT saves no generation config; the base's would lack the ids and settings.
             unwrap_peft(model).generation_config.save_pretrained(output_dir)
             (output_dir / ADAPTER_CONFIG_NAME).write_text(json.dumps(
                 {"base_model_name_or_path": base, "vocab_size": _rows(model)}, indent=2) + "\n")
         else:
-            lm = model.merge_and_unload() if is_peft else model
+            lm = saved.merge_and_unload() if is_peft else saved
             lm.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
         card = model_card(processor, config, base=base, name=card_name or str(output_dir), adapter=adapter,
@@ -195,7 +197,7 @@ def resolve_output(path: str | os.PathLike) -> str:
     )
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32, merge: bool = True,
+def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32, merge: bool = True,
                **model_kwargs):
     """Load the LM of an output folder (merged or adapter; local or Hub) as a causal LM.
 
@@ -217,7 +219,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = torch.float3
     # Values of these rows come from the adapter; skip the costly mean initialisation.
     base.resize_token_embeddings(meta["vocab_size"], mean_resizing=False)
     adapter = Path(path) / ADAPTER_SUBFOLDER if Path(path).is_dir() else path
-    kwargs = {} if Path(path).is_dir() else {"subfolder": ADAPTER_SUBFOLDER}
+    kwargs: dict[str, Any] = {} if Path(path).is_dir() else {"subfolder": ADAPTER_SUBFOLDER}
     model = PeftModel.from_pretrained(base, str(adapter), **kwargs)
     if cached_file(str(path), GENERATION_CONFIG_NAME, _raise_exceptions_for_missing_entries=False, **hub):
         # The fine-tune's ids and sampling settings, not the base's.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -55,7 +56,7 @@ class UnimodalPipeline(PushToHubMixin):
         revision: str | None = None,
         token: str | None = None,
         **model_kwargs,
-    ) -> "UnimodalPipeline":
+    ) -> UnimodalPipeline:
         """Load the LM, text tokenizer and image tokenizer from one folder or Hub repo.
 
         Args:
@@ -67,17 +68,18 @@ class UnimodalPipeline(PushToHubMixin):
             revision, token: Hub revision and token.
             model_kwargs: passed to ``AutoModelForCausalLM.from_pretrained``.
         """
-        hub = {k: v for k, v in {"revision": revision, "token": token}.items() if v is not None}
+        hub: dict[str, Any] = {k: v for k, v in {"revision": revision, "token": token}.items() if v is not None}
         path_or_repo = resolve_output(path_or_repo)
         model = load_model(path_or_repo, dtype=dtype, **hub, **model_kwargs)
         processor = UnimodalProcessor.from_pretrained(path_or_repo, **hub)
         pipeline = cls(model.eval(), processor)
         return pipeline.to(device) if device is not None else pipeline
 
-    def to(self, device: torch.device | str) -> "UnimodalPipeline":
+    def to(self, device: torch.device | str) -> UnimodalPipeline:
         """Move the LM and the image tokenizer to ``device``; returns self."""
-        self.model.to(device)
-        self.processor.image_tokenizer.to(device)
+        # PreTrainedModel.to is typed through functools.wraps, whose stub drops the method binding
+        self.model.to(device)  # type: ignore[arg-type]
+        self.processor.image_tokenizer.to(device)  # type: ignore[arg-type]
         return self
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:

@@ -22,6 +22,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -94,7 +95,8 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
     where = "the model's generation_config.json" if source == "model" else source
     print(f"sampling settings from {where}: {dataclasses.asdict(sampling)}")
     # source: "model" or "preset <name>"; `sampling` is what was used (overrides applied).
-    record = {"config": dataclasses.asdict(cfg), "sampling_source": source, "sampling": dataclasses.asdict(sampling)}
+    record: dict[str, Any] = {"config": dataclasses.asdict(cfg), "sampling_source": source,
+                              "sampling": dataclasses.asdict(sampling)}
 
     if cfg.mode == "text-to-image":
         n = cfg.num_images_per_prompt
@@ -111,10 +113,10 @@ def main(args: list[str] | None = None, prog: str | None = None) -> dict:
         record["images"] = entries
         print(f"{len(images)} images, grid and settings in {out}")
     else:
-        images = [Image.open(p) for p in cfg.images] if cfg.mode == "image-to-text" else None
-        if images is not None and len(images) != len(prompts):
-            raise UserError(f"{len(images)} images for {len(prompts)} prompts: pass one image per prompt")
-        texts = pipe.generate_text(prompts, images, preset=sampling, max_new_tokens=cfg.max_new_tokens,
+        inputs = [Image.open(p) for p in cfg.images] if cfg.mode == "image-to-text" else None
+        if inputs is not None and len(inputs) != len(prompts):
+            raise UserError(f"{len(inputs)} images for {len(prompts)} prompts: pass one image per prompt")
+        texts = pipe.generate_text(prompts, inputs, preset=sampling, max_new_tokens=cfg.max_new_tokens,
                                    seed=[cfg.seed + i for i in range(len(prompts))])
         entries = [{"prompt": p, "image": img, "text": t, "seed": cfg.seed + i}
                    for i, (p, img, t) in enumerate(zip(prompts, cfg.images or [None] * len(prompts), texts))]
