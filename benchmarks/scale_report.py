@@ -159,9 +159,13 @@ def render_table(runs: dict, s, args, limit_gb: float) -> str:
 MEASURED_ACT = {
     "0.5b": dict(layer=105.1, layer_gc=7.0, head_model=636.8, head_ours=10.8),  # KB per token
     "1.5b": dict(layer=190.1, layer_gc=12.0, head_model=644.8, head_ours=18.6),
+    "7b": dict(layer=412.1, layer_gc=28.0, head_model=669.3, head_ours=42.1),
 }
 STRATEGIES = ("DDP", "ZeRO-2", "ZeRO-3", "ZeRO-3 + offload", "FSDP2")
+GB = 2**30  # as peak_memory_gb reports
 GPU_OVERHEAD_GB = 1.5  # CUDA context, allocator fragmentation, communication buffers (derived)
+CPU_PROCESS_GB = 0.45  # a CPU run's resident set before the model: torch, transformers, data (measured, --quick)
+CHUNK_LOGITS = 256 * 2**20  # fp32 logits of one chunk of the chunked loss (unimodal.training.loss default)
 
 
 def lm_params(s, lora_r: int = 16) -> tuple[float, float]:
@@ -181,10 +185,10 @@ def state_gb(s, lora: bool, strategy: str, n: int) -> tuple[float, float]:
     4 + fp32 grads 4 + DDP's gradient buckets 4 + Adam m, v 8) 20 B; DeepSpeed (bf16 weights 2 +
     bf16 grads 2 + fp32 master 4 + Adam 8) 16 B, ZeRO-2 keeping the 2 B of weights whole and
     sharding the rest, ZeRO-3 sharding all; FSDP2 (fp32 shards 4 + grads 4 + Adam 8) 16 B / N.
-    LoRA: frozen weights in bf16 (``dtype: bfloat16``), 2 B each, sharded by ZeRO-3 / FSDP2."""
+    LoRA: frozen weights in bf16 (``dtype: bfloat16``), 2 B each, sharded by ZeRO-3 / FSDP2.
+    ZeRO-3 and FSDP2 also hold the largest module they gather (the embedding rows), in bf16."""
     total, trainable = lm_params(s)
     frozen, train = (total, trainable) if lora else (0.0, total)
-    # the largest module ZeRO-3 / FSDP2 gather at once (the embedding / head rows), in bf16
     live = 2 * max(head_rows(s) * s.hidden, layer_params(s))
     if strategy == "DDP":
         gpu = 2 * frozen + 20 * train
@@ -193,21 +197,29 @@ def state_gb(s, lora: bool, strategy: str, n: int) -> tuple[float, float]:
     elif strategy in ("ZeRO-3", "FSDP2"):
         gpu = (2 * frozen + 16 * train) / n + live
     else:  # ZeRO-3 + offload: parameters and optimizer in CPU RAM, the gathered working set on the GPU
-        return live / 1e9, (2 * frozen + 16 * train) / 1e9
-    return gpu / 1e9, 0.0
+        return live / GB, (2 * frozen + 16 * train) / GB
+    return gpu / GB, 0.0
 
 
 def activations_gb(act: dict, s, tokens: int, batch: int, gc: bool, chunked: bool, bf16: bool = True) -> float:
-    """Peak activation memory of a step: what the forward keeps (measured constants) + in backward
-    one layer recomputed (GC) and one layer of activation gradients; the model's loss peaks at ~3
-    logits-sized fp32 buffers (logits, log-softmax, gradient), ours at one vocabulary-sized chunk
-    (256 MB of fp32 logits, x3). bf16: the fp32 measurement halved (derived)."""
-    kb = 1024 * batch * tokens
-    layer = act["layer"] * kb * (0.5 if bf16 else 1)
-    kept = s.layers * (act["layer_gc"] if gc else act["layer"]) * kb * (0.5 if bf16 else 1)
-    backward = layer * (2 if gc else 1)
-    loss = act["head_ours"] * kb + 3 * 256e6 if chunked else 3 * 4 * head_rows(s) * batch * tokens
-    return (kept + backward + loss) / 1e9
+    """Peak activation memory of a step: what the forward keeps (the measured constants, KB per
+    token) + in backward one layer recomputed (GC) and one layer of activation gradients; the
+    model's loss peaks at ~3 fp32 logits-sized buffers (logits or log-softmax, their gradient, the
+    upcast), ours at one chunk's (x3). bf16: the fp32 measurement halved (derived)."""
+    per = 1024 * batch * tokens * (0.5 if bf16 else 1.0)  # KB per token -> bytes
+    kept = s.layers * (act["layer_gc"] if gc else act["layer"]) * per
+    backward = act["layer"] * per * (2 if gc else 1)
+    if chunked:
+        loss = act["head_ours"] * 1024 * batch * tokens + 3 * CHUNK_LOGITS
+    else:
+        loss = 3 * 4 * head_rows(s) * batch * tokens
+    return (kept + backward + loss) / GB
+
+
+def cpu_step_gb(s, act: dict, batch: int, gc: bool, chunked: bool) -> float:
+    """One CPU process, fp32 AdamW (16 B per parameter), what benchmarks/scale.py's lm rows measure."""
+    return CPU_PROCESS_GB + 16 * lm_params(s)[0] / GB + activations_gb(
+        act, s, s.sample_tokens, batch, gc, chunked, bf16=False)
 
 
 def run_activations(args, shape) -> dict:
@@ -264,19 +276,19 @@ def run_activations(args, shape) -> dict:
 
 
 def memory_guide(shapes: dict, n: int = 8, batch: int = 4) -> str:
-    """The derived per-GPU table of docs/distributed.md (GC on, our chunked loss, bf16, n GPUs)."""
-    lines = ["| LM | fine-tune | strategy | GB per GPU, 256 image tokens | GB per GPU, 1024 image tokens | "
-             "smallest GPU (1024 tokens) | CPU RAM |", "| --- | --- | --- | ---: | ---: | --- | ---: |"]
+    """docs/distributed.md's derived table: GB per GPU with n GPUs, ``batch`` samples per GPU,
+    bf16, gradient checkpointing and our chunked loss unless a column says otherwise."""
+    lines = ["| LM | fine-tune | strategy | 256 image tokens | 1024 | 1024, no GC | 1024, model's loss | "
+             "smallest GPU, 1024 | CPU RAM |", "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
     for name, s in shapes.items():
-        act = MEASURED_ACT.get(name)
+        act = MEASURED_ACT[name]
         for lora in (False, True):
             for strategy in STRATEGIES:
                 gpu, cpu = state_gb(s, lora, strategy, n)
-                cells = []
-                for image_tokens in (256, 1024):
-                    tokens = image_tokens + s.caption_tokens + 4
-                    cells.append(gpu + GPU_OVERHEAD_GB + activations_gb(act, s, tokens, batch, True, True))
-                fits = next((f"{g} GB" for g in (24, 48, 80) if cells[1] <= 0.95 * g), "none (> 80 GB)")
-                lines.append(f"| {name.upper()} | {'LoRA r=16' if lora else 'full'} | {strategy} | {cells[0]:.1f} | "
-                             f"{cells[1]:.1f} | {fits} | {f'{cpu:.0f} GB' if cpu else '-'} |")
+                columns = ((256, True, True), (1024, True, True), (1024, False, True), (1024, True, False))
+                cells = [gpu + GPU_OVERHEAD_GB + activations_gb(act, s, image + s.caption_tokens + 4, batch, gc, ours)
+                         for image, gc, ours in columns]
+                fits = next((f"{g} GB" for g in (24, 48, 80) if cells[1] <= 0.95 * g), "> 80 GB")
+                lines.append(f"| {name.upper()} | {'LoRA r=16' if lora else 'full'} | {strategy} | "
+                             + " | ".join(f"{c:.1f}" for c in cells) + f" | {fits} | {f'{cpu:.0f}' if cpu else '-'} |")
     return "\n".join(lines)
