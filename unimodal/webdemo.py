@@ -125,7 +125,7 @@ class DemoHandlers:
         return text
 
     def _seed(self, seed: Any) -> int:
-        return _number("Seed", seed, 0, 2**31 - 1, integer=True)
+        return int(_number("Seed", seed, 0, 2**31 - 1, integer=True))  # an int already (integer=True)
 
     def _text_sampling(self, max_new_tokens: Any, temperature: Any, top_p: Any, prompt_len: int) -> dict:
         """generate_text keyword arguments; temperature 0 means greedy. Shortens max_new_tokens
@@ -355,9 +355,10 @@ def _text_settings(limits: DemoLimits, handlers: DemoHandlers, tab: str,
                                 label="Max new tokens")
             temp = gr.Slider(0, handlers.max_temperature, value=temperature, step=0.05, label="Temperature (0: greedy)",
                              elem_id=f"{tab}-temperature")
-            top_p = gr.Slider(min(0.01, top_p), 1, value=top_p, step=0.01, label="Top-p", elem_id=f"{tab}-top-p")
+            top_p_slider = gr.Slider(min(0.01, top_p), 1, value=top_p, step=0.01, label="Top-p",
+                                     elem_id=f"{tab}-top-p")
             seed = gr.Number(0, label="Seed", precision=0, minimum=0)
-    return [max_new, temp, top_p, seed]
+    return [max_new, temp, top_p_slider, seed]
 
 
 def serve(pipeline: UnimodalPipeline, *, host: str = "127.0.0.1", port: int | None = None,

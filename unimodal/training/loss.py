@@ -22,6 +22,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 from functools import partial
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -147,11 +148,11 @@ def _unwrap(model: nn.Module) -> PreTrainedModel:
         if isinstance(inner, PreTrainedModel):
             return inner
         if hasattr(type(inner), "get_base_model"):  # PeftModel
-            inner = inner.get_base_model()
+            inner = cast(Any, inner).get_base_model()
         elif isinstance(getattr(inner, "_orig_mod", None), nn.Module):  # torch.compile
-            inner = inner._orig_mod
+            inner = cast(nn.Module, inner._orig_mod)
         elif isinstance(inner.__dict__.get("_modules", {}).get("module"), nn.Module):  # DDP, DS
-            inner = inner.module
+            inner = cast(nn.Module, inner.module)
         else:
             break
     raise UnsupportedModelError(f"{type(model).__name__} is not a transformers model")
@@ -160,7 +161,7 @@ def _unwrap(model: nn.Module) -> PreTrainedModel:
 def _base_layer(head: nn.Module) -> nn.Module:
     """Innermost layer under PEFT wrappers (LoRA ``base_layer``, trainable tokens, modules_to_save)."""
     for _ in range(8):
-        below = head.get_base_layer() if hasattr(head, "get_base_layer") else getattr(
+        below = cast(Any, head).get_base_layer() if hasattr(head, "get_base_layer") else getattr(
             head, "original_module", None)
         if isinstance(head, nn.Linear) or not isinstance(below, nn.Module) or below is head:
             break
