@@ -3,8 +3,8 @@
 A newcomer runs `make demo`, then ``unimodal demo --model outputs/digits-demo``: the page must
 start at the settings the report was made with (saved in ``final/generation_config.json``), draw
 the report's images for the report's seeds, and score with the judge at the report's prompt
-fidelity. Here the demo runs at reduced size (a small VQ-GAN and LM, no baseline; a few minutes
-on 2 cores), trained enough that the judge tells its digits apart (prompt fidelity ~0.5). Browser setup as in
+fidelity. Here the demo runs at reduced size (a small VQ-GAN and LM, no baseline; ~7 min
+on 2 busy cores), trained enough that the judge tells its digits apart (prompt fidelity ~0.5). Browser setup as in
 tests/test_webdemo_browser.py: Debian's chromium, no host resolved but 127.0.0.1, no analytics.
 """
 

@@ -14,9 +14,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .decoder import KVDecoder
-from .sampling import (
-    ImageSpanConstraint, RowUniforms, SamplingConfig, TokenSampler, model_sampling, resolve_sampling,
-)
+from .sampling import ImageSpanConstraint, RowUniforms, SamplingConfig, TokenSampler, model_sampling, resolve_sampling
 
 Segment = str | Image.Image
 
