@@ -109,8 +109,7 @@ class UnimodalProcessor(PushToHubMixin):
     # ------------------------------------------------------------------ shape facts
     @property
     def grid_shape(self) -> tuple[int, int]:
-        h, w = self.image_tokenizer.grid_shape
-        return h, w
+        return cast("tuple[int, int]", tuple(self.image_tokenizer.grid_shape))
 
     @property
     def num_image_tokens(self) -> int:
@@ -214,9 +213,7 @@ class UnimodalProcessor(PushToHubMixin):
             images = [images]
         elif images is not None and not isinstance(images, torch.Tensor):
             images = [im for item in images for im in ([item] if isinstance(item, Image.Image) else item)]
-        codes: list[torch.Tensor] | torch.Tensor = (
-            [] if images is None or len(images) == 0 else self.encode_images(images)
-        )
+        codes = self.encode_images(images) if images is not None and len(images) != 0 else ()
         sequences = self.interleaved_ids(texts, codes, add_bos=add_bos, add_eos=add_eos)
         return self.pad(sequences, padding_side, return_tensors, padding=padding)
 
@@ -395,10 +392,8 @@ class UnimodalProcessor(PushToHubMixin):
     def from_pretrained(cls, path_or_repo: str | os.PathLike, **hub_kwargs) -> UnimodalProcessor:
         """Load from a folder or Hub repo written by `save_pretrained`. ``hub_kwargs`` (``revision``,
         ``token``, ``cache_dir``, ``local_files_only``) are passed to the Hub downloads."""
-        config_file = cached_file(path_or_repo, PROCESSOR_CONFIG_NAME, **hub_kwargs)
-        if config_file is None:  # cached_file raises for a missing file; None only if told not to
-            raise FileNotFoundError(f"{path_or_repo}: no {PROCESSOR_CONFIG_NAME}")
-        config = json.loads(Path(config_file).read_text())
+        config_file = cached_file(path_or_repo, PROCESSOR_CONFIG_NAME, **hub_kwargs)  # raises if missing
+        config = json.loads(Path(cast(str, config_file)).read_text())
         subfolder = Path(path_or_repo) / config["image_tokenizer_subfolder"]
         if Path(path_or_repo).is_dir() and not (subfolder / "config.json").is_file():
             raise FileNotFoundError(
