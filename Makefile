@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow test-gpu bench clean
+.PHONY: setup demo lint test test-slow test-gpu bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,7 +24,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/digits/run.py $(ARGS)
 
-test: $(STAMP)
+# Lint (ruff: style, import order, bugbear) and type check (mypy on unimodal/) first: seconds.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -m "not slow and not gpu" $(ARGS)
 
 test-slow: $(STAMP)

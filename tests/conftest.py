@@ -114,8 +114,9 @@ def build_finetune_data(root: Path, text_tokenizer: PreTrainedTokenizerBase, num
 
     Returns the data folder and the processor that encoded it (16 grey levels, one token per pixel).
     """
-    from unimodal.data import PretokenizeOptions, pretokenize, save_pretokenized
     from digits import load_digits_dataset  # examples/digits/digits.py, on pytest's pythonpath
+
+    from unimodal.data import PretokenizeOptions, pretokenize, save_pretokenized
 
     tokenizer = copy.deepcopy(text_tokenizer)
     tokenizer.save_pretrained(root / "text_tokenizer")  # before add_image_tokens extends it

@@ -5,7 +5,6 @@ from collections import Counter
 
 import pytest
 import torch
-
 from digits import (
     DIGIT_WORDS,
     DigitClassifier,
@@ -15,6 +14,7 @@ from digits import (
     label_from_caption,
     load_digits_dataset,
 )
+
 from unimodal.evaluation.metrics import caption_accuracy, fid, per_class_diversity, prompt_fidelity
 
 

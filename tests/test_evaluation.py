@@ -189,9 +189,9 @@ def test_write_report_round_trips_numbers_and_renders_tables(tmp_path):
 
 
 def test_evaluate_model_generates_captions_and_scores_a_tiny_pipeline(tmp_path, text_tokenizer):
+    from unimodal.extend import add_image_tokens
     from unimodal.offline import build_causal_lm
     from unimodal.pipeline import UnimodalPipeline
-    from unimodal.extend import add_image_tokens
 
     tok = PixelTokenizer(PixelTokenizerConfig(codebook_size=4, image_size=8, pixel_size=2))
     lm = build_causal_lm(vocab_size=len(text_tokenizer), hidden_size=32)

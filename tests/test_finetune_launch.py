@@ -142,7 +142,8 @@ def test_deepspeed_zero3_lora_trains_new_rows_and_adapters(data_root):
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert torch.equal(got[name][:boi], before[name][:boi]), f"{name}: old rows changed"
         assert (got[name][boi:end] != before[name][boi:end]).any(1).all(), f"{name}: a new row did not train"
-    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(got[q_proj], before[q_proj])
     assert torch.equal(got["model.norm.weight"], before["model.norm.weight"])  # not a LoRA target
 
 
@@ -195,8 +196,8 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(data_r
 def test_one_process_lora_adapter_epochs_accumulation_bf16_samples(data_root, text_tokenizer):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from unimodal.outputs import load_model
     from unimodal.offline import build_causal_lm
+    from unimodal.outputs import load_model
 
     base = data_root / "base_lm"  # adapters need a base others can load
     build_causal_lm("llama", vocab_size=len(text_tokenizer), hidden_size=32).save_pretrained(base)
@@ -205,7 +206,8 @@ def test_one_process_lora_adapter_epochs_accumulation_bf16_samples(data_root, te
                   "--packing", "true", "--gradient_accumulation_steps", "2", "--mixed_precision", "bf16",
                   "--gradient_checkpointing",
                   "true", "--use_lora", "true", "--merge_lora", "false", "--eval_steps", "10",
-                  "--sample_prompts", "a handwritten digit one", "a handwritten digit two", "--report_to", "tensorboard")
+                  "--sample_prompts", "a handwritten digit one", "a handwritten digit two",
+                  "--report_to", "tensorboard")
     run(cmd)
     stats = json.loads((out / "train_stats.json").read_text())
     # 2 x 192 training samples (200 digits - 8 held out, t2i + i2t), 2 per packed row of 160 tokens,

@@ -10,12 +10,26 @@ import pytest
 import torch
 from PIL import Image
 from transformers import (
-    ClassifierFreeGuidanceLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    ClassifierFreeGuidanceLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
 )
 
 from unimodal.generation import (
-    PRESETS, ImageSpanConstraint, KVDecoder, RowUniforms, SamplingConfig, TokenSampler, decode_image_ids,
-    generate_images, generate_text, in_top_k_top_p, model_sampling, resolve_sampling, sample_image_tokens,
+    PRESETS,
+    ImageSpanConstraint,
+    KVDecoder,
+    RowUniforms,
+    SamplingConfig,
+    TokenSampler,
+    decode_image_ids,
+    generate_images,
+    generate_text,
+    in_top_k_top_p,
+    model_sampling,
+    resolve_sampling,
+    sample_image_tokens,
     set_sampling,
 )
 from unimodal.images import tensor_to_pil

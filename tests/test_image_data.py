@@ -9,7 +9,12 @@ import torch
 from PIL import Image
 
 from unimodal.image_data import (
-    CorruptImageError, CropPolicy, HFImageDataset, ImageFolderDataset, ShippedCrops, load_image_dataset,
+    CorruptImageError,
+    CropPolicy,
+    HFImageDataset,
+    ImageFolderDataset,
+    ShippedCrops,
+    load_image_dataset,
     load_shipped_images,
 )
 

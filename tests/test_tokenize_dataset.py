@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from digits import load_digits_dataset, save_splits  # examples/digits/digits.py, on pytest's pythonpath
 
 from unimodal.data import PROCESSOR_SUBFOLDER, load_pretokenized, read_metadata
 from unimodal.processor import UnimodalProcessor
-
-from digits import load_digits_dataset, save_splits  # examples/digits/digits.py, on pytest's pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tokenize_dataset.py"

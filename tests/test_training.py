@@ -7,8 +7,14 @@ from torch.utils.data import DataLoader
 
 from unimodal.errors import UserError
 from unimodal.training import (
-    CheckpointManager, NonFiniteLossError, RunArguments, check_finite, cosine_with_warmup, infinite_batches,
-    make_accelerator, parse_config,
+    CheckpointManager,
+    NonFiniteLossError,
+    RunArguments,
+    check_finite,
+    cosine_with_warmup,
+    infinite_batches,
+    make_accelerator,
+    parse_config,
 )
 
 

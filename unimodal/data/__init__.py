@@ -16,7 +16,12 @@ from .loader import LengthGroupedSampler, RowDataset, make_dataloader, plan_data
 from .packing import RowPlan, pack_lengths, plan_rows
 from .pretokenize import TASKS, PretokenizeOptions, PretokenizeResult, PretokenizeStats, load_source, pretokenize
 from .storage import (
-    PROCESSOR_SUBFOLDER, load_pretokenized, merge_shards, read_metadata, save_pretokenized, shard_bounds,
+    PROCESSOR_SUBFOLDER,
+    load_pretokenized,
+    merge_shards,
+    read_metadata,
+    save_pretokenized,
+    shard_bounds,
 )
 
 __all__ = [

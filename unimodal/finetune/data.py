@@ -45,7 +45,7 @@ def load_task_data(
                                  f"eval_size={args.eval_size}; lower eval_size or pass eval_dataset_path")
             evals[task], rows = data.select(np.sort(rows[: args.eval_size])), rows[args.eval_size :]
         else:
-            evals[task] = held_out.filter(lambda t: t == task, input_columns="task")
+            evals[task] = held_out.filter(lambda t, task=task: t == task, input_columns="task")
         # weight w: floor(w) full copies plus a fixed random share of the rest
         whole, part = divmod(weight, 1.0)
         train_parts.append(np.concatenate([np.tile(np.sort(rows), int(whole)),

@@ -27,17 +27,31 @@ from unimodal.data import PROCESSOR_SUBFOLDER, UnimodalCollator, make_dataloader
 from unimodal.errors import MissingInputError, UserError, bad_input
 from unimodal.extend import check_compatibility, new_token_ids
 from unimodal.finetune import (
-    DataArguments, FinetuneArguments, LoraArguments, ModelArguments, apply_lora, evaluate,
-    load_model_and_processor, load_task_data,
+    DataArguments,
+    FinetuneArguments,
+    LoraArguments,
+    ModelArguments,
+    apply_lora,
+    evaluate,
+    load_model_and_processor,
+    load_task_data,
 )
 from unimodal.generation import SamplingConfig
 from unimodal.hub import push_folder_to_hub
 from unimodal.images import make_grid
-from unimodal.processor import UnimodalProcessor
 from unimodal.outputs import save_finetuned
+from unimodal.processor import UnimodalProcessor
 from unimodal.training import (
-    LOSS_METHODS, CheckpointManager, Throughput, batch_loss, check_finite, cosine_with_warmup, infinite_batches,
-    make_accelerator, parse_config, weights_sharded,
+    LOSS_METHODS,
+    CheckpointManager,
+    Throughput,
+    batch_loss,
+    check_finite,
+    cosine_with_warmup,
+    infinite_batches,
+    make_accelerator,
+    parse_config,
+    weights_sharded,
 )
 
 

@@ -28,10 +28,10 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 import unimodal  # noqa: F401  (registers the image tokenizers with AutoModel)
 from unimodal.data import PretokenizeOptions, load_source, merge_shards, pretokenize, save_pretokenized, shard_bounds
 from unimodal.errors import OutputExistsError, UserError
+from unimodal.extend import add_image_tokens
 from unimodal.offline import build_causal_lm
 from unimodal.processor import UnimodalProcessor
 from unimodal.training import make_accelerator, parse_config
-from unimodal.extend import add_image_tokens
 
 
 @dataclass

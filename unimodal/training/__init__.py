@@ -23,6 +23,6 @@ from .loss import LOSS_METHODS, batch_loss, batch_loss_sums, causal_lm_loss
 
 __all__ = [
     "LOSS_METHODS", "CheckpointManager", "NonFiniteLossError", "RunArguments", "Throughput", "batch_loss",
-    "batch_loss_sums", "causal_lm_loss", "check_finite", "cosine_with_warmup", "infinite_batches", "make_accelerator", "parse_config", "resolve_config", "shipped_configs", "weights_sharded",
-    "zero3_disabled",
+    "batch_loss_sums", "causal_lm_loss", "check_finite", "cosine_with_warmup", "infinite_batches",
+    "make_accelerator", "parse_config", "resolve_config", "shipped_configs", "weights_sharded", "zero3_disabled",
 ]

@@ -83,7 +83,7 @@ class PixelTokenizer(ImageTokenizerMixin, PreTrainedModel):
         return int(self.config.pixel_size)
 
     @torch.no_grad()
-    def fit_palette(self, pixels: torch.Tensor, iters: int = 20, seed: int = 0) -> "PixelTokenizer":
+    def fit_palette(self, pixels: torch.Tensor, iters: int = 20, seed: int = 0) -> PixelTokenizer:
         """k-means the palette on ``pixels [N, 3, H, W]`` (in [-1, 1]); returns self."""
         colours = F.avg_pool2d(pixels.float(), self.downsample_factor).permute(0, 2, 3, 1).reshape(-1, 3)
         g = torch.Generator().manual_seed(seed)

@@ -13,7 +13,16 @@ from pathlib import Path
 
 import yaml
 
-from .common import Conversion, StateDict, build_vqgan, drop, level_count, load_checkpoint, state_dict_from, vqgan_config
+from .common import (
+    Conversion,
+    StateDict,
+    build_vqgan,
+    drop,
+    level_count,
+    load_checkpoint,
+    state_dict_from,
+    vqgan_config,
+)
 
 _TRAINING_ONLY = {
     "loss.": "discriminator and perceptual (LPIPS) loss: training only",
