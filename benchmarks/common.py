@@ -60,6 +60,13 @@ def bench_env(threads: int | None = None) -> dict[str, str]:
     return env
 
 
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``), and the GPU when there is one: for a table's header."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    return f"{cpu} + {torch.cuda.get_device_name()}" if torch.cuda.is_available() else cpu
+
+
 def memory_available_gb() -> float:
     """MemAvailable of this machine (what a new process can take without swapping or the OOM killer)."""
     for line in Path("/proc/meminfo").read_text().splitlines():

@@ -22,8 +22,8 @@ Variants (``--only`` takes names or shell patterns):
 - ``dist-<single|zero3|ddp|zero2>``: peak memory per process of the recipe at ``--dist_batch``
   samples, 1 process vs 2-process DeepSpeed ZeRO-3 (and DDP / ZeRO-2) over gloo.
 
-Each child's peak is its own maximum resident set (``ru_maxrss``; GPU: max allocated). A parent
-thread sums the resident memory of the child's process tree and kills it above
+Each child's peak is its own maximum resident set (``ru_maxrss``; GPU: max allocated). The parent
+samples the resident memory of the child's whole process tree and kills it above
 ``--memory_limit_gb`` (default: what the machine has free at the start less 1.5 GB): that row then
 reads "did not fit in N GB" and the run goes on.
 """
@@ -34,7 +34,6 @@ import argparse
 import fnmatch
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -43,7 +42,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from common import REPO, RESULT, bench_env, matmul_peak, memory_available_gb, peak_memory_gb, run_child
+from common import REPO, RESULT, bench_env, cpu_name, matmul_peak, memory_available_gb, peak_memory_gb, run_child
 from scale_report import SYSTEMS, estimate_seconds, memory_guide, render_table, run_activations
 
 LAUNCH_CONFIGS = REPO / "recipes" / "configs" / "accelerate"
@@ -98,8 +97,8 @@ DEFAULT_PLAN = ["vq-b1", "vq-b2", "act", "lm-full-gc-t2i-ours", "lm-full-gc-t2i-
 def prepare(root: Path, shape: Shape, with_lm: bool) -> None:
     """Once per shape: a text tokenizer with ``text_rows`` entries, pre-tokenised t2i + i2t samples
     of ``sample_tokens`` (random 8192-colour images through a PixelTokenizer: a grid x grid code
-    grid per image, the LM sees the same ids a VQ-GAN's would give), and one LM folder per layer
-    count (random Qwen2 weights, tied head)."""
+    grid per image, the LM sees the same ids a VQ-GAN's would give), and, ``with_lm``, one LM folder
+    per layer count (random Qwen2 weights)."""
     import datasets
     import numpy as np
     from common import wide_text_tokenizer
@@ -350,8 +349,8 @@ def main() -> None:
             print(f"{'*' if n in DEFAULT_PLAN else ' '} {n:24s} ~{s / 60:5.1f} min")
         return
     limit = args.memory_limit_gb or max(1.0, memory_available_gb() - 1.5)
-    header = (f"{date.today()}, {platform.machine()} {platform.processor()}, {os.cpu_count()} cores, {args.threads} "
-              f"threads, torch {torch.__version__}, fp32 matmul {rate / 1e9:.0f} GFLOP/s, memory limit {limit:.1f} GB; "
+    header = (f"{date.today()}, {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads,"
+              f" torch {torch.__version__}, fp32 matmul {rate / 1e9:.0f} GFLOP/s, memory limit {limit:.1f} GB; "
               f"LM {shape.layers} layers, hidden {shape.hidden}, {shape.text_rows} + {shape.codes} rows, "
               f"{shape.sample_tokens}-token samples, batch {args.batch}, {args.steps} steps, "
               f"precision {args.precision}")

@@ -1,5 +1,6 @@
 """benchmarks/scale.py's arithmetic: how long each variant should take (printed before the run, so
-a plan can be sized), and the one markdown table of the results with the ratios the targets read.
+a plan can be sized), the one markdown table of the results with the ratios the targets read, and
+the memory model of docs/distributed.md (its measured constants, their measurement, its table).
 
 The estimate counts matmul FLOPs (forward = 2 x parameters x tokens; a training step 3 forwards, 2
 with LoRA, +1 with gradient checkpointing; the LM head only over the positions a loss is taken at
