@@ -105,12 +105,13 @@ def left_pad(processor, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
-def run_hf(model, processor, batch, sampling):
+def run_hf(model, processor, batch, sampling, tokens: int | None = None):
+    """transformers' CFG; ``tokens``: stop after that many of the image's tokens (default all)."""
     ids, mask = left_pad(processor, [processor.text_to_image_ids(PROMPT)] * batch)
     neg, neg_mask = left_pad(processor, [processor.unconditional_prompt_ids()] * batch)
     ids, mask, neg, neg_mask = (t.to(model.device) for t in (ids, mask, neg, neg_mask))  # a model on a GPU
-    n = processor.num_image_tokens
-    constraint = ImageSpanConstraint.from_processor(processor, max_length=ids.shape[1] + n)
+    n = tokens or processor.num_image_tokens
+    constraint = ImageSpanConstraint.from_processor(processor, max_length=ids.shape[1] + processor.num_image_tokens)
     model.generate(input_ids=ids, attention_mask=mask, guidance_scale=sampling.guidance_scale,
                    negative_prompt_ids=neg, negative_prompt_attention_mask=neg_mask, do_sample=True,
                    temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,

@@ -29,7 +29,7 @@ if [[ "${GPU_CHECK_DRY_RUN:-0}" == 1 ]]; then
     FINETUNE=(--steps 3 --repeats 1 --threads 1 --precisions no)
     SLOWER=3  # a shared CPU: the limits below are for a GPU
 else
-    SCALE=(--precision bf16 --steps 8)
+    SCALE=(--precision bf16 --steps 8 --gen_hf_tokens 0)
     FINETUNE=(--steps 10 --repeats 1 --precisions bf16)
     SLOWER=1
 fi

@@ -86,7 +86,7 @@ DIST = {"single": None, "zero3": "zero3.yaml", "ddp": "ddp_cpu.yaml", "zero2": "
 # The rows the targets of issue #13 read: full fine-tune at batch 4 x 1,100 with gradient
 # checkpointing (without it the model's own loss does not fit in 24 GB: 16 B/param + 105 KB per token
 # and layer + ~3 logits-sized buffers), ours and the model's loss on t2i and i2t, TRL on i2t; the
-# VQ-GAN, the measured activation constants, generation and ZeRO-3. ~55-65 min on an idle 2-core
+# VQ-GAN, the measured activation constants, generation and ZeRO-3. 45-60 min on an idle 2-core
 # EPYC (the estimate is printed first; one full-shape step is 3-5 min). LoRA and no-GC rows: --only.
 DEFAULT_PLAN = ["vq-b1", "vq-b2", "act", "lm-full-gc-t2i-ours", "lm-full-gc-t2i-model", "lm-full-gc-i2t-ours",
                 "lm-full-gc-i2t-model", "lm-full-gc-i2t-trl", "gen", "dist-single", "dist-zero3"]
@@ -256,13 +256,15 @@ def run_gen(args, shape: Shape) -> dict:
         lm_arguments(root, shape), UnimodalProcessor.from_pretrained(root / "data" / PROCESSOR_SUBFOLDER))
     model.to(DEVICE, torch.bfloat16 if args.precision == "bf16" else torch.float32).eval()
     sampling = resolve_sampling("liquid")
-    seconds = {}
-    for name, fn in (("ours", run_ours), ("hf", run_hf)):
-        start = clock()
-        fn(model, processor, 1, sampling)
-        seconds[name] = clock() - start
-    n = processor.num_image_tokens
-    return {"tokens": n, **{f"{k}_tokens_per_s": n / s for k, s in seconds.items()}, "peak_gb": peak_memory_gb()}
+    n, hf_tokens = processor.num_image_tokens, min(args.gen_hf_tokens or 10**9, processor.num_image_tokens)
+    start = clock()
+    run_ours(model, processor, 1, sampling)
+    ours = clock() - start
+    start = clock()
+    run_hf(model, processor, 1, sampling, tokens=hf_tokens)
+    hf = clock() - start
+    return {"tokens": n, "ours_tokens_per_s": n / ours, "hf_tokens": hf_tokens, "hf_tokens_per_s": hf_tokens / hf,
+            "peak_gb": peak_memory_gb()}
 
 
 def worker(args) -> None:
@@ -317,6 +319,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="samples per step of the lm-* variants")
     parser.add_argument("--dist_batch", type=int, default=1, help="samples per step and process of dist-*")
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per variant; the first is warm-up")
+    parser.add_argument("--gen_hf_tokens", type=int, default=256,
+                        help="time transformers' generate over this many of the image's tokens (0: all; its two "
+                             "full-vocabulary forwards per token take ~8 min for 1024 at the 0.5B shape on 2 cores)")
     parser.add_argument("--precision", default="no", choices=["no", "bf16"], help="the recipe's mixed_precision")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--memory_limit_gb", type=float, help="kill a variant above this (default: free - 1.5 GB)")
@@ -328,7 +333,8 @@ def main() -> None:
     if not args.worker:  # workers get the parent's final root
         args.root = str(Path(args.root) / ("quick" if args.quick else args.lm))
     args.passthrough = [x for k in ("quick",) if getattr(args, k) for x in (f"--{k}",)] + [
-        x for k in ("lm", "layers", "batch", "dist_batch", "steps", "precision", "threads", "root")
+        x for k in ("lm", "layers", "batch", "dist_batch", "steps", "gen_hf_tokens", "precision", "threads",
+                    "root")
         if getattr(args, k) is not None for x in (f"--{k}", str(getattr(args, k)))]
     if args.worker:
         return worker(args)

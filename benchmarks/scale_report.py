@@ -58,7 +58,7 @@ def estimate_seconds(name: str, s, args, rate: float) -> float:
         backbone = s.layers * layer_params(s)
         steps = s.grid**2
         ours = steps * max(2 * 2 * backbone / rate, 4 * backbone / (MEMORY_GB_PER_S * 1e9))
-        hf = steps * 2 * max(2 * (backbone + head_rows(s) * s.hidden) / rate,
+        hf = min(args.gen_hf_tokens or steps, steps) * 2 * max(2 * (backbone + head_rows(s) * s.hidden) / rate,
                              4 * (backbone + head_rows(s) * s.hidden) / (MEMORY_GB_PER_S * 1e9))
         return 15 + ours + hf
     if kind == "act":  # six forwards of a 1-2 layer model on one sample
@@ -129,7 +129,9 @@ def render_table(runs: dict, s, args, limit_gb: float) -> str:
             row(name, setting, "ours (one batched forward, one KV cache)", peak,
                 f"{got['ours_tokens_per_s']:.1f} tokens/s" if got else "-",
                 f"{_ratio(got.get('ours_tokens_per_s'), got.get('hf_tokens_per_s'))} of generate" if got else "")
-            row(name, setting, "transformers generate CFG", "(same process)",
+            short = bool(got) and got["hf_tokens"] < s.grid**2  # --gen_hf_tokens: a shorter context flatters it
+            shortened = f", its first {got['hf_tokens']} tokens" if short else ""
+            row(name, setting, f"transformers generate CFG{shortened}", "(same process)",
                 f"{got['hf_tokens_per_s']:.1f} tokens/s" if got else "-")
         elif kind == "act":
             kb = {k: f"{v / 1024:.1f} KB" for k, v in got.items() if k.endswith("bytes_per_token")}
