@@ -42,7 +42,13 @@ def test_digits_demo_end_to_end(tmp_path):
     assert vq["tokenizer"]["tokens_per_image"] == 16 and pixel["tokenizer"]["tokens_per_image"] == 64
     assert pixel["sequence_length"] == vq["sequence_length"] + 48
     for model in (vq, pixel):
-        assert 0 <= model["text_to_image"]["prompt_fidelity"] <= 1
+        # At this reduced size fidelity sits near chance, so what is checked is that the number
+        # is what the report says it is: the mean over 10 digits of 3 judged samples each.
+        t2i = model["text_to_image"]
+        per_class = t2i["per_class_fidelity"]
+        assert len(per_class) == 10
+        assert t2i["prompt_fidelity"] == pytest.approx(sum(per_class.values()) / 10)
+        assert t2i["prompt_fidelity"] * 10 * 3 == pytest.approx(round(t2i["prompt_fidelity"] * 30))
         assert len(model["image_to_text"]["per_class_accuracy"]) == 10
         assert model["seconds"]["fine-tune CPU"] > 0
         for png in model["images"].values():
