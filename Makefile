@@ -39,6 +39,7 @@ test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -m "gpu" $(ARGS)
 
 bench: $(STAMP)
+	$(BIN)/python benchmarks/scale.py --out outputs/scale_table.md
 	$(BIN)/python benchmarks/tokenizer.py
 	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/finetune.py

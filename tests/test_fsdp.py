@@ -1,6 +1,6 @@
 """FSDP2 (``recipes/configs/accelerate/fsdp.yaml``, ``fsdp_version: 2``) launched for real on CPU:
 2 processes over gloo, final weights equal to 2-process DDP's, and a SIGKILLed run resuming to the
-weights of an uninterrupted one. The launch helpers are test_finetune_launch's (same recipe command)."""
+weights of an uninterrupted one. The launch helpers are tests/launching.py's (same recipe command)."""
 
 import subprocess
 import time
@@ -8,16 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import REPO, command, env, kill_tree, run, weights
 
-from test_finetune_launch import REPO, command, env, kill_tree, run, weights
 from unimodal.offline import train_text_tokenizer
 
 pytestmark = [
     pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU launch; on GPUs see test_fsdp_on_gpus"),
-    # accelerate 1.15 drops the FSDP plugin of a CPU launch (the run silently trains as DDP) and
-    # FSDP2 swaps the parameters the recipe clips: both need the library changes of the issue #13
-    # note (make_accelerator, recipes/finetune). Strict: once they land this XPASSes; remove it then.
-    pytest.mark.xfail(strict=True, reason="FSDP2 on CPU needs the make_accelerator / recipe change (#13)"),
 ]
 
 

@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    # FSDP2 swaps every parameter for a sharded DTensor in prepare: clip those, not the originals.
+    trainable = [p for p in model.parameters() if p.requires_grad]
     eval_loaders = {task: accelerator.prepare(loader) for task, loader in eval_loaders.items()}
 
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)

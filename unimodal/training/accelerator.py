@@ -46,6 +46,8 @@ def make_accelerator(
         kwargs_handlers=handlers,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
     )
+    if distributed and on_cpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        _fsdp_on_cpu(accelerator)
     if distributed and accelerator.distributed_type == DistributedType.NO:
         raise RuntimeError(
             f"{accelerator.num_processes} processes were launched but accelerate set up no process group "
@@ -59,6 +61,23 @@ def make_accelerator(
             plugin.deepspeed_config["gradient_clipping"] = max_grad_norm
     set_seed(seed)
     return accelerator
+
+
+def _fsdp_on_cpu(accelerator) -> None:
+    """Shard for real when an FSDP launch config runs on CPU processes. accelerate 1.15 sets
+    ``DistributedType.FSDP`` only for GPU-like process groups; a CPU launch is MULTI_CPU, so the
+    plugin would be dropped and the run would train as plain DDP without a word. ``fully_shard``,
+    accelerate's FSDP2 ``prepare``, ``save_state``/``load_state`` and ``get_state_dict`` all run on
+    CPU with gloo once the state says FSDP (both shared states hold it)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch sets
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
 
 
 def weights_sharded(accelerator) -> bool:
