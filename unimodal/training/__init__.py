@@ -11,18 +11,25 @@ live here:
   ``weights_sharded``, ``zero3_disabled``.
 - `checkpoints`: ``CheckpointManager`` (state written to a temporary folder, then renamed, so a
   crash mid-save never leaves a half checkpoint a relaunch would resume from), ``check_finite``.
+- `resume`: ``check_resumable`` (same config, a process count the run can continue from),
+  ``CheckpointError``.
+- `signals`: ``Preemption`` (SIGTERM / SIGUSR1: finish the step, checkpoint, exit with
+  ``PREEMPTED_EXIT_CODE`` 75), ``Preempted``.
 - `loop`: ``infinite_batches`` (exact mid-epoch resume), ``cosine_with_warmup``, ``Throughput``.
 - `loss`: ``causal_lm_loss`` (the LM head only where a loss is taken, in chunks), ``batch_loss``.
 """
 
 from .accelerator import make_accelerator, weights_sharded, zero3_disabled
-from .checkpoints import CheckpointManager, NonFiniteLossError, check_finite
+from .checkpoints import CheckpointManager, CheckpointSpaceError, NonFiniteLossError, check_finite
 from .config import RunArguments, parse_config, resolve_config, shipped_configs
 from .loop import Throughput, cosine_with_warmup, infinite_batches
 from .loss import LOSS_METHODS, batch_loss, batch_loss_sums, causal_lm_loss
+from .resume import CheckpointError, continued_micro_step
+from .signals import PREEMPTED_EXIT_CODE, Preempted, Preemption
 
 __all__ = [
-    "LOSS_METHODS", "CheckpointManager", "NonFiniteLossError", "RunArguments", "Throughput", "batch_loss",
-    "batch_loss_sums", "causal_lm_loss", "check_finite", "cosine_with_warmup", "infinite_batches",
+    "LOSS_METHODS", "PREEMPTED_EXIT_CODE", "CheckpointError", "CheckpointManager", "CheckpointSpaceError",
+    "NonFiniteLossError", "Preempted", "Preemption", "RunArguments", "Throughput", "batch_loss",
+    "batch_loss_sums", "causal_lm_loss", "check_finite", "continued_micro_step", "cosine_with_warmup", "infinite_batches",
     "make_accelerator", "parse_config", "resolve_config", "shipped_configs", "weights_sharded", "zero3_disabled",
 ]

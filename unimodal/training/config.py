@@ -65,6 +65,9 @@ class RunArguments:
         push_to_hub: upload ``output_dir/final`` at the end.
         hub_model_id: the repo to upload to (default: the output folder's name).
         hub_private: create the repo private.
+        preemption_grace_s: seconds between a SIGTERM / SIGUSR1 and the SIGKILL that follows it
+            on this cluster: the run finishes its step, checkpoints (if the last save took less
+            than the time left) and exits with code 75 (`unimodal.training.signals`).
     """
 
     output_dir: str = "outputs/run"
@@ -80,11 +83,14 @@ class RunArguments:
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_private: bool = True
+    preemption_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("per_device_batch_size", "eval_batch_size", "log_steps", "save_steps", "keep_last"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.preemption_grace_s <= 0:
+            raise UserError(f"preemption_grace_s must be > 0 seconds, got {self.preemption_grace_s}")
         if self.eval_steps < 0:
             raise UserError(f"eval_steps must be >= 0 (0: evaluate only at the end), got {self.eval_steps}")
 
