@@ -7,11 +7,13 @@ image-to-text / text-to-text, and interleaved output. See docs/generation.md.
 - `model_sampling`, `set_sampling`: the settings a model carries in its ``generation_config.json``.
 - `TokenSampler`, `RowUniforms`: batched, per-row reproducible sampling.
 - `ImageSpanConstraint`: a transformers logits processor keeping image spans well formed.
-- `KVDecoder`: left-padded incremental decoding on a KV cache.
+- `KVDecoder`: left-padded incremental decoding on a KV cache; `StaticKVDecoder`: on a static
+  cache, with a compiled decode step.
+- `JacobiDecoding`: speculative Jacobi decoding (``decoding="jacobi"``); `DecodeStats`: counters.
 """
 
 from .decoder import KVDecoder
-from .images import decode_image_ids, generate_images, sample_image_tokens
+from .images import DECODINGS, decode_image_ids, generate_images, sample_image_tokens
 from .sampling import (
     PRESETS,
     ImageSpanConstraint,
@@ -23,10 +25,12 @@ from .sampling import (
     resolve_sampling,
     set_sampling,
 )
+from .jacobi import DecodeStats, JacobiDecoding
+from .static import StaticKVDecoder
 from .text import generate_text
 
 __all__ = [
-    "PRESETS", "ImageSpanConstraint", "KVDecoder", "RowUniforms", "SamplingConfig", "TokenSampler",
+    "DECODINGS", "DecodeStats", "JacobiDecoding", "StaticKVDecoder", "PRESETS", "ImageSpanConstraint", "KVDecoder", "RowUniforms", "SamplingConfig", "TokenSampler",
     "decode_image_ids", "generate_images", "generate_text", "in_top_k_top_p", "model_sampling",
     "resolve_sampling", "sample_image_tokens", "set_sampling",
 ]

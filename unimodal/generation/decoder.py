@@ -63,37 +63,75 @@ class KVDecoder:
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run the prompts; returns next-token logits ``[B, V']`` (float32)."""
         input_ids = input_ids.to(self.device)
-        self.attention_mask = attention_mask.to(self.device, torch.long)
-        if not (self.attention_mask[:, -1] == 1).all():
+        mask = attention_mask.to(self.device, torch.long)
+        if not (mask[:, -1] == 1).all():
             raise ValueError("prompts must be left-padded (the last column of attention_mask all ones)")
-        self.cache = None
-        positions = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)  # pads get 0, masked anyway
+        self.cache = self._new_cache(mask)
+        self.attention_mask = self._prompt_mask(mask)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # pads get 0, masked anyway
         self.positions = positions[:, -1:]
-        return self._forward(input_ids, positions)
+        return self._forward(input_ids, positions)[:, -1]
 
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
         """Feed one id per row ``[B]``; returns the following logits ``[B, V']``."""
-        if self.cache is None:
-            raise RuntimeError("call prefill() before step()")
-        ones = self.attention_mask.new_ones(self.attention_mask.shape[0], 1)
-        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
-        self.positions = self.positions + 1
-        return self._forward(next_ids.to(self.device).view(-1, 1), self.positions)
+        return self.extend(next_ids.view(-1, 1))[:, -1]
 
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def extend(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feed ``n`` ids per row ``[B, n]`` in one pass; returns the logits after each ``[B, n, V']``
+        (what speculative decoding verifies drafts with)."""
+        if self.cache is None or self.attention_mask is None or self.positions is None:
+            raise RuntimeError("call prefill() before step() or extend()")
+        n = ids.shape[1]
+        self._resize_mask(n)
+        positions = self.positions + torch.arange(1, n + 1, device=self.positions.device)  # [B, n]
+        self.positions = positions[:, -1:]
+        return self._forward(ids.to(self.device), positions, n)
+
+    def crop(self, n: int) -> None:
+        """Forget the last ``n`` fed ids of every row (rejected drafts)."""
+        if n <= 0:
+            return
+        assert self.positions is not None and self.cache is not None, "crop() before prefill()"
+        self.cache.crop(-n)
+        self._resize_mask(-n)
+        self.positions = self.positions - n
+
+    # What a static cache changes (see static.py): the cache object and the mask's shape.
+    def _new_cache(self, mask: torch.Tensor) -> Any:
+        """The cache for prompts with ``mask [B, L]``; ``None``: the model makes a DynamicCache."""
+        return None
+
+    def _prompt_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The 2-D attention mask of the prefill."""
+        return mask
+
+    def _resize_mask(self, n: int) -> None:
+        """Grow the mask by ``n`` columns of ones (``n < 0``: drop ``-n``)."""
+        assert self.attention_mask is not None
+        if n > 0:
+            self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(len(self.attention_mask), n)], 1)
+        else:
+            self.attention_mask = self.attention_mask[:, :n]
+
+    def _call(self, kwargs: dict) -> Any:
+        """The model call (a static cache's decoder compiles it)."""
+        return self.model(**kwargs)
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, keep: int = 1) -> torch.Tensor:
+        """One model call; logits of the last ``keep`` positions: ``[B, keep, V']`` (float32)."""
         kwargs = dict(input_ids=input_ids, attention_mask=self.attention_mask, position_ids=position_ids,
-                      cache=self.cache, use_cache=True, logits_to_keep=1)
+                      cache=self.cache, use_cache=True, logits_to_keep=keep)
         if self._sliced is None:
-            out = self.model(**kwargs)
+            out = self._call(kwargs)
         else:
             full = self.model.get_output_embeddings()
             self.model.set_output_embeddings(self._sliced)
             try:
-                out = self.model(**kwargs)
+                out = self._call(kwargs)
             finally:
                 self.model.set_output_embeddings(full)
         self.cache = out.cache
-        logits = out.logits[:, -1]
+        logits = out.logits[:, -keep:]
         if self.vocab_slice is not None and self._sliced is None:
-            logits = logits[:, self.vocab_slice[0]:self.vocab_slice[1]]
+            logits = logits[..., self.vocab_slice[0]:self.vocab_slice[1]]
         return logits.float()

@@ -16,7 +16,22 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .decoder import KVDecoder
+from .jacobi import DecodeStats, JacobiDecoding
 from .sampling import RowUniforms, SamplingConfig, TokenSampler, model_sampling, resolve_sampling
+from .static import StaticKVDecoder
+
+DECODINGS = ("token", "jacobi")
+
+
+def _decoding(decoding: str | JacobiDecoding, window: int | None) -> JacobiDecoding | None:
+    """``"token"`` -> ``None``; ``"jacobi"`` (with ``window``) or a `JacobiDecoding` -> that."""
+    if isinstance(decoding, JacobiDecoding):
+        return decoding
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
+    if decoding == "token":
+        return None
+    return JacobiDecoding() if window is None else JacobiDecoding(window)
 
 
 @torch.no_grad()
@@ -31,6 +46,11 @@ def sample_image_tokens(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    decoding: str | JacobiDecoding = "token",
+    window: int | None = None,
+    static_cache: bool = False,
+    compile: bool | str = False,
+    stats: DecodeStats | None = None,
 ) -> torch.Tensor:
     """Sample one image span per prompt row; returns image ids ``[N, h*w]`` (without <boi>/<eoi>).
 
@@ -46,7 +66,17 @@ def sample_image_tokens(
             depend on the batch they were made in.
         batch_size: rows per forward (doubled with guidance); ``None``: all at once.
         progress: show a progress bar.
+        decoding: ``"token"`` (one forward pass per token) or ``"jacobi"``: speculative Jacobi
+            decoding, ``window`` drafts verified per pass (default 16; see
+            `unimodal.generation.jacobi`), the same distribution (the same tokens when greedy);
+            or a `JacobiDecoding`.
+        static_cache: preallocate the KV cache (`transformers.StaticCache`); implied by ``compile``.
+        compile: compile the one-token decode step with `torch.compile` (``True``: inductor on a
+            CPU, CUDA graphs on a GPU; or a backend name); falls back to eager with one warning.
+            The first call per model and batch shape compiles (``stats.compile_seconds``).
+        stats: a `DecodeStats` to add forward passes, tokens, drafts and compile time to.
     """
+    jacobi = _decoding(decoding, window)
     for i, row in enumerate(prompt_ids):
         if not row or row[-1] != processor.boi_token_id:
             raise ValueError(f"prompt {i} must end with <boi> (id {processor.boi_token_id}); "
@@ -55,7 +85,8 @@ def sample_image_tokens(
     lo, hi = processor.image_token_range
     guided = sampling.guidance_scale > 1
     uncond = list(negative_prompt_ids or processor.unconditional_prompt_ids())
-    uniforms = RowUniforms(n_rows, n_tokens, seed, generator) if sampling.do_sample else None
+    steps = n_tokens if jacobi is None else jacobi.uniform_steps(n_tokens)
+    uniforms = RowUniforms(n_rows, steps, seed, generator) if sampling.do_sample else None
     sampler = TokenSampler(sampling)  # guidance: logits [2B, K] (cond rows, uncond rows) -> [B, K]
     batch_size = batch_size or n_rows
     out = torch.empty(n_rows, n_tokens, dtype=torch.long)
@@ -65,7 +96,15 @@ def sample_image_tokens(
         rows = list(prompt_ids[start:stop])
         batch = processor.pad(rows + [uncond] * len(rows) if guided else rows, padding_side="left")
         ids, mask = batch["input_ids"], batch["attention_mask"]  # [R, L], R = B or 2B
-        decoder = KVDecoder(model, vocab_slice=(lo, hi))
+        extra = 1 if jacobi is None else jacobi.window + 1  # the widest pass past the span
+        decoder = (StaticKVDecoder(model, (lo, hi), ids.shape[1] + n_tokens + extra, compile, stats)
+                   if static_cache or compile else KVDecoder(model, vocab_slice=(lo, hi)))
+        if jacobi is not None:
+            u = None if uniforms is None else uniforms.rows(start, stop, decoder.device)
+            codes = jacobi.sample(decoder, sampler, ids, mask, n_tokens, u, stats)
+            bar.update((stop - start) * n_tokens)
+            out[start:stop] = codes.cpu() + lo
+            continue
         logits = decoder.prefill(ids, mask)  # [R, K] logits of the K image ids, R = B or 2B
         u = None if uniforms is None else uniforms.rows(start, stop, logits.device)  # [B, h*w, 2]
         codes = torch.empty(stop - start, n_tokens, dtype=torch.long, device=logits.device)
@@ -75,6 +114,9 @@ def sample_image_tokens(
                 step = codes[:, t] + lo
                 logits = decoder.step(torch.cat([step, step]) if guided else step)
             bar.update(stop - start)
+        if stats is not None:
+            stats.forward_passes += n_tokens  # the prefill and n - 1 steps
+            stats.tokens += (stop - start) * n_tokens
         out[start:stop] = codes.cpu() + lo
     bar.close()
     return out
@@ -109,6 +151,10 @@ def generate_images(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    decoding: str = "token",
+    window: int | None = None,
+    static_cache: bool = False,
+    compile: bool | str = False,
 ) -> list[Image.Image]:
     """Generate images from text prompts with batched classifier-free guidance.
 
@@ -128,6 +174,10 @@ def generate_images(
             or one seed per image. ``generator``: one ``torch.Generator`` or one per image.
         batch_size: images per forward pass (``None``: all).
         progress: show a progress bar.
+        decoding, window: ``"token"`` (default) or ``"jacobi"`` (speculative Jacobi decoding with
+            ``window`` drafts per pass: fewer forward passes, the same distribution).
+        static_cache, compile: a static KV cache, and a compiled decode step (see
+            `sample_image_tokens`).
 
     Returns:
         ``len(prompts) * num_images_per_prompt`` RGB images.
@@ -140,5 +190,6 @@ def generate_images(
     rows = [processor.text_to_image_ids(p) for p in prompts for _ in range(num_images_per_prompt)]
     negative = None if negative_prompt is None else processor.text_to_image_ids(negative_prompt)
     ids = sample_image_tokens(model, processor, rows, sampling, negative_prompt_ids=negative, seed=seed,
-                              generator=generator, batch_size=batch_size, progress=progress)
+                              generator=generator, batch_size=batch_size, progress=progress, decoding=decoding,
+                              window=window, static_cache=static_cache, compile=compile)
     return decode_image_ids(processor, ids)

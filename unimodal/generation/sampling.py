@@ -263,6 +263,20 @@ class TokenSampler:
         if config.top_p < 1:
             self.filters.append(TopPLogitsWarper(float(config.top_p)))
 
+    def scores(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Guidance and temperature: ``logits [B or 2B, V]`` -> ``[B, V]`` (``input_ids``: ``[B, t]``)."""
+        for processor in self.processors:  # not LogitsProcessorList.__call__: it inspects signatures per call
+            logits = processor(input_ids, logits)
+        return logits
+
+    def distribution(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """The distribution `__call__` samples from, exactly: top-k / top-p of ``scores [B, V]``
+        (from `scores`), softmaxed: ``[B, V]``. Sorts the vocabulary (speculative decoding needs
+        every probability, not just a sample)."""
+        if self.filters:
+            scores = self.filters(cast(torch.LongTensor, input_ids), scores)
+        return scores.softmax(-1)
+
     def __call__(
         self, input_ids: torch.Tensor, logits: torch.Tensor, uniforms: torch.Tensor | None
     ) -> torch.Tensor:
@@ -271,8 +285,7 @@ class TokenSampler:
         ``input_ids [B, t]`` is what transformers' processors expect (only its batch size is read
         by the ones used here); ``uniforms=None`` is required for (and means) greedy.
         """
-        for processor in self.processors:  # not LogitsProcessorList.__call__: it inspects signatures per call
-            logits = processor(input_ids, logits)
+        logits = self.scores(input_ids, logits)
         if not self.config.do_sample:
             return logits.argmax(-1)
         if uniforms is None:
