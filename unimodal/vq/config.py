@@ -8,7 +8,14 @@ weights, discriminator, LPIPS path) live in the recipe's `VQGANLossConfig`, not 
 
 from __future__ import annotations
 
+import math
+
 from transformers import PretrainedConfig
+
+QUANTIZERS = ("vq", "fsq", "lfq", "simvq")
+# The FSQ paper's levels for about 2^8 ... 2^16 codes (Mentzer et al. 2023, table 1), for messages and docs.
+FSQ_LEVELS = {256: [8, 6, 5], 1000: [8, 5, 5, 5], 4375: [7, 5, 5, 5, 5], 15360: [8, 8, 8, 6, 5],
+              64000: [8, 8, 8, 5, 5, 5]}
 
 
 class VQGANConfig(PretrainedConfig):
@@ -58,6 +65,16 @@ class VQGANConfig(PretrainedConfig):
         decoder_latent_convs: 3x3 conv + swish layers (``z_channels`` wide) after the decoder's
             latent residual blocks. The decoder's latent layers also process the quantised latents
             that condition spatial norms, so they need ``embed_dim == z_channels``.
+        quantizer: ``"vq"`` (learned codebook: `VectorQuantizer`; ``use_l2_norm``, ``ema_decay``,
+            ``kmeans_init`` and ``dead_code_threshold`` apply to it only), ``"fsq"`` (finite scalar
+            quantization: ``codebook_size = prod(fsq_levels)``, ``embed_dim = len(fsq_levels)``),
+            ``"lfq"`` (lookup-free binary codes: ``codebook_size = 2 ** embed_dim``) or ``"simvq"``
+            (frozen codebook + learned linear map). See docs/tokenizer.md for which to pick.
+        fsq_levels: values per latent channel for ``"fsq"``, each >= 3, e.g. ``[8, 5, 5, 5]`` (1000
+            codes), ``[8, 8, 8, 6, 5]`` (15,360), ``[8, 8, 8, 5, 5, 5]`` (64,000).
+        lfq_entropy_weight: weight of LFQ's entropy penalty.
+        lfq_diversity_gamma: weight of the codebook entropy inside that penalty.
+        lfq_inv_temperature: sharpness of the soft code assignment LFQ's entropies are taken on.
     """
 
     model_type = "unimodal_vqgan"
@@ -88,6 +105,11 @@ class VQGANConfig(PretrainedConfig):
         encoder_latent_convs: list[int] | tuple[int, ...] = (),
         latent_res_blocks: int = 0,
         decoder_latent_convs: int = 0,
+        quantizer: str = "vq",
+        fsq_levels: list[int] | tuple[int, ...] | None = None,
+        lfq_entropy_weight: float = 0.1,
+        lfq_diversity_gamma: float = 1.0,
+        lfq_inv_temperature: float = 100.0,
         **kwargs,
     ):
         self.codebook_size = codebook_size
@@ -114,6 +136,11 @@ class VQGANConfig(PretrainedConfig):
         self.encoder_latent_convs = list(encoder_latent_convs)
         self.latent_res_blocks = latent_res_blocks
         self.decoder_latent_convs = decoder_latent_convs
+        self.quantizer = quantizer
+        self.fsq_levels = None if fsq_levels is None else list(fsq_levels)
+        self.lfq_entropy_weight = lfq_entropy_weight
+        self.lfq_diversity_gamma = lfq_diversity_gamma
+        self.lfq_inv_temperature = lfq_inv_temperature
         super().__init__(**kwargs)
         self._check()
 
@@ -154,3 +181,20 @@ class VQGANConfig(PretrainedConfig):
                 f"decoder latent layers also process the quantised latents that condition the spatial "
                 f"norms (as in Emu3), so embed_dim ({self.embed_dim}) must equal z_channels ({self.z_channels})"
             )
+        self._check_quantizer()
+
+    def _check_quantizer(self) -> None:
+        k, d = self.codebook_size, self.embed_dim
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if self.quantizer == "fsq":
+            levels = self.fsq_levels
+            if not levels or min(levels) < 3:
+                raise ValueError(f"quantizer='fsq' needs fsq_levels, each >= 3 (e.g. {FSQ_LEVELS}), got {levels}")
+            if math.prod(levels) != k or len(levels) != d:
+                raise ValueError(f"fsq_levels {levels} make {math.prod(levels)} codes of {len(levels)} dims: set "
+                                 f"codebook_size={math.prod(levels)} and embed_dim={len(levels)} (got {k} and {d})")
+        if self.quantizer == "lfq" and k != 2 ** d:
+            bits = max(1, round(math.log2(k)))
+            raise ValueError(f"quantizer='lfq' has 2 ** embed_dim codes: with codebook_size={k} set embed_dim="
+                             f"log2({k}); e.g. codebook_size={2 ** bits} and embed_dim={bits} (got embed_dim={d})")

@@ -1,9 +1,10 @@
-"""`VQGAN`: the learned image tokenizer (encoder -> vector quantizer -> decoder).
+"""`VQGAN`: the learned image tokenizer (encoder -> quantizer -> decoder).
 
 Data flow for pixels ``[B, 3, H, W]`` in ``[-1, 1]`` and downsample factor ``f``::
 
     encoder -> [B, z_channels, H/f, W/f] -> quant_conv -> [B, embed_dim, h, w]
-      -> quantize -> codes [B, h, w] / quantised latents [B, embed_dim, h, w]
+      -> quantize (config.quantizer: vq / fsq / lfq / simvq)
+      -> codes [B, h, w] / quantised latents [B, embed_dim, h, w]
       -> post_quant_conv -> [B, z_channels, h, w] -> decoder -> [B, 3, H, W]
 
 Parameter names follow taming-transformers' ``VQModel`` (``encoder.*``, ``quant_conv``,
@@ -23,8 +24,37 @@ from transformers.utils import ModelOutput
 
 from .base import ImageTokenizerMixin
 from .config import VQGANConfig
+from .implicit import FSQuantizer, LookupFreeQuantizer
 from .modules import Decoder, Encoder
 from .quantizer import VectorQuantizer
+from .simvq import SimVQuantizer
+
+Quantizer = VectorQuantizer | FSQuantizer | LookupFreeQuantizer | SimVQuantizer
+QUANTIZER_CLASSES = (VectorQuantizer, FSQuantizer, LookupFreeQuantizer, SimVQuantizer)
+
+
+def build_quantizer(config: VQGANConfig) -> Quantizer:
+    """The quantizer ``config.quantizer`` names, with its settings from ``config``."""
+    if config.quantizer == "fsq":
+        assert config.fsq_levels is not None  # VQGANConfig checks it
+        return FSQuantizer(config.fsq_levels, usage_window=config.usage_window)
+    if config.quantizer == "lfq":
+        return LookupFreeQuantizer(config.codebook_size, beta=config.beta, entropy_weight=config.lfq_entropy_weight,
+                                   diversity_gamma=config.lfq_diversity_gamma,
+                                   inv_temperature=config.lfq_inv_temperature, usage_window=config.usage_window)
+    if config.quantizer == "simvq":
+        return SimVQuantizer(config.codebook_size, config.embed_dim, beta=config.beta, usage_window=config.usage_window)
+    return VectorQuantizer(
+        config.codebook_size,
+        config.embed_dim,
+        beta=config.beta,
+        use_l2_norm=config.use_l2_norm,
+        ema_decay=config.ema_decay,
+        kmeans_init=config.kmeans_init,
+        kmeans_iters=config.kmeans_iters,
+        dead_code_threshold=config.dead_code_threshold,
+        usage_window=config.usage_window,
+    )
 
 
 @dataclass
@@ -95,17 +125,7 @@ class VQGAN(ImageTokenizerMixin, PreTrainedModel):
             **arch,
         )
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
-        self.quantize = VectorQuantizer(
-            config.codebook_size,
-            config.embed_dim,
-            beta=config.beta,
-            use_l2_norm=config.use_l2_norm,
-            ema_decay=config.ema_decay,
-            kmeans_init=config.kmeans_init,
-            kmeans_iters=config.kmeans_iters,
-            dead_code_threshold=config.dead_code_threshold,
-            usage_window=config.usage_window,
-        )
+        self.quantize = build_quantizer(config)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
         self.decoder = Decoder(
             out_channels=config.out_channels,
@@ -120,7 +140,7 @@ class VQGAN(ImageTokenizerMixin, PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         # PyTorch's default init, as taming trains with; transformers' guard around this call makes
         # it skip tensors that from_pretrained loaded.
-        if isinstance(module, (nn.Conv2d, nn.GroupNorm, VectorQuantizer)):
+        if isinstance(module, (nn.Conv2d, nn.GroupNorm, *QUANTIZER_CLASSES)):
             module.reset_parameters()
         elif isinstance(module, nn.BatchNorm2d):
             # transformers' init functions, not reset_parameters(): they leave loaded running stats be
@@ -168,7 +188,8 @@ class VQGAN(ImageTokenizerMixin, PreTrainedModel):
 
     @torch.no_grad()
     def code_vectors(self) -> torch.Tensor:
-        """The codebook as used for lookup, fp32 ``[K, embed_dim]``."""
+        """The codebook as used for lookup, fp32 ``[K, embed_dim]`` (for FSQ / LFQ the implicit
+        codes' latents: every one of the ``K`` grid points / sign patterns)."""
         return self.quantize.codebook()
 
     @torch.no_grad()
@@ -178,7 +199,7 @@ class VQGAN(ImageTokenizerMixin, PreTrainedModel):
         The output is the decoder's, not clamped; clamp to [-1, 1] before turning it into images.
         """
         self.check_codes(codes)
-        return self.decode_latents(self.quantize.embed(codes.to(self.quantize.embedding.weight.device)))
+        return self.decode_latents(self.quantize.embed(codes.to(self.quant_conv.weight.device)))
 
     def forward(self, pixel_values: torch.Tensor) -> VQGANOutput:
         """Autoencode ``pixel_values [B, 3, H, W]``; updates codebook statistics in training mode."""

@@ -120,8 +120,10 @@ class QuantizerOutput:
         quantized: ``[B, D, h, w]`` codes in the input's layout and dtype, with the straight-through
             gradient to the input.
         codes: ``LongTensor[B, h, w]`` code indices.
-        loss: ``codebook_loss + beta * commitment_loss`` (fp32 scalar).
-        codebook_loss: ``||sg[z] - e||^2``; zero with EMA updates (the EMA moves the codes).
+        loss: ``codebook_loss + beta * commitment_loss`` (fp32 scalar); LFQ weighs its
+            ``codebook_loss`` by ``entropy_weight``.
+        codebook_loss: the term that trains the codes: ``||sg[z] - e||^2`` (VQ, SimVQ); zero with
+            EMA updates (the EMA moves the codes) and for FSQ; LFQ's entropy penalty.
         commitment_loss: ``||z - sg[e]||^2`` (unweighted).
         perplexity: ``exp(entropy)`` of this batch's code histogram (all ranks when distributed).
         usage: fraction of codes picked at least once over the last ``usage_window`` training batches.
