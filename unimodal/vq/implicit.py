@@ -98,14 +98,19 @@ class FSQuantizer(CodeUsage):
 
     def __init__(self, levels: list[int] | tuple[int, ...], usage_window: int = 100):
         super().__init__(math.prod(levels), usage_window)
-        self.dim = len(levels)
+        self.dim, self.level_list = len(levels), list(levels)
         # Derived constants, rebuilt from the config: not saved.
-        self.register_buffer("levels", torch.tensor(list(levels), dtype=torch.long), persistent=False)  # [d]
-        basis = torch.cumprod(torch.tensor([1, *levels[:-1]], dtype=torch.long), 0)  # [d] first digit lowest
-        self.register_buffer("basis", basis, persistent=False)
+        self.register_buffer("levels", torch.empty(self.dim, dtype=torch.long), persistent=False)  # [d]
+        self.register_buffer("basis", torch.empty(self.dim, dtype=torch.long), persistent=False)  # [d]
+        self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Nothing is learned; only the statistics restart."""
+        """Nothing is learned: (re)compute the constants (``from_pretrained`` leaves unsaved buffers
+        uninitialised) and restart the statistics."""
+        levels = torch.tensor(self.level_list)
+        self.levels.copy_(levels)
+        self.basis.copy_(torch.cumprod(torch.cat([levels.new_ones(1), levels[:-1]]), 0))  # first digit lowest
         self.reset_statistics()
 
     def _bound(self, flat: torch.Tensor) -> torch.Tensor:
@@ -187,11 +192,15 @@ class LookupFreeQuantizer(CodeUsage):
             raise ValueError(f"LFQ needs a power-of-two codebook_size, got {codebook_size}")
         self.beta, self.entropy_weight = beta, entropy_weight
         self.diversity_gamma, self.inv_temperature = diversity_gamma, inv_temperature
-        # value of each bit: the first channel is the most significant (the library's order)
-        self.register_buffer("bit_values", 2 ** torch.arange(self.dim - 1, -1, -1), persistent=False)  # [d]
+        self.register_buffer("bit_values", torch.empty(self.dim, dtype=torch.long), persistent=False)  # [d]
+        self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Nothing is learned; only the statistics restart."""
+        """Nothing is learned: (re)compute the bit values (``from_pretrained`` leaves unsaved
+        buffers uninitialised) and restart the statistics."""
+        # the first channel is the most significant bit (the library's order)
+        self.bit_values.copy_(2 ** torch.arange(self.dim - 1, -1, -1))
         self.reset_statistics()
 
     def _signs(self, codes: torch.Tensor) -> torch.Tensor:  # codes [...] -> +-1 latents [..., d] (fp32)
