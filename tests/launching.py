@@ -1,11 +1,13 @@
 """Launching the fine-tune recipe for real, shared by the launch tests (test_finetune_launch,
-test_fsdp): the recipe command, its environment, killing a launch with its workers."""
+test_fsdp, test_faults*): the recipe command, its environment, waiting for a file, killing a launch
+with its workers."""
 
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -70,3 +72,11 @@ def kill_tree(pid: int) -> None:
     for p in procs:
         p.send_signal(signal.SIGKILL)
     psutil.wait_procs(procs, timeout=30)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300, poll: float = 0.02) -> None:
+    """Wait until ``path`` exists (a checkpoint, a marker file) while ``proc`` runs."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(poll)
+    assert path.exists(), f"{path} never appeared (exit code {proc.poll()})"

@@ -44,9 +44,11 @@ from unimodal.processor import UnimodalProcessor
 from unimodal.training import (
     LOSS_METHODS,
     CheckpointManager,
+    Preemption,
     Throughput,
     batch_loss,
     check_finite,
+    continued_micro_step,
     cosine_with_warmup,
     infinite_batches,
     make_accelerator,
@@ -111,16 +113,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
 
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     total_steps = args.max_steps or math.ceil(args.num_epochs * steps_per_epoch)
-    checkpoints = CheckpointManager(out / "checkpoints", keep_last=args.keep_last)
+    config = {f.name: getattr(a, f.name) for a in (model_args, data_args, lora_args, args)
+              for f in dataclasses.fields(a)}
+    # Checked before resuming: damaged files, another config or a process count it cannot continue.
+    checkpoints = CheckpointManager(out / "checkpoints", keep_last=args.keep_last, config=config)
     state = checkpoints.load(accelerator) or {"step": 0, "micro_step": 0}
-    step = state["step"]
+    step, start_micro_step = state["step"], continued_micro_step(state, accelerator)
     if accelerator.is_main_process:
         accelerator.print(f"{len(train_data)} samples in {len(train_loader.dataset)} rows "
                           f"(filling {1 - train_loader.dataset.plan.padding_fraction:.0%} of max_length "
                           f"{data_args.max_length}); {total_steps} steps"
                           + (f", resuming at step {step}" if step else ""))
-    config = {f.name: getattr(a, f.name) for a in (model_args, data_args, lora_args, args)
-              for f in dataclasses.fields(a)}
     accelerator.init_trackers("finetune", config={k: v if isinstance(v, int | float | str | bool) else str(v)
                                                   for k, v in config.items()})
 
@@ -129,8 +132,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     sharded = weights_sharded(accelerator)  # ZeRO-3 / FSDP: no sampling from one process
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="fine-tuning")
     meter, metrics = Throughput(), {}
+    preemption = Preemption(args.preemption_grace_s)  # SIGTERM / SIGUSR1: checkpoint, exit 75
     model.train()
-    for micro_step, batch in infinite_batches(accelerator, train_loader, state["micro_step"], len(train_loader)):
+    for micro_step, batch in infinite_batches(accelerator, train_loader, start_micro_step, len(train_loader)):
         if step >= total_steps:
             break
         lr = args.learning_rate * cosine_with_warmup(step, args.warmup_steps, total_steps, args.min_lr_ratio)
@@ -156,6 +160,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
             continue
         step += 1
         progress.update()
+        if step < total_steps and preemption.should_stop(accelerator):
+            raise preemption.stop(accelerator, checkpoints, step, {"micro_step": micro_step + 1})
         if step % args.log_steps == 0 or step == total_steps:
             speed = meter.window_rate()
             progress.set_postfix(loss=f"{mean_loss.item():.3f}", tok_s=f"{speed:.0f}")

@@ -29,7 +29,14 @@ from unimodal.errors import UserError, bad_input
 from unimodal.evaluation.metrics import reconstruction_metrics
 from unimodal.image_data import ImageDataArguments, load_image_datasets
 from unimodal.images import make_grid, tensor_to_pil
-from unimodal.training import CheckpointManager, RunArguments, infinite_batches, make_accelerator, parse_config
+from unimodal.training import (
+    CheckpointManager,
+    Preemption,
+    RunArguments,
+    infinite_batches,
+    make_accelerator,
+    parse_config,
+)
 from unimodal.vq.losses import VQGANLoss, VQGANLossConfig
 from unimodal.vq.model import VQGAN
 from unimodal.vq.train import VQGANModelArguments, VQGANTrainConfig, VQGANTrainer, codebook_fingerprint
@@ -85,14 +92,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     fixed = eval_pixels[: args.num_samples_in_grid]
 
     # 2. Two optimisers (VQ-GAN, discriminator) and the weight EMA; then resume from the latest checkpoint.
-    checkpoints = CheckpointManager(out / "checkpoints", keep_last=args.keep_last)
+    config = {f.name: getattr(a, f.name) for a in (model_args, data_args, loss_config, train_config, args)
+              for f in dataclasses.fields(a)}
+    # Checked before resuming: damaged files, another config or a process count it cannot continue.
+    checkpoints = CheckpointManager(out / "checkpoints", keep_last=args.keep_last, config=config)
     trainer = VQGANTrainer(accelerator, model, loss_fn, train_config, checkpoints)
     state = checkpoints.load(accelerator)
     if state is not None:
-        trainer.load_state_tensors(checkpoints.load_tensors())
+        with bad_input(f"checkpoint {checkpoints.latest()}"):
+            trainer.load_state_tensors(checkpoints.load_tensors())
     step = state["step"] if state else 0
-    config = {f.name: getattr(a, f.name) for a in (model_args, data_args, loss_config, train_config, args)
-              for f in dataclasses.fields(a)}
     accelerator.init_trackers("train_tokenizer", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                          for k, v in config.items()})
     if accelerator.is_main_process:
@@ -131,6 +140,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     # 3. Train. Each step updates the VQ-GAN, then (from disc_start) the discriminator.
     progress = tqdm(total=train_config.max_steps, initial=step, disable=not accelerator.is_main_process,
                     desc="tokenizer")
+    preemption = Preemption(args.preemption_grace_s)  # SIGTERM / SIGUSR1: checkpoint, exit 75
     for _, pixels in infinite_batches(accelerator, loader, step, len(loader)):
         if step >= train_config.max_steps:
             break
@@ -146,6 +156,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
             evaluate(step)
         if step % args.save_steps == 0 or step == train_config.max_steps:
             checkpoints.save(accelerator, step, tensors=trainer.state_tensors())
+        if step < train_config.max_steps and preemption.should_stop(accelerator):
+            raise preemption.stop(accelerator, checkpoints, step, tensors=trainer.state_tensors())
     progress.close()
 
     # 4. Final evaluation, rank-consistency check of the codebook, and the save_pretrained folder.

@@ -30,6 +30,7 @@ from .signals import PREEMPTED_EXIT_CODE, Preempted, Preemption
 __all__ = [
     "LOSS_METHODS", "PREEMPTED_EXIT_CODE", "CheckpointError", "CheckpointManager", "CheckpointSpaceError",
     "NonFiniteLossError", "Preempted", "Preemption", "RunArguments", "Throughput", "batch_loss",
-    "batch_loss_sums", "causal_lm_loss", "check_finite", "continued_micro_step", "cosine_with_warmup", "infinite_batches",
+    "batch_loss_sums", "causal_lm_loss", "check_finite", "continued_micro_step", "cosine_with_warmup",
+    "infinite_batches",
     "make_accelerator", "parse_config", "resolve_config", "shipped_configs", "weights_sharded", "zero3_disabled",
 ]

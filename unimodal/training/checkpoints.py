@@ -78,11 +78,11 @@ def _mb(num_bytes: float) -> str:
     return f"{num_bytes / 2**20:.1f} MB"
 
 
-def _pause_point(name: str) -> None:
-    """Test hook for the kill-during-save tests: with ``UNIMODAL_TEST_PAUSE_AT=name`` the process
-    writes the file ``UNIMODAL_TEST_PAUSE_MARKER`` and waits there, so a test can SIGKILL it from
-    outside at exactly this point of `CheckpointManager.save`. Unset, it does nothing."""
-    if os.environ.get("UNIMODAL_TEST_PAUSE_AT") == name:
+def _pause_point(name: str, step: int) -> None:
+    """Test hook for the kill-during-save tests: with ``UNIMODAL_TEST_PAUSE_AT=name:step`` the
+    process writes the file ``UNIMODAL_TEST_PAUSE_MARKER`` and waits there, so a test can SIGKILL
+    it from outside at exactly this point of `CheckpointManager.save`. Unset, it does nothing."""
+    if os.environ.get("UNIMODAL_TEST_PAUSE_AT") == f"{name}:{step}":
         Path(os.environ["UNIMODAL_TEST_PAUSE_MARKER"]).write_text(name)
         time.sleep(3600)
 
@@ -138,7 +138,7 @@ class CheckpointManager:
         failure = self._attempt(lambda: accelerator.save_state(str(tmp)))
         self._raise_if_any(accelerator, failure, step, tmp)
         if accelerator.is_main_process:
-            _pause_point("saved-state")
+            _pause_point("saved-state", step)
             failure = self._attempt(lambda: self._finish(accelerator, tmp, final, step, state, tensors))
         self._raise_if_any(accelerator, failure, step, tmp)
         accelerator.wait_for_everyone()
@@ -179,7 +179,7 @@ class CheckpointManager:
             record["config"] = self.config
         (tmp / STATE_FILE).write_text(json.dumps(record, indent=2))
         _fsync_tree(tmp)
-        _pause_point("before-rename")
+        _pause_point("before-rename", step)
         if final.exists():  # a relaunch re-saving a step: never leave a half-deleted step-N behind
             old = self.root / f".old-{final.name}"
             shutil.rmtree(old, ignore_errors=True)
@@ -189,7 +189,7 @@ class CheckpointManager:
         else:
             os.replace(tmp, final)
         _fsync_tree(self.root)
-        _pause_point("after-rename")
+        _pause_point("after-rename", step)
         self._prune()
 
     def _raise_if_any(self, accelerator, failure: OSError | None, step: int, tmp: Path) -> None:
