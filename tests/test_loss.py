@@ -57,14 +57,15 @@ def packed_batch(vocab=VOCAB):
     return {"input_ids": ids, "position_ids": position_ids}, labels
 
 
-def own_and_chunked(model, inputs, labels, chunk_size=7, **kw):
-    """(loss, grads) of the model's own loss and of the chunked one, on the same model."""
+def own_and_chunked(model, inputs, labels, chunk_size=7, fused=True, **kw):
+    """(loss, grads) of the model's own loss and of the chunked one, on the same model
+    (``fused``: gradients taken in the forward; False: checkpointed chunks)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     results = []
     # use_cache=False as the collator passes (also what lets transformers see packed rows).
     inputs = {**inputs, "use_cache": False}
     for fn in (lambda: model(**inputs, labels=labels, **kw).loss,
-               lambda: causal_lm_loss(model, labels=labels, chunk_size=chunk_size,
+               lambda: causal_lm_loss(model, labels=labels, chunk_size=chunk_size, fused=fused,
                                       **inputs, **kw).loss):
         model.zero_grad(set_to_none=True)
         loss = fn()
@@ -87,7 +88,8 @@ def assert_parity(results, tol=1e-5):
 @pytest.mark.parametrize("model_type,tie", [("llama", False), ("qwen2", True), ("gemma2", False),
                                             ("gpt2", True)])
 @pytest.mark.parametrize("batch", [padded_batch, packed_batch])
-def test_parity_with_models_own_loss(model_type, tie, batch):
+@pytest.mark.parametrize("fused", [True, False])
+def test_parity_with_models_own_loss(model_type, tie, batch, fused):
     model = build(model_type, tie=tie)
     if model_type == "gemma2":  # logits well beyond the cap of 30, so the softcap matters
         with torch.no_grad():
@@ -97,25 +99,27 @@ def test_parity_with_models_own_loss(model_type, tie, batch):
         with torch.no_grad():
             hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]
             assert model.lm_head(hidden).abs().max() > 60  # uncapped; capped ones are < 30
-    assert_parity(own_and_chunked(model, inputs, labels))
+    assert_parity(own_and_chunked(model, inputs, labels, fused=fused))
 
 
 @pytest.mark.parametrize("model_type", ["gemma3_text", "cohere", "granite"])
-def test_parity_scaled_or_capped_logits(model_type):
+@pytest.mark.parametrize("fused", [True, False])
+def test_parity_scaled_or_capped_logits(model_type, fused):
     model = build(model_type)
     with torch.no_grad():
         model.lm_head.weight.mul_(30)
     inputs, labels = padded_batch()
-    assert_parity(own_and_chunked(model, inputs, labels))
+    assert_parity(own_and_chunked(model, inputs, labels, fused=fused))
 
 
-def test_independent_of_chunk_size():
+@pytest.mark.parametrize("fused", [True, False])
+def test_independent_of_chunk_size(fused):
     model = build("llama")
     inputs, labels = padded_batch()
     (ref, ref_grads), _ = own_and_chunked(model, inputs, labels)
     for chunk_size in (1, 7, 1000, None):  # None: sized from the vocabulary
         model.zero_grad(set_to_none=True)
-        loss = causal_lm_loss(model, labels=labels, chunk_size=chunk_size, **inputs).loss
+        loss = causal_lm_loss(model, labels=labels, chunk_size=chunk_size, fused=fused, **inputs).loss
         loss.backward()
         torch.testing.assert_close(loss.detach(), ref, atol=1e-5, rtol=0)
         for name, p in model.named_parameters():
@@ -152,11 +156,12 @@ def test_lora_with_trainable_new_rows():
     assert any("lora_A" in n and g.abs().sum() > 0 for n, g in grads.items())
 
 
-def test_bf16_autocast_close_to_own_loss():
+@pytest.mark.parametrize("fused", [True, False])
+def test_bf16_autocast_close_to_own_loss(fused):
     model = build("llama", vocab=512)
     inputs, labels = padded_batch(512)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        (ref, ref_grads), (ours, our_grads) = own_and_chunked(model, inputs, labels)
+        (ref, ref_grads), (ours, our_grads) = own_and_chunked(model, inputs, labels, fused=fused)
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours, ref, rtol=2e-2, atol=0)
     ours_flat, ref_flat = (torch.cat([g.float().flatten() for g in grads.values()])
@@ -207,19 +212,50 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_never_builds_batch_by_vocab_logits():
+@pytest.mark.parametrize("fused", [True, False])
+def test_never_builds_batch_by_vocab_logits(fused):
     batch, length, vocab = 2, 128, 8192
     model = build("llama", vocab=vocab)
     ids = torch.randint(0, vocab, (batch, length))
     causal_lm_loss(model, ids, ids, chunk_size=16)  # the one-time probe, outside the measurement
     sizes = {}
     for name, fn in [("own", lambda: model(input_ids=ids, labels=ids).loss),
-                     ("chunked", lambda: causal_lm_loss(model, ids, ids, chunk_size=16).loss)]:
+                     ("chunked", lambda: causal_lm_loss(model, ids, ids, chunk_size=16, fused=fused).loss)]:
         with LargestTensor() as mode:
             fn().backward()
         sizes[name] = mode.largest
     assert sizes["own"] >= batch * length * vocab
     assert sizes["chunked"] < batch * length * vocab / 4, sizes
+
+
+class VocabSizedOps(TorchDispatchMode):
+    """Counts the ops whose output ends in a vocabulary-sized dimension (logits and their grads)."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab, self.ops = vocab, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[-1] == self.vocab:
+            self.ops.append(func.__name__)
+        return out
+
+
+def test_fused_head_computes_each_chunks_logits_once():
+    # Checkpointed chunks compute a chunk's [n, V] logits twice (forward, recompute in backward);
+    # the fused path once, and its backward builds nothing vocabulary-sized per position.
+    vocab, length = 4096, 64
+    model = build("llama", vocab=vocab, hidden=64)  # vocab rows (4096) != hidden (64)
+    ids = torch.randint(0, vocab, (1, length))
+    causal_lm_loss(model, ids, ids, chunk_size=16)  # the probe
+    matmuls = {}
+    for fused in (True, False):
+        with VocabSizedOps(vocab) as mode:
+            causal_lm_loss(model, ids, ids, chunk_size=16, fused=fused).loss.backward()
+        matmuls[fused] = sum(op.startswith(("mm", "addmm")) for op in mode.ops)
+    chunks = -(-(length - 1) // 16)
+    assert matmuls == {True: chunks, False: 2 * chunks}, matmuls
 
 
 def test_refuses_a_head_that_is_not_linear():

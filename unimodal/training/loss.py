@@ -4,8 +4,12 @@
 softmax kept for backward): at V = 160k that dwarfs a small model, and in image-to-text batches
 most positions have no label. Here the model's own forward runs with its output head swapped for
 a stand-in that takes the last hidden states [B, T, H], keeps the N positions whose shifted label
-is not -100 ([N, H]) and calls the real head on ``chunk_size`` rows at a time under
-``torch.utils.checkpoint``: at most one [chunk_size, V] block of logits lives, forward or backward.
+is not -100 ([N, H]) and computes the cross-entropy ``chunk_size`` rows at a time: at most one
+[chunk_size, V] block of logits lives, forward or backward. A plain ``nn.Linear`` head (full
+fine-tunes, DDP, ZeRO-1/2, FSDP) takes its gradients while each chunk's logits exist
+(`linear_ce`: three matmuls over the targets, as the model's own loss, none recomputed); a head
+under PEFT or partitioned by ZeRO-3 is called chunk by chunk under ``torch.utils.checkpoint``
+(its own forward and hooks run, backward recomputes one chunk's logits at a time).
 
 Running the model's forward (not its backbone alone) keeps what the model does before the head
 and keeps the call inside DDP / DeepSpeed / FSDP wrappers, accelerate's autocast and PEFT. The head
@@ -31,16 +35,13 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from ..extend import layer_rows
+from .linear_ce import Steps, linear_cross_entropy, transform_logits
 
 IGNORE_INDEX = -100
 # Default chunk: at most this many logits (fp32: 256 MB) per chunk; at V = 160k that is ~420 rows,
 # at a toy vocabulary every target position in one chunk (no recompute cost worth mentioning).
 CHUNK_ELEMENTS = 2**26
 HINT = "set `loss: model` in the recipe config to use the model's own loss"
-
-# Post-head logit transforms, applied in this order, each (op, value): ("mul"|"div"|"softcap", v).
-Steps = tuple[tuple[str, float], ...]
-
 
 class UnsupportedModelError(ValueError):
     """The chunked loss cannot reproduce this model's own loss."""
@@ -63,6 +64,7 @@ def causal_lm_loss(
     *,
     chunk_size: int | None = None,
     num_items_in_batch: Tensor | int | None = None,
+    fused: bool = True,
     **forward_kwargs,
 ) -> LossOutput:
     """Same value and gradients as ``model(input_ids, labels=labels, **forward_kwargs).loss``.
@@ -72,7 +74,9 @@ def causal_lm_loss(
     as for transformers. ``forward_kwargs``: attention_mask, position_ids, inputs_embeds, ...
     ``chunk_size``: target positions per head call (None: ``CHUNK_ELEMENTS // vocabulary``).
     With ``num_items_in_batch`` the sum is divided by it (gradient accumulation), else the mean
-    over target tokens is taken (NaN when there are none, like transformers).
+    over target tokens is taken (NaN when there are none, like transformers). ``fused``: take a
+    plain Linear head's gradients while its logits exist (`linear_ce`); False, or a PEFT-wrapped /
+    ZeRO-3-partitioned head: checkpoint each chunk and recompute its logits in backward.
     """
     inner, _, head, steps = _resolve(model)
     if "logits_to_keep" in forward_kwargs or "shift_labels" in forward_kwargs:
@@ -80,7 +84,7 @@ def causal_lm_loss(
     if _VERIFIED.get(inner) != id(head):
         _probe(model, inner, head, steps, input_ids, forward_kwargs.get("inputs_embeds"))
         _VERIFIED[inner] = id(head)
-    capture = _LossHead(head, steps, labels, chunk_size)
+    capture = _LossHead(head, steps, labels, chunk_size, fused)
     # No cache: transformers then also derives the block-diagonal mask of packed rows from
     # position_ids (with a cache it would let documents attend to each other).
     forward_kwargs["use_cache"] = False
@@ -209,24 +213,11 @@ def _resolve(model: nn.Module) -> tuple[PreTrainedModel, str, nn.Module, Steps]:
 
 # ----------------------------------------------------------------------------- computation
 
-def _transform(steps: Steps, logits: Tensor) -> Tensor:
-    # Same operations in the same dtype and order as the model's forward (e.g. Gemma 2 softcaps in
-    # the model dtype), so fp32 results match it; the loss itself is then taken in fp32.
-    for op, value in steps:
-        if op == "mul":
-            logits = logits * value
-        elif op == "div":
-            logits = logits / value
-        else:  # softcap: cap * tanh(logits / cap)
-            logits = torch.tanh(logits / value) * value
-    return logits
-
-
 def _chunk_losses(head_forward, steps: Steps, hidden: Tensor, targets: Tensor) -> Tensor:
     """[n, H] hidden states, [n] targets -> [n] fp32 token losses; only here are [n, V] logits.
     ``head_forward``: the head's own ``forward`` (its submodules are called as modules, so PEFT
     layers and their ZeRO-3 hooks run; the head's own hooks fired around the stand-in)."""
-    logits = _transform(steps, head_forward(hidden))
+    logits = transform_logits(steps, head_forward(hidden))
     return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
@@ -248,11 +239,15 @@ class _LossHead(_StandIn):
     """Computes the loss from the hidden states it is given and returns an empty [B, T, 0] tensor
     as "logits" (so the forward's own logit transforms cost nothing)."""
 
-    def __init__(self, head: nn.Module, steps: Steps, labels: Tensor, chunk_size: int | None):
+    def __init__(self, head: nn.Module, steps: Steps, labels: Tensor, chunk_size: int | None, fused: bool):
         super().__init__(head)
         if chunk_size is None:
             chunk_size = CHUNK_ELEMENTS // layer_rows(head)
         self.steps, self.labels, self.chunk_size = steps, labels, max(1, int(chunk_size))
+        # A plain Linear whose weight is whole here (not a ZeRO-3 partition; FSDP has unsharded it
+        # by now): its gradients can be taken in the forward (linear_ce). PEFT-wrapped or sharded
+        # heads go through their own forward, chunk by chunk under checkpointing.
+        self.fused = fused and type(head).forward is nn.Linear.forward and not _zero3(head)
         self.result: tuple[Tensor, Tensor, Tensor] | None = None
 
     def __call__(self, hidden: Tensor) -> Tensor:  # hidden: [B, T, H]
@@ -265,6 +260,11 @@ class _LossHead(_StandIn):
         keep = shifted != IGNORE_INDEX  # [B, T]
         rows = keep.nonzero()[:, 0]  # [N] row of each target position
         picked, targets = hidden[keep], shifted[keep]  # [N, H], [N]
+        if self.fused:
+            head = cast(nn.Linear, self._head)
+            total, token_losses = linear_cross_entropy(picked, head.weight, head.bias, targets, self.steps,
+                                                       self.chunk_size)
+            return self._finish(total, token_losses, rows, hidden)
         # Checkpointed: backward recomputes one chunk's logits at a time instead of keeping them.
         run = partial(checkpoint, _chunk_losses, use_reentrant=False) if torch.is_grad_enabled() \
             else _chunk_losses
@@ -273,11 +273,18 @@ class _LossHead(_StandIn):
         token_losses = torch.cat([  # [N] fp32
             run(self._forward, self.steps, picked[i * size:(i + 1) * size], targets[i * size:(i + 1) * size])
             for i in range(chunks)])
-        total = token_losses.sum()
-        batch = shifted.shape[0]
+        return self._finish(token_losses.sum(), token_losses, rows, hidden)
+
+    def _finish(self, total: Tensor, token_losses: Tensor, rows: Tensor, hidden: Tensor) -> Tensor:
+        """Keep (sum, per-row sums [B], per-row counts [B]); return the [B, T, 0] stand-in logits."""
+        batch = hidden.shape[0]
         row_sums = torch.zeros(batch, device=total.device).index_add_(0, rows, token_losses.detach())
         self.result = (total, row_sums, torch.bincount(rows, minlength=batch))
         return total.reshape(1, 1, 1).expand(*hidden.shape[:-1], 0)  # [B, T, 0], tied to the loss
+
+
+def _zero3(head: nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in head.parameters())
 
 
 def _same_on_all_ranks(head: nn.Module, chunks: int, device: torch.device) -> int:
@@ -289,7 +296,7 @@ def _same_on_all_ranks(head: nn.Module, chunks: int, device: torch.device) -> in
     every ZeRO-3 rank runs each forward anyway."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()
             and torch.distributed.get_world_size() > 1
-            and any(hasattr(p, "ds_id") for p in head.parameters())):
+            and _zero3(head)):
         return chunks
     count = torch.tensor([chunks], device=device)
     torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
@@ -355,7 +362,7 @@ def _probe(model, inner, head, steps, input_ids, inputs_embeds) -> None:
         out = _with_head(head, probe, model, labels=labels, use_cache=False, **sample)
         if probe.fake is None:
             raise UnsupportedModelError("the model's forward did not call its output head")
-        expected = _transform(steps, probe.fake)
+        expected = transform_logits(steps, probe.fake)
         shifted = _shift(labels).reshape(-1)
         expected_loss = F.cross_entropy(expected.float().reshape(shifted.numel(), -1), shifted)
     logits, loss, model_name = out["logits"], out.get("loss"), type(inner).__name__

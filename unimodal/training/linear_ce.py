@@ -1,0 +1,118 @@
+"""Linear + cross-entropy in chunks, with the gradients taken during the forward (a leaf).
+
+For a plain ``nn.Linear`` head, ``sum_i CE(transform(h_i W^T + b), t_i)`` over N target positions
+is computed ``chunk`` rows at a time; while a chunk's [chunk, V] logits exist, their softmax gives
+the gradients of the sum with respect to the hidden states (dL/dh = G W, [N, H]) and the head
+(dL/dW = G^T h, [V, H]; dL/db = sum G), where G = softmax - onehot, chained through the logit
+transforms. Backward then only scales them by the incoming gradient (the sum is a scalar).
+
+Against checkpointing each chunk (recompute its logits in backward, then two matmuls) that saves
+one of the head's three matmuls over the target positions and never keeps any logits: the same
+idea as Liger-Kernel's fused linear cross-entropy, here in plain torch so it runs on every device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Post-head logit transforms, applied in this order, each (op, value): ("mul"|"div"|"softcap", v).
+Steps = tuple[tuple[str, float], ...]
+
+
+def transform_logits(steps: Steps, logits: Tensor) -> Tensor:
+    """What a model's forward does to ``head(hidden)``: the same operations in the same dtype and
+    order (e.g. Gemma 2 softcaps in the model dtype), so fp32 results match it exactly."""
+    for op, value in steps:
+        if op == "mul":
+            logits = logits * value
+        elif op == "div":
+            logits = logits / value
+        else:  # softcap: cap * tanh(logits / cap)
+            logits = torch.tanh(logits / value) * value
+    return logits
+
+
+def _transform_grad(steps: Steps, logits: Tensor, grad: Tensor) -> Tensor:
+    """Chain ``grad`` (d loss / d transformed logits, fp32 [n, V]) back through ``steps`` to the
+    head's raw ``logits`` [n, V]; in place where it can."""
+    if not steps:
+        return grad
+    values = [logits]
+    for i in range(len(steps) - 1):  # the input of each step (only softcap needs it)
+        values.append(transform_logits(steps[i:i + 1], values[-1]))
+    for (op, value), x in zip(reversed(steps), reversed(values), strict=True):
+        if op == "mul":
+            grad.mul_(value)
+        elif op == "div":
+            grad.div_(value)
+        else:  # d/dx cap * tanh(x / cap) = 1 - tanh(x / cap)^2
+            grad.mul_(1 - torch.tanh(x.float() / value).square())
+    return grad
+
+
+def _losses_and_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                      steps: Steps, chunk: int, need: tuple[bool, bool, bool]):
+    """Token losses [N] fp32 and, where ``need`` says (hidden, weight, bias), the gradients of
+    their sum: [N, H] in hidden's dtype, [V, H] and [V] in fp32 (the chunks add up in fp32)."""
+    losses = torch.empty(len(targets), device=hidden.device, dtype=torch.float32)
+    grad_hidden = torch.empty_like(hidden) if need[0] else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
+    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need[2] and bias is not None else None
+    for start in range(0, len(targets), chunk):
+        h, t = hidden[start:start + chunk], targets[start:start + chunk]  # [n, H], [n]
+        raw = F.linear(h, weight, bias)  # [n, V], in the model's (or autocast's) dtype
+        z = transform_logits(steps, raw).float()  # a new tensor, or raw itself (fp32, no steps)
+        lse = torch.logsumexp(z, dim=-1)  # [n]
+        losses[start:start + chunk] = lse - z.gather(1, t[:, None]).squeeze(1)
+        if not any(need):
+            continue
+        # G = softmax(z) - onehot(t) = d loss / d z, in z's buffer (raw is read again only when
+        # there are steps, and then z is not raw).
+        g = z.sub_(lse[:, None]).exp_()
+        g[torch.arange(len(t), device=g.device), t] -= 1
+        g = _transform_grad(steps, raw, g).to(raw.dtype)  # the dtype the head's backward would use
+        if grad_hidden is not None:
+            grad_hidden[start:start + chunk] = g @ weight.to(g.dtype)
+        if grad_weight is not None and g.dtype == grad_weight.dtype:
+            grad_weight.addmm_(g.t(), h)  # in place: no [V, H] temporary per chunk
+        elif grad_weight is not None:  # bf16 / fp16 logits: their product, added up in fp32
+            grad_weight += g.t() @ h.to(g.dtype)
+        if grad_bias is not None:
+            grad_bias += g.sum(0)
+    return losses, (grad_hidden, grad_weight, grad_bias)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                steps: Steps, chunk: int) -> tuple[Tensor, Tensor]:
+        # -> (sum of token losses [] fp32, token losses [N] fp32, not differentiable)
+        losses, grads = _losses_and_grads(hidden, weight, bias, targets, steps, chunk,
+                                          tuple(ctx.needs_input_grad[:3]))
+        ctx.mark_non_differentiable(losses)
+        ctx.save_for_backward(*grads)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return losses.sum(), losses
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor, _grad_losses: Tensor):
+        # grad_total: [] (e.g. 1 / number of target tokens). Scaled in place: the engine frees the
+        # saved tensors after this node, so the returned ones become .grad without a copy.
+        out = [None if saved is None else saved.mul_(grad_total.to(saved.dtype)).to(dtype)
+               for saved, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True)]
+        return out[0], out[1], out[2], None, None, None
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                         steps: Steps = (), chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """``(sum of token losses [] fp32, token losses [N] fp32, detached)`` of a Linear head
+    (``weight`` [V, H], ``bias`` [V] or None) over ``hidden`` [N, H] and ``targets`` [N] (all
+    valid, no -100), ``chunk`` rows at a time; gradients flow to hidden, weight and bias."""
+    chunk = max(1, int(chunk))
+    if not torch.is_grad_enabled():
+        losses, _ = _losses_and_grads(hidden, weight, bias, targets, steps, chunk, (False, False, False))
+        return losses.sum(), losses
+    total, losses = _LinearCrossEntropy.apply(hidden, weight, bias, targets, steps, chunk)
+    return total, losses
