@@ -5,7 +5,8 @@
 - Text To Image: N images at once in a gallery (click one to enlarge); Advanced Settings start
   at the model's own sampling settings (its ``generation_config.json``, see
   `unimodal.generation.model_sampling`), or at Liquid's (guidance 7, temperature 0.9, top-k 4096,
-  top-p 0.99) when it has none; a line under the gallery says which. And a seed.
+  top-p 0.99) when it has none; a line under the gallery says which. And a seed, and the
+  decoding (token by token, or speculative Jacobi: fewer forward passes, same distribution).
 - Image To Text: upload an image, optionally ask a question, get the caption / answer.
 - Text To Text: chat (a plain ``User:`` / ``Assistant:`` transcript; see docs/webdemo.md).
 
@@ -29,7 +30,7 @@ import gradio as gr
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .generation import SamplingConfig
+from .generation import DECODINGS, SamplingConfig
 from .generation.sampling import SAMPLING_SOURCE_MODEL
 from .images import to_rgb
 from .pipeline import UnimodalPipeline
@@ -181,9 +182,13 @@ class DemoHandlers:
 
     # ------------------------------------------------------------------------ handlers
     def text_to_image(self, prompt: Any, num_images: Any, guidance_scale: Any, temperature: Any,
-                      top_k: Any, top_p: Any, seed: Any) -> list[tuple[Image.Image, str]]:
+                      top_k: Any, top_p: Any, seed: Any, decoding: Any = "token") -> list[tuple[Image.Image, str]]:
         """``num_images`` images for ``prompt``; returns (image, "seed N") pairs for a gallery.
-        Image ``i`` uses seed ``seed + i``: generate with that seed and 1 image to get it alone."""
+        Image ``i`` uses seed ``seed + i``: generate with that seed and 1 image to get it alone.
+        ``decoding``: ``"token"`` or ``"jacobi"`` (speculative Jacobi decoding: fewer forward
+        passes, the same distribution; a seed gives other images than token by token)."""
+        if decoding not in DECODINGS:
+            raise _refuse(f"Decoding must be one of {', '.join(DECODINGS)}, got {decoding!r}")
         prompt = self._text("prompt", prompt, required=True)
         num_images = _number("Number of images", num_images, 1, self.limits.max_images, integer=True)
         guidance_scale = _number("Guidance scale", guidance_scale, 1, self.max_guidance)
@@ -200,7 +205,7 @@ class DemoHandlers:
         with self._model_lock:
             images = self.pipeline.generate_images(
                 prompt, num_images, guidance_scale=guidance_scale, temperature=temperature,
-                top_k=top_k, top_p=top_p, seed=seed, progress=False,
+                top_k=top_k, top_p=top_p, seed=seed, progress=False, decoding=decoding,
             )
         return [(image, f"seed {seed + i}") for i, image in enumerate(images)]
 
@@ -307,8 +312,11 @@ def build_demo(pipeline: UnimodalPipeline, limits: DemoLimits = DemoLimits(),
                                       label="Top-k (0: off)", elem_id="t2i-top-k")
                     image_top_p = gr.Slider(min(0.01, start.top_p), 1, value=start.top_p, step=0.01, label="Top-p",
                                             elem_id="t2i-top-p")
+                # Jacobi: several image tokens per forward pass, sampled from the same distribution.
+                decoding = gr.Radio([("Token by token", "token"), ("Speculative Jacobi", "jacobi")], value="token",
+                                    label="Decoding", elem_id="t2i-decoding")
             gr.on([generate.click, prompt.submit], handlers.text_to_image,
-                  [prompt, num_images, guidance, image_temperature, top_k, image_top_p, image_seed],
+                  [prompt, num_images, guidance, image_temperature, top_k, image_top_p, image_seed, decoding],
                   gallery, api_name="text_to_image", **queued)
 
         with gr.Tab("Image To Text", id="i2t"):
