@@ -145,17 +145,29 @@ class CheckpointManager:
         self.last_save_seconds, self.last_saved_step = time.perf_counter() - start, step
         return final
 
-    @staticmethod
-    def _attempt(write) -> OSError | None:
+    def _attempt(self, write) -> Exception | None:
         """Run ``write``; a full disk is returned (to be raised on every process together), any
         other error raised at once."""
         try:
             write()
-        except OSError as error:
-            if error.errno not in _NO_SPACE:
+        except Exception as error:
+            if not self._disk_full(error):
                 raise
             return error
         return None
+
+    def _disk_full(self, error: BaseException) -> bool:
+        """Whether ``error`` means the disk is full. Writers report it in their own ways: OSError
+        ENOSPC / EDQUOT (Python), "os error 28" (safetensors), "file write failed" without an
+        errno (torch.save), so the free space is looked at too."""
+        if isinstance(error, OSError) and error.errno in _NO_SPACE:
+            return True
+        if "No space left on device" in str(error) or "os error 28" in str(error):
+            return True
+        try:
+            return shutil.disk_usage(self.root).free < 2**20
+        except OSError:
+            return False
 
     def _prepare(self, tmp: Path) -> None:
         """Make ``tmp`` empty; refuse before writing when the disk lacks room for a checkpoint
@@ -192,7 +204,7 @@ class CheckpointManager:
         _pause_point("after-rename", step)
         self._prune()
 
-    def _raise_if_any(self, accelerator, failure: OSError | None, step: int, tmp: Path) -> None:
+    def _raise_if_any(self, accelerator, failure: Exception | None, step: int, tmp: Path) -> None:
         """If the disk filled on any process, remove the partial folder and raise everywhere."""
         failed = float(failure is not None)
         if accelerator.num_processes > 1:
