@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +40,10 @@ SAMPLE_COLUMNS = ("input_ids", "task", "cond_len", "length", "source_index")
 FORMAT_VERSION = 1  # bump when the stored row layout or the id construction changes
 _SKIPPED = "skipped"  # task value of the placeholder row a failed source row leaves behind
 _MAX_REPORTED = 20  # error messages kept for the report
+
+
+class Interrupted(Exception):
+    """`pretokenize` stopped because its ``stop`` callback said so (a preemption signal)."""
 
 
 @dataclass
@@ -183,8 +187,9 @@ class _Encoder:
     """The batched map function: decode images, encode them in one call, build the samples."""
 
     def __init__(self, processor: UnimodalProcessor, options: PretokenizeOptions, base_dir: Path | None,
-                 index_offset: int):
+                 index_offset: int, stop: Callable[[], bool] | None = None):
         self.processor, self.options, self.base_dir, self.offset = processor, options, base_dir, index_offset
+        self.stop = stop
 
     def _images_of(self, batch: dict[str, list], i: int) -> list[Image.Image]:
         o = self.options
@@ -203,6 +208,8 @@ class _Encoder:
         return images
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        if self.stop is not None and self.stop():
+            raise Interrupted("pre-tokenisation was asked to stop")
         o, p = self.options, self.processor
         decoded: list[list[Image.Image] | str] = []
         for i in range(len(indices)):
@@ -266,6 +273,7 @@ def pretokenize(
     num_proc: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     index_offset: int = 0,
+    stop: Callable[[], bool] | None = None,
 ) -> PretokenizeResult:
     """Encode every image of ``dataset`` once and build the LM samples of ``options.tasks``.
 
@@ -280,6 +288,8 @@ def pretokenize(
         cache_dir: where the result is cached, keyed by `fingerprint`; a second call with the
             same inputs loads it without running the encoder. Default: the datasets cache.
         index_offset: added to ``source_index`` (the start of this shard in the full data set).
+        stop: asked before each batch; True raises `Interrupted` (nothing is cached). Only in
+            this process: with ``num_proc`` workers use `pretokenize_parts`' check between parts.
     """
     options = options or PretokenizeOptions()
     missing = [c for c in options.required_columns() if c not in dataset.column_names]
@@ -304,7 +314,8 @@ def pretokenize(
         "length": datasets.Value("int32"),
     })
     encoded = dataset.map(
-        _Encoder(processor, options, Path(base_dir) if base_dir else None, index_offset),
+        _Encoder(processor, options, Path(base_dir) if base_dir else None, index_offset,
+                 stop if not num_proc or num_proc <= 1 else None),
         with_indices=True, batched=True, batch_size=batch_size, num_proc=num_proc,
         remove_columns=dataset.column_names, features=features, new_fingerprint=key,
         cache_file_name=str(cache_dir / f"pretokenized-{key}.arrow"), desc="pre-tokenising",
@@ -317,3 +328,57 @@ def pretokenize(
     )
     good = encoded.select(np.flatnonzero(~failed)) if len(bad) else encoded
     return PretokenizeResult(good.remove_columns("error"), stats)
+
+
+# ---------------------------------------------------------------------------------- parts
+def part_bounds(start: int, end: int, part_rows: int) -> list[tuple[int, int]]:
+    """``[a, b)`` row ranges of at most ``part_rows`` rows tiling ``[start, end)`` in order."""
+    return [(a, min(a + part_rows, end)) for a in range(start, end, part_rows)]
+
+
+def _part_dir(parts_dir: Path, a: int, b: int) -> Path:
+    return parts_dir / f"rows-{a:010d}-{b:010d}"
+
+
+def pretokenize_parts(dataset: datasets.Dataset, processor: UnimodalProcessor, options: PretokenizeOptions,
+                      parts_dir: str | os.PathLike, start: int, end: int, part_rows: int,
+                      stop: Callable[[], bool] | None = None, **kwargs: Any) -> PretokenizeStats:
+    """`pretokenize` rows ``[start, end)`` of ``dataset`` in parts of ``part_rows`` rows, each kept
+    in ``parts_dir`` once finished (written to a temporary folder, then renamed). Parts already
+    there are not encoded again, so a run stopped by ``stop`` (raises `Interrupted`) or killed
+    loses at most the part in progress. ``parts_dir/parts.json`` records the inputs: parts made
+    from other data, tokenizers or options are refused (ValueError), never mixed in. ``kwargs``
+    go to `pretokenize`. Returns the stats of this range; `load_parts` reads the parts back."""
+    parts_dir = Path(parts_dir)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    inputs = {"fingerprint": fingerprint(dataset, processor, options), "num_rows": len(dataset)}
+    manifest = parts_dir / "parts.json"
+    if manifest.exists() and json.loads(manifest.read_text()) != inputs:
+        raise ValueError(f"{parts_dir} holds parts of an unfinished pre-tokenisation of other data, tokenizers "
+                         "or options; delete it (or relaunch with the settings that wrote it)")
+    if start == 0:
+        manifest.write_text(json.dumps(inputs))
+    stats = PretokenizeStats()
+    for a, b in part_bounds(start, end, part_rows):
+        final = _part_dir(parts_dir, a, b)
+        if not (final / "stats.json").exists():
+            if stop is not None and stop():
+                raise Interrupted(f"stopped before rows [{a}, {b})")
+            result = pretokenize(dataset.select(range(a, b)), processor, options, index_offset=a, stop=stop, **kwargs)
+            tmp = parts_dir / f".tmp-{final.name}"
+            result.dataset.save_to_disk(str(tmp))
+            (tmp / "stats.json").write_text(json.dumps(asdict(result.stats)))
+            os.replace(tmp, final)
+        stats = stats.merge(PretokenizeStats(**json.loads((final / "stats.json").read_text())))
+    return stats
+
+
+def load_parts(parts_dir: str | os.PathLike, num_rows: int, part_rows: int,
+               ranges: Sequence[tuple[int, int]]) -> PretokenizeResult:
+    """The parts `pretokenize_parts` wrote for the row ``ranges`` (in order), as one result."""
+    parts = [_part_dir(Path(parts_dir), a, b) for start, end in ranges for a, b in part_bounds(start, end, part_rows)]
+    stats = PretokenizeStats()
+    for part in parts:
+        stats = stats.merge(PretokenizeStats(**json.loads((part / "stats.json").read_text())))
+    assert stats.num_examples == num_rows, (stats.num_examples, num_rows)
+    return PretokenizeResult(datasets.concatenate_datasets([datasets.load_from_disk(str(p)) for p in parts]), stats)

@@ -8,16 +8,19 @@
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
         recipes/tokenize_dataset.py --config my.yaml                                     # 2 CPU procs
 
-Each process encodes one contiguous shard of the source; the shards are then merged, in order,
-into ``output_dir`` (identical to a one-process run). ``output_dir`` gets the samples (Arrow or
-parquet), ``unimodal_data.json`` (counts, options, the ids the data depends on) and the
-processor in ``processor/``. Read it back with ``unimodal.data.load_pretokenized``.
+Each process encodes one contiguous shard of the source, in parts of ``part_rows`` rows kept in
+``.<output_dir>-parts`` as they finish; the parts are then merged, in order, into ``output_dir``
+(identical to a one-process run). On SIGTERM / SIGUSR1 every process stops before its next
+batch and exits with code 75; relaunching the same command encodes only the parts not finished.
+``output_dir`` gets the samples (Arrow or parquet), ``unimodal_data.json`` (counts, options, the
+ids the data depends on) and the processor in ``processor/``. Read it back with ``unimodal.data.load_pretokenized``.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,12 +29,13 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import unimodal  # noqa: F401  (registers the image tokenizers with AutoModel)
-from unimodal.data import PretokenizeOptions, load_source, merge_shards, pretokenize, save_pretokenized, shard_bounds
-from unimodal.errors import OutputExistsError, UserError
+from unimodal.data import PretokenizeOptions, load_source, save_pretokenized, shard_bounds
+from unimodal.data.pretokenize import Interrupted, load_parts, pretokenize_parts
+from unimodal.errors import OutputExistsError, UserError, bad_input
 from unimodal.extend import add_image_tokens
 from unimodal.offline import build_causal_lm
 from unimodal.processor import UnimodalProcessor
-from unimodal.training import make_accelerator, parse_config
+from unimodal.training import PREEMPTED_EXIT_CODE, Preempted, Preemption, make_accelerator, parse_config
 
 
 @dataclass
@@ -58,6 +62,8 @@ class TokenizeConfig:
     batch_size: int = 64  # images per encoder call
     num_proc: int = 1  # CPU worker processes per launched process
     cache_dir: str = ""  # pre-tokenisation cache (default: the datasets cache)
+    part_rows: int = 4096  # source rows per part kept once finished (a relaunch resumes after the last)
+    preemption_grace_s: float = 30.0  # SIGTERM / SIGUSR1: stop before the next batch, keep finished parts
 
 
 def load_processor(cfg: TokenizeConfig) -> UnimodalProcessor:
@@ -100,23 +106,30 @@ def main(args: list[str] | None = None, prog: str | None = None) -> None:
         text_column=cfg.text_column, images_column=cfg.images_column, keep_columns=tuple(cfg.keep_columns),
     )
 
-    # This process's contiguous shard; shard order = row order, so the merge keeps the order.
-    start, end = shard_bounds(len(source), world, rank)
-    result = pretokenize(
-        source.select(range(start, end)), processor, options, base_dir=base_dir, batch_size=cfg.batch_size,
-        num_proc=cfg.num_proc if cfg.num_proc > 1 else None, cache_dir=cfg.cache_dir or None,
-        index_offset=start,
-    )
-    print(f"process {rank}/{world}: rows [{start}, {end}) -> {result.stats.num_samples} samples", flush=True)
-    if world == 1:
+    # This process's contiguous shard, in parts of part_rows kept once finished: a relaunch after
+    # a preemption (or a kill) encodes only the parts not done yet. Row order is kept throughout.
+    parts = out.parent / f".{out.name}-parts"
+    ranges = [shard_bounds(len(source), world, r) for r in range(world)]
+    start, end = ranges[rank]
+    preemption = Preemption(cfg.preemption_grace_s)  # SIGTERM / SIGUSR1: stop before the next batch
+    try:
+        with bad_input():  # parts of another run's inputs
+            stats = pretokenize_parts(
+                source, processor, options, parts, start, end, cfg.part_rows, stop=lambda: preemption.requested,
+                base_dir=base_dir, batch_size=cfg.batch_size, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+                cache_dir=cfg.cache_dir or None)
+    except Interrupted:
+        done = len(list(parts.glob("rows-*")))
+        message = (f"preempted ({preemption.signal_name}): process {rank} stopped; the {done} finished part(s) in "
+                   f"{parts} are kept. Exiting with code {PREEMPTED_EXIT_CODE}; relaunch the same command to resume.")
+        print(message, file=sys.stderr, flush=True)
+        raise Preempted(message) from None
+    print(f"process {rank}/{world}: rows [{start}, {end}) -> {stats.num_samples} samples", flush=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        result = load_parts(parts, len(source), cfg.part_rows, ranges)
         save_pretokenized(result, out, processor, options, cfg.output_format)
-    else:
-        shards = [out.parent / f".{out.name}-shards" / f"rank-{r:05d}" for r in range(world)]
-        save_pretokenized(result, shards[rank], processor, options, cfg.output_format)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            merge_shards(shards, out, cfg.output_format)
-            shards[0].parent.rmdir()
+        shutil.rmtree(parts)
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:

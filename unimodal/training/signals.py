@@ -61,6 +61,11 @@ class Preemption:
             print(f"received {self.signal_name}: stopping after the current step to write a checkpoint "
                   f"(grace period {self.grace_s:g} s)", file=sys.stderr, flush=True)
 
+    @property
+    def requested(self) -> bool:
+        """Whether this process got one of the signals."""
+        return self._received_at is not None
+
     def time_left(self) -> float:
         """Seconds of the grace period left (infinite before any signal)."""
         if self._received_at is None:
@@ -69,16 +74,17 @@ class Preemption:
 
     def should_stop(self, accelerator) -> bool:
         """Whether any process got a signal; call it at the same step on every process."""
-        stop = self._received_at is not None
+        stop = self.requested
         if accelerator.num_processes > 1:
             flag = torch.tensor([float(stop)], device=accelerator.device)
             stop = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
         return stop
 
-    def stop(self, accelerator, checkpoints, step: int, save) -> Preempted:
-        """Write the checkpoint of ``step`` with ``save()`` (unless it was just written, or the
-        last save took longer than the grace time left), end the trackers and return the
-        `Preempted` to raise. Every process must call it."""
+    def stop(self, accelerator, checkpoints, step: int, state: dict | None = None,
+             tensors: dict[str, torch.Tensor] | None = None) -> Preempted:
+        """Write the checkpoint of ``step`` (``checkpoints.save(accelerator, step, state, tensors)``)
+        unless it was just written or the last save took longer than the grace time left, end the
+        trackers and return the `Preempted` to raise. Every process must call it."""
         left = self.time_left()
         if accelerator.num_processes > 1:  # the same decision everywhere: the smallest time left
             left = float(accelerator.gather(torch.tensor([min(left, 1e9)], device=accelerator.device)).min())
@@ -86,7 +92,7 @@ class Preemption:
         if checkpoints.last_saved_step == step:
             where = f"checkpoint step {step} was just written"
         elif took < left:
-            where = f"wrote {save()}"
+            where = f"wrote {checkpoints.save(accelerator, step, state, tensors)}"
         else:
             where = (f"no time to write a checkpoint ({left:.0f} s left, the last took {took:.0f} s); "
                      f"the last complete one is {checkpoints.latest()}")
