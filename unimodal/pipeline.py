@@ -107,7 +107,8 @@ class UnimodalPipeline(PushToHubMixin):
         self, prompts: str | Sequence[str], num_images_per_prompt: int = 1, **kwargs
     ) -> list[Image.Image]:
         """`unimodal.generate_images` with this pipeline's model and processor (by default with the
-        model's own sampling settings, see `sampling`)."""
+        model's own sampling settings, see `sampling`). Faster decoding: ``decoding="jacobi"``
+        (``window=16``), ``static_cache=True``, ``compile=True``; see docs/generation.md."""
         return generate_images(self.model, self.processor, prompts, num_images_per_prompt, **kwargs)
 
     def generate_text(self, text: str | Sequence[str], images=None, **kwargs):
