@@ -14,6 +14,7 @@ image-to-text / text-to-text, and interleaved output. See docs/generation.md.
 
 from .decoder import KVDecoder
 from .images import DECODINGS, decode_image_ids, generate_images, sample_image_tokens
+from .jacobi import DecodeStats, JacobiDecoding
 from .sampling import (
     PRESETS,
     ImageSpanConstraint,
@@ -25,12 +26,12 @@ from .sampling import (
     resolve_sampling,
     set_sampling,
 )
-from .jacobi import DecodeStats, JacobiDecoding
 from .static import StaticKVDecoder
 from .text import generate_text
 
 __all__ = [
-    "DECODINGS", "DecodeStats", "JacobiDecoding", "StaticKVDecoder", "PRESETS", "ImageSpanConstraint", "KVDecoder", "RowUniforms", "SamplingConfig", "TokenSampler",
+    "DECODINGS", "DecodeStats", "JacobiDecoding", "StaticKVDecoder",
+    "PRESETS", "ImageSpanConstraint", "KVDecoder", "RowUniforms", "SamplingConfig", "TokenSampler",
     "decode_image_ids", "generate_images", "generate_text", "in_top_k_top_p", "model_sampling",
     "resolve_sampling", "sample_image_tokens", "set_sampling",
 ]

@@ -52,7 +52,7 @@ class KVDecoder:
             if vocab_slice is not None and type(head) is nn.Linear
             else None
         )
-        self.cache = None
+        self.cache: Any = None  # DynamicCache or StaticCache once prefilled
         self.attention_mask: torch.Tensor | None = None  # [B, past + new]
         self.positions: torch.Tensor | None = None  # [B, 1] position of the last fed token
 
@@ -109,7 +109,8 @@ class KVDecoder:
         """Grow the mask by ``n`` columns of ones (``n < 0``: drop ``-n``)."""
         assert self.attention_mask is not None
         if n > 0:
-            self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(len(self.attention_mask), n)], 1)
+            ones = self.attention_mask.new_ones(len(self.attention_mask), n)
+            self.attention_mask = torch.cat([self.attention_mask, ones], 1)
         else:
             self.attention_mask = self.attention_mask[:, :n]
 

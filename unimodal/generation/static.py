@@ -107,8 +107,8 @@ class StaticKVDecoder(KVDecoder):
         compiled = _state(self.model)["compiled"]
         if self.backend not in compiled:
             try:
-                mode = "reduce-overhead" if self.backend == "cudagraphs" else None
-                backend = "inductor" if mode else self.backend
+                mode = "reduce-overhead" if self.backend == "cudagraphs" else None  # CUDA graphs via inductor
+                backend = "inductor" if mode else str(self.backend)
                 compiled[self.backend] = torch.compile(self.model, backend=backend, mode=mode, dynamic=False)
             except Exception as err:  # noqa: BLE001 — unknown backend, unsupported Python: fall back
                 compiled[self.backend] = None
