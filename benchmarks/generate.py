@@ -2,6 +2,7 @@
 
     python benchmarks/generate.py                              # tiny Llama, fp32, batch 1/4/16
     python benchmarks/generate.py --models tiny smollm2 --dtype bfloat16
+    python benchmarks/generate.py --models tiny smollm2 --batches 1 4 --digits_model outputs/digits-demo/final
 
 Rows, all with classifier-free guidance (Liquid's settings: guidance 7, temperature 0.9, top-k
 4096, top-p 0.99) and a 16x16 grid (256 image tokens) over an 8192-code image vocabulary:
@@ -21,6 +22,23 @@ Overhead of sampling and constraints over the forward passes, two ways: ``overhe
 the forwards inside one ``ours`` run (everything else / forwards; robust to load drifting between
 runs), ``ours / bare - 1`` compares separate runs (what the target literally asks, noisier).
 
+Faster decoding (``--methods``; a second table, one row per model, batch and method), each
+against ``hf`` in the same run: ``token`` (the ``ours`` row), ``jacobi`` (speculative Jacobi
+decoding, ``--window`` drafts per pass), ``static`` (static KV cache), ``compiled`` (static
+cache + `torch.compile`d decode step; its one-time compile is the ``warm-up s`` column, wall
+seconds, excluded from tok/s) and ``jacobi+static``. Columns: tokens/s, x hf, forward passes per
+image (per batch of rows, prefill included) and the draft acceptance rate. The random-weight
+models are labelled so: their acceptance says nothing (it depends on how peaked the trained
+distribution is); speed does not depend on the weights. Trained models: ``--digits_model
+outputs/digits-demo/final`` (``make demo``) and ``--smollm2_model outputs/smollm2-digits/final``
+(``python examples/digits/run.py --config examples/smollm2/demo.yaml``), sampled with their own
+settings and a digits caption.
+
+Quality on digits (``--digits_model``, a third table): prompt fidelity and FID (judge features,
+the demo's ``classifier/`` next to ``final/``) of ``--quality_samples`` images per digit, for
+token-by-token decoding with ``--seeds`` (their spread is the run-to-run noise) and Jacobi with
+the same seeds.
+
 Times are CPU seconds of this process (``time.process_time``; with the default single thread that
 is the work done, whatever other jobs share the machine), best of ``--repeats`` alternating runs.
 The models are random (speed does not depend on the weights). Read the ratios.
@@ -31,15 +49,28 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 from datetime import date
 from functools import partial
+from pathlib import Path
 
 import torch
 
 from unimodal import PixelTokenizer, PixelTokenizerConfig, add_image_tokens
-from unimodal.generation import ImageSpanConstraint, KVDecoder, resolve_sampling, sample_image_tokens
+from unimodal.evaluation.scoring import score_text_to_image
+from unimodal.generation import (
+    DecodeStats,
+    ImageSpanConstraint,
+    KVDecoder,
+    decode_image_ids,
+    model_sampling,
+    resolve_sampling,
+    sample_image_tokens,
+)
 from unimodal.offline import build_causal_lm, train_text_tokenizer
+from unimodal.outputs import resolve_output
+from unimodal.pipeline import UnimodalPipeline
 
 MODELS = {
     # name -> build_causal_lm kwargs (the text vocabulary is padded to `vocab_size` rows)
@@ -70,9 +101,10 @@ def best_of(repeats: int, runs: dict) -> dict:
 
 
 @torch.no_grad()
-def run_ours(model, processor, batch, sampling):
-    rows = [processor.text_to_image_ids(PROMPT)] * batch
-    sample_image_tokens(model, processor, rows, sampling, seed=0, progress=False)
+def run_ours(model, processor, batch, sampling, prompt: str = PROMPT, **options):
+    """`sample_image_tokens` of ``batch`` rows; ``options``: decoding, window, static_cache, compile, stats."""
+    rows = [processor.text_to_image_ids(prompt)] * batch
+    sample_image_tokens(model, processor, rows, sampling, seed=0, progress=False, **options)
 
 
 def split_ours(model, processor, batch, sampling) -> float:
@@ -105,9 +137,9 @@ def left_pad(processor, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
-def run_hf(model, processor, batch, sampling, tokens: int | None = None):
+def run_hf(model, processor, batch, sampling, tokens: int | None = None, prompt: str = PROMPT):
     """transformers' CFG; ``tokens``: stop after that many of the image's tokens (default all)."""
-    ids, mask = left_pad(processor, [processor.text_to_image_ids(PROMPT)] * batch)
+    ids, mask = left_pad(processor, [processor.text_to_image_ids(prompt)] * batch)
     neg, neg_mask = left_pad(processor, [processor.unconditional_prompt_ids()] * batch)
     ids, mask, neg, neg_mask = (t.to(model.device) for t in (ids, mask, neg, neg_mask))  # a model on a GPU
     n = tokens or processor.num_image_tokens
@@ -148,6 +180,80 @@ def run_bare(model, processor, batch, sliced):
         decoder.step(token)
 
 
+METHODS = {  # name -> sample_image_tokens options (the Jacobi ones also get --window)
+    "token": {},
+    "jacobi": {"decoding": "jacobi"},
+    "static": {"static_cache": True},
+    "compiled": {"compile": True},
+    "jacobi+static": {"decoding": "jacobi", "static_cache": True},
+}
+
+
+def digits_module():
+    """The digits demo's module (its data set, captions and judge), from examples/digits."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "digits"))
+    import digits
+
+    return digits
+
+
+def trained(path: str, dtype: torch.dtype):
+    """A fine-tuned pipeline folder: its model, processor and own sampling settings."""
+    pipe = UnimodalPipeline.from_pretrained(path, dtype=dtype)
+    return pipe.model.eval(), pipe.processor, model_sampling(pipe.model, "image")[0]
+
+
+def method_rows(label: str, model, processor, sampling, prompt: str, args) -> None:
+    """One row per batch and method: tok/s, x hf, forward passes per image, acceptance, warm-up."""
+    n = processor.num_image_tokens
+    for batch in args.batches:
+        options = {m: dict(METHODS[m], **({"window": args.window} if "jacobi" in m else {})) for m in args.methods}
+        warm_up = {}
+        for method, opts in options.items():  # allocator, kernels and the compile, on the wall clock
+            stats, start = DecodeStats(), time.perf_counter()
+            run_ours(model, processor, batch, sampling, prompt, stats=stats, **opts)
+            warm_up[method] = (time.perf_counter() - start, stats.compile_seconds)
+        stats_of = {m: DecodeStats() for m in options}  # summed over the timed repeats (seeded: the same each)
+        runs = {m: partial(run_ours, model, processor, batch, sampling, prompt, stats=stats_of[m], **opts)
+                for m, opts in options.items()}
+        if "hf" not in args.skip:
+            runs["hf"] = partial(run_hf, model, processor, batch, sampling, prompt=prompt)
+        t = best_of(args.repeats, runs)
+        for method in options:
+            stats = stats_of[method]
+            warm = f"{warm_up[method][1]:.1f}" if warm_up[method][1] else "-"
+            vs_hf = t.get("hf", float("nan")) / t[method]
+            print(f"| {label} | {batch} | {method} | {batch * n / t[method]:.0f} | {vs_hf:.2f}x | "
+                  f"{stats.forward_passes / args.repeats:.0f} / {n} | {100 * stats.acceptance:.0f}% | {warm} |",
+                  flush=True)
+
+
+def quality_rows(path: str, dtype: torch.dtype, args) -> None:
+    """Prompt fidelity and FID on digits: token-by-token with each seed (the noise), then Jacobi."""
+    digits = digits_module()
+    model, processor, sampling = trained(path, dtype)
+    judge = digits.DigitClassifier.load(resolve_output(path).parent / "classifier")
+    test = digits.load_digits_dataset(judge.config.image_size, "test", seed=0)
+    labels = [d for d in range(10) for _ in range(args.quality_samples)]
+    rows = [processor.text_to_image_ids(digits.caption_for(d)) for d in labels]
+    chunks = -(-len(rows) // args.quality_batch)
+    print(f"\n{len(rows)} images ({args.quality_samples} per digit) in batches of {args.quality_batch}, "
+          f"the model's settings {sampling}; FID over the judge's features\n")
+    print("| method | seed | prompt fidelity | FID | forward passes / image | acceptance | CPU s |")
+    print("|---|---|---|---|---|---|---|")
+    for method in ("token", "jacobi"):
+        for seed in args.seeds:
+            stats, start = DecodeStats(), time.process_time()
+            ids = sample_image_tokens(model, processor, rows, sampling, seed=seed, batch_size=args.quality_batch,
+                                      progress=False, decoding=method, window=args.window, stats=stats)
+            seconds = time.process_time() - start
+            scores = score_text_to_image(decode_image_ids(processor, ids), labels, test["image"], test["label"],
+                                         judge, judge.features)
+            print(f"| {method} | {seed} | {100 * scores.prompt_fidelity:.1f}% | {scores.fid:.2f} | "
+                  f"{stats.forward_passes / chunks:.1f} / {processor.num_image_tokens} | "
+                  f"{100 * stats.acceptance:.0f}% | {seconds:.0f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["tiny"], choices=sorted(MODELS))
@@ -157,7 +263,16 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=16, help="side of the code grid (16 -> 256 tokens)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--naive_steps", type=int, default=32)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["hf", "naive"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["hf", "naive", "speed"],
+                        help="speed: skip the first table (ours vs hf / naive / bare)")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--window", type=int, default=16, help="Jacobi drafts per forward pass")
+    parser.add_argument("--digits_model", default="", help="the digits demo's final/ (make demo)")
+    parser.add_argument("--smollm2_model", default="", help="examples/smollm2's final/ (a trained SmolLM2-135M)")
+    parser.add_argument("--quality_samples", type=int, default=20, help="images per digit in the quality table")
+    parser.add_argument("--quality_batch", type=int, default=8)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1_000_000, 2_000_000],
+                        help="quality seeds (far apart: image i of seed s uses s + i)")
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads; times are CPU seconds, summed over threads, so keep 1 "
                              "unless the machine is yours")
@@ -168,6 +283,23 @@ def main() -> None:
     n = args.grid * args.grid
     print(f"# {date.today()}, {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {args.dtype}, {n} image tokens, codebook {args.codebook_size}\n")
+    if "speed" not in args.skip:
+        speed_table(args, dtype, sampling, n)
+    print("\n| model | batch | method | tok/s | x hf | forward passes / image | acceptance | warm-up s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        model, processor = build(name, dtype, args.codebook_size, args.grid)
+        method_rows(f"{name} (random weights)", model, processor, sampling, PROMPT, args)
+    for label, path in (("digits demo (trained)", args.digits_model), ("SmolLM2-135M (trained)", args.smollm2_model)):
+        if path:
+            model, processor, own = trained(path, dtype)
+            method_rows(label, model, processor, own, digits_module().caption_for(7), args)
+    if args.digits_model:
+        quality_rows(args.digits_model, dtype, args)
+
+
+def speed_table(args, dtype: torch.dtype, sampling, n: int) -> None:
+    """Ours vs transformers' generate, no cache, and the bare forwards (sampling overhead)."""
     print("| model | batch | ours tok/s | hf tok/s | naive tok/s | ours / hf | ours / naive | overhead in-run "
           "| ours / bare - 1 | bare-full / bare |")
     print("|---|---|---|---|---|---|---|---|---|---|")
