@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -366,6 +367,7 @@ def pretokenize_parts(dataset: datasets.Dataset, processor: UnimodalProcessor, o
                 raise Interrupted(f"stopped before rows [{a}, {b})")
             result = pretokenize(dataset.select(range(a, b)), processor, options, index_offset=a, stop=stop, **kwargs)
             tmp = parts_dir / f".tmp-{final.name}"
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
             result.dataset.save_to_disk(str(tmp))
             (tmp / "stats.json").write_text(json.dumps(asdict(result.stats)))
             os.replace(tmp, final)

@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
             checkpoints.save(accelerator, step, {"micro_step": micro_step + 1})
             meter.skip()
     progress.close()
+    preemption.restore()  # the signals' default action again (a preemption now kills the final save)
     if accelerator.is_main_process:
         meter.save(out / "train_stats.json", steps=step, num_processes=accelerator.num_processes)
 

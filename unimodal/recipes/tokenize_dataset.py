@@ -112,6 +112,9 @@ def main(args: list[str] | None = None, prog: str | None = None) -> None:
     ranges = [shard_bounds(len(source), world, r) for r in range(world)]
     start, end = ranges[rank]
     preemption = Preemption(cfg.preemption_grace_s)  # SIGTERM / SIGUSR1: stop before the next batch
+    if accelerator.is_main_process and parts.is_dir():
+        print(f"{len(list(parts.glob('rows-*')))} finished part(s) in {parts} are kept from an earlier run",
+              flush=True)
     try:
         with bad_input():  # parts of another run's inputs
             stats = pretokenize_parts(
@@ -124,6 +127,8 @@ def main(args: list[str] | None = None, prog: str | None = None) -> None:
                    f"{parts} are kept. Exiting with code {PREEMPTED_EXIT_CODE}; relaunch the same command to resume.")
         print(message, file=sys.stderr, flush=True)
         raise Preempted(message) from None
+    finally:
+        preemption.restore()
     print(f"process {rank}/{world}: rows [{start}, {end}) -> {stats.num_samples} samples", flush=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

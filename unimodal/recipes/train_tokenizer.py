@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
         if step < train_config.max_steps and preemption.should_stop(accelerator):
             raise preemption.stop(accelerator, checkpoints, step, tensors=trainer.state_tensors())
     progress.close()
+    preemption.restore()  # the signals' default action again
 
     # 4. Final evaluation, rank-consistency check of the codebook, and the save_pretrained folder.
     fingerprints = gather_object([codebook_fingerprint(trainer.vqgan)])
