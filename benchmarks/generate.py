@@ -232,7 +232,7 @@ def quality_rows(path: str, dtype: torch.dtype, args) -> None:
     """Prompt fidelity and FID on digits: token-by-token with each seed (the noise), then Jacobi."""
     digits = digits_module()
     model, processor, sampling = trained(path, dtype)
-    judge = digits.DigitClassifier.load(resolve_output(path).parent / "classifier")
+    judge = digits.DigitClassifier.load(Path(resolve_output(path)).parent / "classifier")  # the demo saves it there
     test = digits.load_digits_dataset(judge.config.image_size, "test", seed=0)
     labels = [d for d in range(10) for _ in range(args.quality_samples)]
     rows = [processor.text_to_image_ids(digits.caption_for(d)) for d in labels]
@@ -256,7 +256,8 @@ def quality_rows(path: str, dtype: torch.dtype, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["tiny"], choices=sorted(MODELS))
+    parser.add_argument("--models", nargs="*", default=["tiny"], choices=sorted(MODELS),
+                        help="random-weight shapes (none: only the trained models)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--codebook_size", type=int, default=8192)
