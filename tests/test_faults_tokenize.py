@@ -60,12 +60,12 @@ def test_tokenizer_recipe_preempted_by_sigusr1_resumes_bit_identical(tmp_path, c
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, tiny_pipeline_factory):
-    """300 captioned 8 px digits (save_to_disk) and a saved processor; parts of 30 rows."""
+    """160 captioned 8 px digits (save_to_disk) and a saved processor; parts of 20 rows."""
     root = tmp_path_factory.mktemp("pretokenize_faults")
-    load_digits_dataset(image_size=8, split="train").select(range(300)).save_to_disk(str(root / "digits"))
+    load_digits_dataset(image_size=8, split="train").select(range(160)).save_to_disk(str(root / "digits"))
     tiny_pipeline_factory(image_size=8).processor.save_pretrained(root / "processor")
     config = {"source": str(root / "digits"), "processor": str(root / "processor"), "tasks": ["t2i", "i2t"],
-              "keep_columns": ["label"], "batch_size": 2, "part_rows": 30}
+              "keep_columns": ["label"], "batch_size": 2, "part_rows": 20}
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     return root
 
@@ -76,19 +76,20 @@ def tokenize(source: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_pretokenize_preempted_keeps_finished_parts_and_resumes_to_the_same_data(source):
-    full = source / "full"
-    subprocess.run(tokenize(source, full, "--part_rows", "4096"), env=env(), cwd=REPO, check=True,
-                   capture_output=True)
+    from unimodal.recipes import tokenize_dataset
+
+    full = source / "full"  # in this process, in one part
+    tokenize_dataset.main(tokenize(source, full, "--part_rows", "4096")[2:])
     out = source / "preempted"
     parts = source / ".preempted-parts"
     proc = subprocess.Popen(tokenize(source, out), env=env(), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    wait_for(parts / "rows-0000000000-0000000030", proc, poll=0.002)
+    wait_for(parts / "rows-0000000000-0000000020", proc, poll=0.002)
     proc.send_signal(signal.SIGTERM)
     log, _ = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT_CODE, log[-3000:]
     kept = sorted(p.name for p in parts.glob("rows-*"))
-    assert 1 <= len(kept) < 10 and "finished part(s)" in log and not out.exists()
+    assert 1 <= len(kept) < 8 and "finished part(s)" in log and not out.exists()
     assert not list(parts.glob(".tmp-*"))  # the part in progress was dropped, not half-written
     resumed = subprocess.run(tokenize(source, out), env=env(), cwd=REPO, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -111,5 +112,5 @@ def test_parts_of_other_inputs_are_refused(source, tmp_path):
     (parts / "parts.json").write_text('{"fingerprint": "another data set", "num_rows": 5}')
     with pytest.raises(ValueError, match=f"{parts} holds parts of an unfinished pre-tokenisation of other data"):
         pretokenize_parts(load_source(source / "digits"), UnimodalProcessor.from_pretrained(source / "processor"),
-                          PretokenizeOptions(), parts, 0, 300, 30)
+                          PretokenizeOptions(), parts, 0, 160, 20)
     assert sorted(p.name for p in parts.iterdir()) == ["parts.json"]  # nothing mixed in
