@@ -1,31 +1,38 @@
-"""Image tokenizer quantizers, side by side: our `VectorQuantizer` against the reference
-``vector_quantize_pytorch.VectorQuantize``, and plain codes against l2-normalised low-dim codes.
+"""Image tokenizer quantizers, side by side at several codebook sizes: our VQ (`VectorQuantizer`),
+FSQ, LFQ and SimVQ (`VQGANConfig.quantizer`), and `vector_quantize_pytorch`'s VectorQuantize,
+FSQ, LFQ and SimVQ as references.
 
 Every variant trains the same VQ-GAN encoder/decoder (~2.9M params, f4: 8x8 = 64 tokens per 32 px
-crop, K = 1024 codes) for the same steps on the same batches of crops of the photos that ship with
-scikit-learn / scikit-image, with the shared `VQGANTrainer` step (reconstruction + quantizer loss;
-the discriminator stays off: this compares quantizers). Reported on held-out crops: PSNR, SSIM,
-codebook usage, perplexity, training steps/s and encode images/s, with ratios to the reference.
+crop, 16x16 per 64 px crop) for the same steps on the same batches of crops of the photos that
+ship with scikit-learn / scikit-image, with the shared `VQGANTrainer` step (reconstruction +
+quantizer loss; the discriminator stays off: this compares quantizers). A variant is
+``family@K``: FSQ takes the paper's levels nearest to K (1000, 15,360, 64,000 codes), LFQ
+``2 ** round(log2 K)``. Reported on held-out crops: PSNR, SSIM, codebook usage, perplexity,
+training steps/s and encode images/s, with ratios to the reference at the same K (``vqp@K``).
 Variants train in parallel processes (one thread each); speed is then timed in one process.
 
-    python benchmarks/tokenizer.py                     # 5 variants x 500 steps, ~12 min on 2 CPU cores
-    python benchmarks/tokenizer.py --variants ours vqp no-quantizer ours-window100   # others
-    python benchmarks/tokenizer.py --steps 20 --variants ours vqp   # a smoke run
+    python benchmarks/tokenizer.py                       # 5 families x K 1024/16384/65536, 500 steps
+    python benchmarks/tokenizer.py --crop 64             # 64 px crops (16x16 tokens)
+    python benchmarks/tokenizer.py --long_steps 3000     # then the best two again for 3000 steps
+    python benchmarks/tokenizer.py --variants ours@1024 vqp-fsq@1024 no-quantizer@1024   # others
+    python benchmarks/tokenizer.py --steps 20 --sizes 1024 --variants ours fsq   # a smoke run
 
-Targets (docs/benchmarks.md): our default reaches >= 95% usage at K = 1024 and at least the
-reference's PSNR.
+Targets (docs/benchmarks.md): our VQ >= 99% usage at K = 16,384, FSQ / LFQ 100%; at equal steps
+the best new quantizer's PSNR >= our VQ's at each K.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import multiprocessing
 import os
 import platform
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import torch
 import yaml
@@ -34,41 +41,41 @@ from torch import nn
 from unimodal.evaluation.metrics import codebook_perplexity, codebook_usage, psnr, ssim
 from unimodal.image_data import CropPolicy, ShippedCrops
 from unimodal.training import make_accelerator, resolve_config
+from unimodal.vq.config import FSQ_LEVELS
 from unimodal.vq.losses import VQGANLoss, VQGANLossConfig
 from unimodal.vq.quantizer import QuantizerOutput, code_perplexity
 from unimodal.vq.train import VQGANModelArguments, VQGANTrainConfig, VQGANTrainer
 
 
-class ReferenceQuantizer(nn.Module):
-    """``vector_quantize_pytorch.VectorQuantize`` behind our quantizer's interface, so it drops into
-    `VQGAN` (``forward`` -> `QuantizerOutput`, ``lookup``, ``embed``) with nothing else changed."""
+class LibraryQuantizer(nn.Module):
+    """A `vector_quantize_pytorch` quantizer behind our quantizer's interface, so it drops into
+    `VQGAN` (``forward`` -> `QuantizerOutput`, ``lookup``, ``embed``) with nothing else changed.
 
-    def __init__(self, codebook_size: int, dim: int, **options):
+    ``module(z)`` returns ``(quantized, codes[, loss])`` on channel-first ``z [B, D, h, w]``;
+    ``embed`` maps codes ``[B, h, w]`` back to channel-first latents.
+    """
+
+    def __init__(self, module: nn.Module, codebook_size: int, embed: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
-        from vector_quantize_pytorch import VectorQuantize
-
-        self.codebook_size = codebook_size
-        self.vq = VectorQuantize(dim=dim, codebook_size=codebook_size, accept_image_fmap=True, **options)
-
-    @property
-    def embedding(self) -> SimpleNamespace:  # VQGAN.decode reads quantize.embedding.weight.device
-        return SimpleNamespace(weight=self.vq.codebook)
+        self.module, self.codebook_size, self._embed = module, codebook_size, embed
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:  # z [B, D, h, w]
         with torch.autocast(z.device.type, enabled=False):
-            quantized, codes, loss, parts = self.vq(z.float(), return_loss_breakdown=True)
+            quantized, codes, *rest = self.module(z.float())
+        codes = codes.long()
         counts = torch.bincount(codes.flatten(), minlength=self.codebook_size).float()
-        zero = loss.new_zeros(())
+        loss = rest[0] if rest else quantized.new_zeros(())
+        zero = quantized.new_zeros(())
         return QuantizerOutput(quantized=quantized.to(z.dtype), codes=codes, loss=loss, codebook_loss=zero,
-                               commitment_loss=parts.commitment, perplexity=code_perplexity(counts),
+                               commitment_loss=loss, perplexity=code_perplexity(counts),
                                usage=(counts > 0).float().mean())
 
     @torch.no_grad()
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vq(z.float())[1]
+        return self.module(z.float())[1].long()
 
     def embed(self, codes: torch.Tensor) -> torch.Tensor:  # [B, h, w] -> [B, D, h, w]
-        return self.vq.get_output_from_indices(codes)
+        return self._embed(codes)
 
 
 class NoQuantizer(nn.Module):
@@ -80,80 +87,163 @@ class NoQuantizer(nn.Module):
                                perplexity=zero, usage=zero)
 
 
-K = 1024
 # The encoder/decoder every variant trains: the `model:` section of the shipped train_tokenizer.yaml
-# (the setting this benchmark tunes), at K codes.
-BASE_MODEL = {**yaml.safe_load(resolve_config("train_tokenizer").read_text())["model"], "codebook_size": K}
-# name -> (overrides of BASE_MODEL, replacement quantizer factory or None)
+# (the setting this benchmark tunes).
+BASE_MODEL = yaml.safe_load(resolve_config("train_tokenizer").read_text())["model"]
 PLAIN = dict(embed_dim=64, use_l2_norm=False, dead_code_threshold=0)
-VARIANTS = {
-    "ours": ({}, None),  # the recipe default: l2-normalised 8-d codes + dead-code restart
-    "ours-window100": ({"usage_window": 100}, None),  # VQGANConfig's default restart window
-    "ours-plain": (PLAIN, None),
-    "ours-plain-restart": ({**PLAIN, "dead_code_threshold": 1}, None),
-    "ours-ema-kmeans": ({**PLAIN, "ema_decay": 0.99, "kmeans_init": True, "dead_code_threshold": 1}, None),
-    "vqp": ({"embed_dim": 64}, lambda: ReferenceQuantizer(
-        K, 64, decay=0.99, kmeans_init=True, threshold_ema_dead_code=2, commitment_weight=0.25)),
-    "vqp-cosine": ({"embed_dim": 8}, lambda: ReferenceQuantizer(
-        K, 8, decay=0.99, kmeans_init=True, threshold_ema_dead_code=2, commitment_weight=0.25, use_cosine_sim=True)),
-    "no-quantizer": ({"embed_dim": 64}, NoQuantizer),
-}
-DESCRIPTIONS = {
-    "ours": "ours: l2-norm 8-d codes + dead-code restart (default)",
-    "ours-window100": "ours: l2-norm 8-d codes + restart over 100 batches",
-    "ours-plain": "ours: plain 64-d codes",
-    "ours-plain-restart": "ours: plain 64-d codes + dead-code restart",
-    "ours-ema-kmeans": "ours: plain 64-d, EMA + k-means + restart",
-    "vqp": "vector_quantize_pytorch: EMA + k-means + dead-code 2",
-    "vqp-cosine": "vector_quantize_pytorch: cosine 8-d, EMA + k-means + dead-code 2",
-    "no-quantizer": "no quantizer (continuous autoencoder)",
-}
-DEFAULT = ["ours", "ours-plain", "ours-plain-restart", "vqp", "vqp-cosine"]
+
+
+@dataclass
+class Variant:
+    """One row: ``overrides`` of `BASE_MODEL` (codebook_size included) and an optional
+    replacement quantizer ``factory`` (a reference implementation)."""
+
+    name: str
+    k: int
+    overrides: dict
+    factory: Callable[[], nn.Module] | None
+    description: str
+
+
+def fsq_levels(k: int) -> list[int]:
+    """The FSQ paper's levels whose code count is nearest to ``k`` (in log scale)."""
+    return FSQ_LEVELS[min(FSQ_LEVELS, key=lambda n: abs(math.log(n / k)))]
+
+
+def _vqp_vq(k: int, dim: int, **options) -> LibraryQuantizer:
+    from vector_quantize_pytorch import VectorQuantize
+
+    vq = VectorQuantize(dim=dim, codebook_size=k, accept_image_fmap=True, decay=0.99, kmeans_init=True,
+                        threshold_ema_dead_code=2, commitment_weight=0.25, **options)
+    return LibraryQuantizer(vq, k, vq.get_output_from_indices)
+
+
+def _vqp_fsq(levels: list[int]) -> LibraryQuantizer:
+    from vector_quantize_pytorch import FSQ
+
+    fsq = FSQ(levels)
+    return LibraryQuantizer(fsq, math.prod(levels), fsq.indices_to_codes)
+
+
+def _vqp_lfq(k: int) -> LibraryQuantizer:
+    from vector_quantize_pytorch import LFQ
+
+    lfq = LFQ(codebook_size=k, dim=int(math.log2(k)), entropy_loss_weight=0.1, commitment_loss_weight=0.25)
+    return LibraryQuantizer(lfq, k, lfq.indices_to_codes)
+
+
+def _vqp_simvq(k: int, dim: int) -> LibraryQuantizer:
+    from vector_quantize_pytorch import SimVQ
+
+    simvq = SimVQ(dim=dim, codebook_size=k, channel_first=True)  # its defaults: rotation trick
+    return LibraryQuantizer(simvq, k, simvq.indices_to_codes)
+
+
+def variant(spec: str, k: int | None = None) -> Variant:
+    """``family@K`` (or ``family`` with ``k``) -> its `Variant`; see `FAMILIES`."""
+    family, _, size = spec.partition("@")
+    k = int(size) if size else k
+    if family not in FAMILIES or k is None:
+        raise SystemExit(f"unknown variant {spec!r}: use family@K with a family of {sorted(FAMILIES)}")
+    levels, bits = fsq_levels(k), round(math.log2(k))
+    kk = {"fsq": math.prod(levels), "vqp-fsq": math.prod(levels), "lfq": 2 ** bits, "vqp-lfq": 2 ** bits}.get(family, k)
+    specs: dict[str, tuple[dict, Callable[[], nn.Module] | None, str]] = {
+        "ours": ({}, None, "ours: VQ, l2-norm 8-d codes + dead-code restart (default)"),
+        "ours-window100": ({"usage_window": 100}, None, "ours: VQ, l2-norm 8-d + restart over 100 batches"),
+        "ours-plain": (PLAIN, None, "ours: VQ, plain 64-d codes"),
+        "ours-plain-restart": ({**PLAIN, "dead_code_threshold": 1}, None, "ours: VQ, plain 64-d + dead-code restart"),
+        "ours-ema-kmeans": ({**PLAIN, "ema_decay": 0.99, "kmeans_init": True, "dead_code_threshold": 1}, None,
+                            "ours: VQ, plain 64-d, EMA + k-means + restart"),
+        "fsq": ({"quantizer": "fsq", "fsq_levels": levels, "embed_dim": len(levels)}, None, f"ours: FSQ {levels}"),
+        "lfq": ({"quantizer": "lfq", "embed_dim": bits}, None, f"ours: LFQ {bits} bits (per-bit entropy)"),
+        "simvq": ({"quantizer": "simvq"}, None, "ours: SimVQ 8-d"),
+        "vqp": ({"embed_dim": 64}, lambda: _vqp_vq(kk, 64), "vector_quantize_pytorch: VQ, EMA + k-means + dead-code 2"),
+        "vqp-cosine": ({}, lambda: _vqp_vq(kk, 8, use_cosine_sim=True),
+                       "vector_quantize_pytorch: VQ cosine 8-d, EMA + k-means + dead-code 2"),
+        "vqp-fsq": ({"embed_dim": len(levels)}, lambda: _vqp_fsq(levels), f"vector_quantize_pytorch: FSQ {levels}"),
+        "vqp-lfq": ({"embed_dim": bits}, lambda: _vqp_lfq(kk), f"vector_quantize_pytorch: LFQ {bits} bits"),
+        "vqp-simvq": ({}, lambda: _vqp_simvq(kk, 8), "vector_quantize_pytorch: SimVQ 8-d, rotation trick"),
+        "no-quantizer": ({"embed_dim": 64}, NoQuantizer, "no quantizer (continuous autoencoder)"),
+    }
+    overrides, factory, description = specs[family]
+    return Variant(f"{family}@{k}", kk, {**overrides, "codebook_size": kk}, factory, description)
+
+
+FAMILIES = ("ours", "ours-window100", "ours-plain", "ours-plain-restart", "ours-ema-kmeans", "fsq", "lfq", "simvq",
+            "vqp", "vqp-cosine", "vqp-fsq", "vqp-lfq", "vqp-simvq", "no-quantizer")
+DEFAULT = ["ours", "fsq", "lfq", "simvq", "vqp"]
 NEVER = 10**9  # disc_start: the discriminator never trains here
 
 
-def shared_pixels(args) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training crops (random scale / position / flip), ``[steps * B, 3, 32, 32]``, and held-out crops
-    from the part of each photo no training crop touches; identical in every process."""
-    crops = CropPolicy(32, True, 0.1, 0.4, flip=True)
-    train = ShippedCrops(crops, "train", args.steps * args.batch_size, seed=args.seed)
-    held = ShippedCrops(CropPolicy(32, True, 0.1, 0.4), "eval", args.eval_samples, seed=args.seed)
-    return torch.stack([train[i] for i in range(len(train))]), torch.stack([held[i] for i in range(len(held))])
+def tokens_per_crop(args) -> int:
+    return (args.crop // 4) ** 2  # the f4 model
 
 
-def build_trainer(name: str, args) -> VQGANTrainer:
-    """The shared encoder/decoder with this variant's quantizer, and the shared train step."""
-    overrides, factory = VARIANTS[name]
+def eval_samples(args) -> int:
+    """Held-out crops: ``--eval_samples``, or enough for 4 tokens per code at the largest K (usage
+    on fewer tokens than codes cannot reach 100%)."""
+    if args.eval_samples:
+        return args.eval_samples
+    return max(512, math.ceil(4 * args.max_k / tokens_per_crop(args)))
+
+
+def train_batches(args, steps: int):
+    """Batches ``[B, 3, crop, crop]`` of random training crops (scale / position / flip), built on
+    the fly (3000 steps of 64 px crops would be 2.4 GB held in memory); identical in every process."""
+    data = ShippedCrops(CropPolicy(args.crop, True, 0.1, 0.4, flip=True), "train", steps * args.batch_size,
+                        seed=args.seed)
+    for step in range(steps):
+        yield torch.stack([data[i] for i in range(step * args.batch_size, (step + 1) * args.batch_size)])
+
+
+def held_out(args) -> torch.Tensor:
+    """Held-out crops from the part of each photo no training crop touches ``[N, 3, crop, crop]``."""
+    data = ShippedCrops(CropPolicy(args.crop, True, 0.1, 0.4), "eval", eval_samples(args), seed=args.seed)
+    return torch.stack([data[i] for i in range(len(data))])
+
+
+def build_trainer(v: Variant, args, steps: int) -> VQGANTrainer:
+    """The shared encoder/decoder with this variant's quantizer, and the shared train step.
+
+    The rolling usage window (and with it our VQ's dead-code restart) spans at least 2 tokens per
+    code: 20 batches of 1024 tokens could not all meet 65,536 codes.
+    """
     torch.manual_seed(args.seed)
-    vq = VQGANModelArguments(model={**BASE_MODEL, **overrides}).build(image_size=32)
-    if factory is not None:
-        vq.quantize = factory()
+    window = max(int(BASE_MODEL.get("usage_window", 20)),
+                 math.ceil(2 * v.k / (args.batch_size * tokens_per_crop(args))))
+    vq = VQGANModelArguments(model={**BASE_MODEL, "usage_window": window, **v.overrides}).build(image_size=args.crop)
+    if v.factory is not None:
+        vq.quantize = v.factory()
     loss = VQGANLoss(VQGANLossConfig(disc_start=NEVER, disc_layers=2, disc_channels=8))
-    config = VQGANTrainConfig(learning_rate=args.lr, adam_beta1=0.9, adam_beta2=0.99, warmup_steps=args.steps // 20,
-                              max_steps=args.steps, min_lr_ratio=0.1, max_grad_norm=1.0)
+    config = VQGANTrainConfig(learning_rate=args.lr, adam_beta1=0.9, adam_beta2=0.99, warmup_steps=steps // 20,
+                              max_steps=steps, min_lr_ratio=0.1, max_grad_norm=1.0)
     return VQGANTrainer(make_accelerator(log_with=None, seed=args.seed), vq, loss, config)
 
 
-def quality(name: str, args) -> dict:
-    """Train one variant for ``--steps`` on the shared batches; its held-out reconstruction quality.
+def quality(spec: str, args, steps: int) -> dict:
+    """Train one variant for ``steps`` on the shared batches; its held-out reconstruction quality.
 
     Runs in a worker process with ``--threads`` threads, so variants train side by side.
     """
     torch.set_num_threads(args.threads)
-    train_pixels, eval_pixels = shared_pixels(args)
-    trainer = build_trainer(name, args)
-    for step, batch in enumerate(train_pixels.split(args.batch_size)):  # the same batches for every variant
+    v = variant(spec)
+    trainer = build_trainer(v, args, steps)
+    start = time.perf_counter()
+    for step, batch in enumerate(train_batches(args, steps)):  # the same batches for every variant
         logs = trainer.step(batch, step)
+    eval_pixels = held_out(args)
     vq = trainer.vqgan.eval()
     with torch.no_grad():
         out = [vq(b) for b in eval_pixels.split(256)]
     recon = torch.cat([o.reconstruction for o in out]).float()
-    row = {"name": name, "psnr": psnr(recon, eval_pixels).item(), "ssim": ssim(recon, eval_pixels).item(),
-           "final_rec_loss": logs["reconstruction_loss"]}
+    row = {"name": v.name, "k": v.k, "description": v.description, "steps": steps,
+           "psnr": psnr(recon, eval_pixels).item(), "ssim": ssim(recon, eval_pixels).item(),
+           "final_rec_loss": logs["reconstruction_loss"], "train_usage": logs["usage"],
+           "train_s": time.perf_counter() - start}
     if out[0].codes is not None:
         codes = torch.cat([o.codes for o in out])
-        row.update(usage=codebook_usage(codes, K), perplexity=codebook_perplexity(codes, K))
-    print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
+        row.update(usage=codebook_usage(codes, v.k), perplexity=codebook_perplexity(codes, v.k))
+    print(f"{v.name}: " + ", ".join(f"{k} {x:.4g}" for k, x in row.items() if isinstance(x, float)), flush=True)
     return row
 
 
@@ -161,23 +251,23 @@ def measure_speed(rows: list[dict], args) -> None:
     """Training steps/s and encode images/s of every variant, in this one process, round robin and
     best of ``--speed_rounds``: on a shared machine each variant then sees the same load (the
     parallel quality runs cannot be timed fairly). Speed does not depend on the trained weights."""
-    train_pixels, eval_pixels = shared_pixels(args)
-    batches = train_pixels[: args.batch_size * args.speed_steps].split(args.batch_size)
-    trainers = {row["name"]: build_trainer(row["name"], args) for row in rows}
+    batches = list(train_batches(args, args.speed_steps + 1))
+    encode_pixels = held_out(args)[:512]
+    trainers = {row["name"]: build_trainer(variant(row["name"]), args, args.steps) for row in rows}
     for trainer in trainers.values():
         trainer.step(batches[0], 0)  # untimed warm-up: k-means init, allocator, oneDNN kernels
     best = {name: [float("inf"), float("inf")] for name in trainers}
     for _ in range(args.speed_rounds):
         for name, trainer in trainers.items():
             start = time.perf_counter()
-            for i, batch in enumerate(batches):
+            for i, batch in enumerate(batches[1:]):
                 trainer.step(batch, 1 + i)
-            best[name][0] = min(best[name][0], (time.perf_counter() - start) / len(batches))
+            best[name][0] = min(best[name][0], (time.perf_counter() - start) / args.speed_steps)
             if not isinstance(trainer.vqgan.quantize, NoQuantizer):
                 trainer.vqgan.eval()
                 start = time.perf_counter()
-                trainer.vqgan.encode(eval_pixels)
-                best[name][1] = min(best[name][1], (time.perf_counter() - start) / len(eval_pixels))
+                trainer.vqgan.encode(encode_pixels)
+                best[name][1] = min(best[name][1], (time.perf_counter() - start) / len(encode_pixels))
     for row in rows:
         step_s, encode_s = best[row["name"]]
         row["steps_s"] = 1 / step_s
@@ -190,23 +280,57 @@ def fmt(value, spec: str) -> str:
 
 
 def table(rows: list[dict], reference: str) -> str:
-    ref = next((r for r in rows if r["name"] == reference), None)
+    """Markdown table, one block per K; deltas and ratios against ``reference@K``."""
+    refs = {r["k"]: r for r in rows if r["name"].split("@")[0] == reference}
 
     def ratio(r, key):
+        ref = refs.get(r["k"])
         if ref is None or r.get(key) is None or not ref.get(key):
             return None
         return r[key] / ref[key]
 
-    lines = ["| variant | PSNR dB (Δ ref) | SSIM | usage | perplexity | train steps/s (× ref) | encode img/s (× ref) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
+    lines = ["| K | variant | PSNR dB (Δ ref) | SSIM | usage | perplexity | train steps/s (× ref) | "
+             "encode img/s (× ref) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(rows, key=lambda r: r["k"]):
+        ref = refs.get(r["k"])
         d_psnr = None if ref is None else r["psnr"] - ref["psnr"]
         lines.append(
-            f"| {DESCRIPTIONS[r['name']]} | {r['psnr']:.2f} ({fmt(d_psnr, '+.2f')}) | {r['ssim']:.3f} | "
+            f"| {r['k']} | {r['description']} | {r['psnr']:.2f} ({fmt(d_psnr, '+.2f')}) | {r['ssim']:.3f} | "
             f"{fmt(r.get('usage'), '.1%')} | {fmt(r.get('perplexity'), '.0f')} | "
-            f"{r['steps_s']:.2f} ({fmt(ratio(r, 'steps_s'), '.2f')}) | "
+            f"{fmt(r.get('steps_s'), '.2f')} ({fmt(ratio(r, 'steps_s'), '.2f')}) | "
             f"{fmt(r.get('encode_img_s'), '.0f')} ({fmt(ratio(r, 'encode_img_s'), '.2f')}) |")
     return "\n".join(lines)
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The issue's targets, checked on these rows."""
+    out = []
+    by = {r["name"]: r for r in rows}
+    for k in sorted({r["k"] for r in rows}):
+        ours = next((r for r in rows if r["name"].startswith("ours@") and r["k"] == k), None)
+        if ours is not None and ours.get("usage") is not None and k >= 16384:
+            ok = ours["usage"] >= 0.99
+            out.append(f"K={k}: our VQ usage {ours['usage']:.1%} (>= 99%: {'met' if ok else 'MISSED'})")
+        new = [r for r in rows
+               if r["name"].split("@")[0] in ("fsq", "lfq", "simvq") and abs(math.log(r["k"] / k)) < 0.1]
+        if ours is not None and new:
+            best = max(new, key=lambda r: r["psnr"])
+            ok = best["psnr"] >= ours["psnr"]
+            out.append(f"K~{k}: best new quantizer {best['name']} {best['psnr'] - ours['psnr']:+.2f} dB vs our VQ "
+                       f"({'met' if ok else 'MISSED'})")
+    for name, r in by.items():
+        if name.split("@")[0] in ("fsq", "lfq") and r.get("usage") is not None:
+            out.append(f"{name}: usage {r['usage']:.1%} (100% by construction once trained: "
+                       f"{'met' if r['usage'] >= 0.999 else 'MISSED'})")
+    return out
+
+
+def train_all(specs: list[str], args, steps: int) -> list[dict]:
+    jobs = max(1, min(args.jobs, len(specs)))
+    if jobs == 1:
+        return [quality(s, args, steps) for s in specs]
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(quality, specs, [args] * len(specs), [steps] * len(specs)))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -214,36 +338,40 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval_samples", type=int, default=512)
-    parser.add_argument("--variants", nargs="+", default=DEFAULT, choices=sorted(VARIANTS))
-    parser.add_argument("--reference", default="vqp", choices=sorted(VARIANTS))
+    parser.add_argument("--crop", type=int, default=32, choices=[32, 64], help="crop side in pixels")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 16384, 65536],
+                        help="codebook sizes K for variants given without @K")
+    parser.add_argument("--variants", nargs="+", default=DEFAULT, help=f"family or family@K; families: {FAMILIES}")
+    parser.add_argument("--reference", default="vqp", choices=FAMILIES)
+    parser.add_argument("--long_steps", type=int, default=0, help="then train the best two rows again this long")
+    parser.add_argument("--eval_samples", type=int, default=0, help="0: enough for 4 tokens per code")
     parser.add_argument("--speed_steps", type=int, default=10, help="timed training steps per variant and round")
     parser.add_argument("--speed_rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per variant")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="variants trained in parallel")
     args = parser.parse_args(argv)
+    specs = [s if "@" in s else f"{s}@{k}" for s in args.variants for k in ([0] if "@" in s else args.sizes)]
+    args.max_k = max(variant(s).k for s in specs)  # fails on a bad name before any training
     torch.set_num_threads(args.threads)
     wall = time.perf_counter()
 
-    jobs = max(1, min(args.jobs, len(args.variants)))
-    if jobs == 1:
-        rows = [quality(name, args) for name in args.variants]
-    else:
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            rows = list(pool.map(quality, args.variants, [args] * len(args.variants)))
+    rows = train_all(specs, args, args.steps)
     measure_speed(rows, args)
-
-    print(f"\n{args.steps} steps x batch {args.batch_size}, K={K}, {args.eval_samples} held-out 32 px crops; "
-          f"{datetime.date.today()}, {platform.machine()} x {os.cpu_count()} cores, {jobs} variants at a time "
-          f"x {args.threads} thread(s), torch {torch.__version__}; {time.perf_counter() - wall:.0f} s wall\n")
+    print(f"\n{args.steps} steps x batch {args.batch_size}, {eval_samples(args)} held-out {args.crop} px crops "
+          f"({tokens_per_crop(args)} tokens each); {datetime.date.today()}, {platform.machine()} x {os.cpu_count()} "
+          f"cores, {min(args.jobs, len(specs))} variants at a time x {args.threads} thread(s), torch "
+          f"{torch.__version__}; {time.perf_counter() - wall:.0f} s wall\n")
     print(table(rows, args.reference))
-    ours = next((r for r in rows if r["name"] == "ours"), None)
-    ref = next((r for r in rows if r["name"] == args.reference), None)
-    if ours is not None and ref is not None:
-        print(f"\ntargets: usage {ours['usage']:.1%} (>= 95%: {'met' if ours['usage'] >= 0.95 else 'MISSED'}); "
-              f"PSNR {ours['psnr'] - ref['psnr']:+.2f} dB vs reference "
-              f"({'met' if ours['psnr'] >= ref['psnr'] else 'MISSED'})")
+    print("\n" + "\n".join(targets(rows)))
+    if args.long_steps:
+        best = sorted((r for r in rows if r.get("usage") is not None), key=lambda r: -r["psnr"])[:2]
+        long_rows = train_all([r["name"] for r in best], args, args.long_steps)
+        for r, short in zip(long_rows, best):
+            r.update(steps_s=short.get("steps_s"), encode_img_s=short.get("encode_img_s"))
+        print(f"\nthe best two, {args.long_steps} steps (speed from the short run):\n")
+        print(table(long_rows, args.reference))
+        rows += long_rows
     return rows
 
 
