@@ -275,3 +275,31 @@ def test_partial_checkpoint_only_is_a_fresh_start(data_root, tmp_path, reference
     proc = run(one_process(data_root, out))
     assert "removed the partial checkpoint(s) ['.tmp-step-00000003']" in proc.stdout + proc.stderr
     assert_same_weights(out, reference)
+
+
+# ---------------------------------------------------------------------------- 4. process count
+def test_process_count_rule_on_a_real_checkpoint(finished, tmp_path):
+    """The rule `CheckpointManager.load` applies before training, on a real checkpoint whose
+    state says it was written by 2 DDP processes (or ZeRO-2), loaded by this one process. The
+    launches themselves: tests/test_faults_launch.py."""
+    from unimodal.training import CheckpointError, CheckpointManager, continued_micro_step, make_accelerator
+
+    def written_by(world: dict) -> Path:
+        out = damaged_copy(finished, tmp_path / world["strategy"], lambda c: None)
+        state_file = out / "checkpoints" / "step-00000009" / "state.json"
+        state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "world": world}))
+        return out / "checkpoints" / "step-00000009"
+
+    accelerator = make_accelerator(project_dir=tmp_path, log_with=None)
+    ddp = written_by({"num_processes": 2, "strategy": "ddp"})
+    config = json.loads((ddp / "state.json").read_text())["config"]
+    with pytest.raises(CheckpointError, match=r"global batch of 2 x 4 x 1 .* set --gradient_accumulation_steps 2"):
+        CheckpointManager(ddp.parent, config=config).check(ddp, accelerator)
+    state = CheckpointManager(ddp.parent, config={**config, "gradient_accumulation_steps": 2}).check(ddp, accelerator)
+    assert continued_micro_step(state, accelerator) == 2 * state["micro_step"]  # the same samples read
+    with pytest.raises(CheckpointError, match=r"per_device_batch_size"):
+        CheckpointManager(ddp.parent, config={**config, "per_device_batch_size": 8}).check(ddp, accelerator)
+    zero = written_by({"num_processes": 2, "strategy": "deepspeed-zero2"})
+    with pytest.raises(CheckpointError, match=r"under deepspeed-zero2; this launch is 1 process\(es\) under ddp.*"
+                                              r"accelerate launch --num_processes 2"):
+        CheckpointManager(zero.parent, config=config).check(zero, accelerator)
