@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from PIL import Image
 from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 from unimodal.generation import DecodeStats, JacobiDecoding, SamplingConfig, generate_images, sample_image_tokens
@@ -205,8 +206,49 @@ def test_generate_images_takes_the_decoding_options(lm):
     kwargs = dict(guidance_scale=3.0, do_sample=False, progress=False)
     token = generate_images(model, processor, PROMPTS[:2], **kwargs)
     jacobi = generate_images(model, processor, PROMPTS[:2], decoding="jacobi", window=5, static_cache=True, **kwargs)
-    assert [list(a.getdata()) for a in token] == [list(b.getdata()) for b in jacobi]
+    assert [a.tobytes() for a in token] == [b.tobytes() for b in jacobi]
     with pytest.raises(ValueError, match="decoding must be one of"):
         generate_images(model, processor, "x", decoding="parallel", progress=False)
     with pytest.raises(ValueError, match="window must be >= 1"):
         generate_images(model, processor, "x", decoding="jacobi", window=0, progress=False)
+
+
+# ---------------------------------------------------------------------------- the front ends
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_pipeline_factory):
+    return tiny_pipeline_factory(image_size=8, pixel_size=2)
+
+
+def test_generate_recipe_takes_the_decoding_options(pipeline, tmp_path):
+    from unimodal.errors import UserError
+    from unimodal.recipes import generate as recipe
+
+    pipeline.save_pretrained(tmp_path / "model")
+    common = ["--model", str(tmp_path / "model"), "--prompts", "a cat", "--num_images_per_prompt", "2",
+              "--do_sample", "false", "--guidance_scale", "3"]
+    recipe.main(common + ["--output_dir", str(tmp_path / "token")])
+    record = recipe.main(common + ["--output_dir", str(tmp_path / "jacobi"), "--decoding", "jacobi", "--window", "4",
+                                   "--static_cache", "true"])
+    assert record["config"]["decoding"] == "jacobi" and record["config"]["window"] == 4
+    for i in range(2):  # greedy: the same images
+        token, jacobi = (Image.open(tmp_path / run / f"images/{i:04d}.png").tobytes() for run in ("token", "jacobi"))
+        assert token == jacobi
+    with pytest.raises(UserError, match="decoding must be one of"):
+        recipe.main(common + ["--decoding", "fast"])
+
+
+def test_web_demo_handler_takes_the_decoding(pipeline):
+    import gradio as gr
+
+    from unimodal.webdemo import DemoHandlers
+
+    handlers = DemoHandlers(pipeline)
+    args = ("a cat", 2, 3.0, 0.9, 8, 0.99, 5)
+    jacobi = handlers.text_to_image(*args, "jacobi")
+    assert [label for _, label in jacobi] == ["seed 5", "seed 6"]
+    expected = pipeline.generate_images("a cat", 2, guidance_scale=3.0, temperature=0.9, top_k=8, top_p=0.99,
+                                        seed=5, decoding="jacobi", progress=False)
+    assert [im.tobytes() for im, _ in jacobi] == [im.tobytes() for im in expected]
+    with pytest.raises(gr.Error, match="Decoding must be one of"):
+        handlers.text_to_image(*args, "fast")
