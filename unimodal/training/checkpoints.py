@@ -63,15 +63,19 @@ def _files(folder: Path) -> dict[str, int]:
     return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(folder: Path) -> None:
     """Flush every file and folder below ``folder`` to disk, so the rename that follows never
     publishes a checkpoint whose data a crash of the machine (not just of the process) loses."""
     for path in [*sorted(folder.rglob("*")), folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(path)
 
 
 def _mb(num_bytes: float) -> str:
@@ -200,7 +204,7 @@ class CheckpointManager:
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
-        _fsync_tree(self.root)
+        _fsync(self.root)  # the rename itself
         _pause_point("after-rename", step)
         self._prune()
 
