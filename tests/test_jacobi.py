@@ -165,26 +165,28 @@ def test_static_cache_equals_the_dynamic_cache(lm, decoding):
         assert torch.equal(static, eager)
 
 
-def compiled_equals_eager(lm, backend: str) -> DecodeStats:
+def compiled_equals_eager(lm, backend: str, decoding: str) -> None:
     model, processor = lm
     sampling = SamplingConfig(guidance_scale=3.0, temperature=0.8, top_k=8)
-    eager = sample_image_tokens(model, processor, rows_of(processor), sampling, seed=5, progress=False)
+    options = dict(seed=5, progress=False, decoding=decoding, window=4)
+    eager = sample_image_tokens(model, processor, rows_of(processor), sampling, **options)
     first, second = DecodeStats(), DecodeStats()
     for stats in (first, second):
-        got = sample_image_tokens(model, processor, rows_of(processor), sampling, seed=5, progress=False,
-                                  compile=backend, stats=stats)
+        got = sample_image_tokens(model, processor, rows_of(processor), sampling, compile=backend, stats=stats,
+                                  **options)
         assert torch.equal(got, eager)
     assert first.compile_seconds > 0 and second.compile_seconds == 0  # the warm-up is once, and reported
-    return first
 
 
-def test_compiled_step_equals_eager(lm):
-    compiled_equals_eager(lm, "aot_eager")  # dynamo's tracing of the static-cache step, no code generation
+@pytest.mark.parametrize("decoding", ["token", pytest.param("jacobi", marks=pytest.mark.slow)])  # ~60 s: dynamic shapes
+def test_compiled_step_equals_eager(lm, decoding):
+    compiled_equals_eager(lm, "aot_eager", decoding)  # dynamo's tracing of the static-cache passes, no code generation
 
 
 @pytest.mark.slow
-def test_inductor_compiled_step_equals_eager(lm):
-    compiled_equals_eager(lm, "inductor")  # C++ code generation: ~1-2 min on 2 cores
+@pytest.mark.parametrize("decoding", ["token", "jacobi"])
+def test_inductor_compiled_step_equals_eager(lm, decoding):
+    compiled_equals_eager(lm, "inductor", decoding)  # C++ code generation: ~2-3 min each on 2 busy cores
 
 
 def test_compile_falls_back_with_one_warning(lm):

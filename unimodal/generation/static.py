@@ -1,5 +1,6 @@
 """A static KV cache and a compiled decode step (`torch.compile`: inductor on CPU, CUDA graphs
-on a GPU) for `KVDecoder`'s interface.
+on a GPU) for `KVDecoder`'s interface; speculative decoding's wider passes are compiled too, with
+dynamic shapes (their width changes from pass to pass).
 
 `transformers.StaticCache` preallocates ``[R, heads, max_length, head_dim]`` per layer and
 writes in place, so every decode step has the same shapes: ``[R, 1]`` ids and positions and a
@@ -25,13 +26,14 @@ from transformers import StaticCache
 
 from .decoder import KVDecoder
 
-# model -> {"heads": {(lo, hi): head}, "compiled": {backend: callable or None}, "caches": {shape: cache}}
-_STATE: weakref.WeakKeyDictionary[nn.Module, dict[str, dict]] = weakref.WeakKeyDictionary()
+# model -> {"heads": {(lo, hi): head}, "compiled": {(backend, dynamic): callable or None},
+#           "caches": {shape: cache}, "warm": {shapes compiled for}}
+_STATE: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
 _WARNED: set[str] = set()
 
 
-def _state(model: nn.Module) -> dict[str, dict]:
-    return _STATE.setdefault(model, {"heads": {}, "compiled": {}, "caches": {}})
+def _state(model: nn.Module) -> dict[str, Any]:
+    return _STATE.setdefault(model, {"heads": {}, "compiled": {}, "caches": {}, "warm": set()})
 
 
 def _default_backend(device: torch.device) -> str:
@@ -81,13 +83,19 @@ class StaticKVDecoder(KVDecoder):
         """The mask stays ``[B, max_length]``; only the cache's length moves."""
 
     def _call(self, kwargs: dict) -> Any:
-        """The model call, compiled for one-token steps when a backend is set."""
-        step = kwargs["input_ids"].shape[1] == 1 and self.backend is not None and self.positions is not None
-        compiled = self._compiled() if step and self.cache.get_seq_length() > 0 else None
+        """The model call: compiled for the passes after the prefill when a backend is set (one-token
+        steps with static shapes; wider passes, e.g. speculative verification, with dynamic ones)."""
+        width = kwargs["input_ids"].shape[1]
+        if self.backend is None or self.cache.get_seq_length() == 0:  # eager prefill
+            return self.model(**kwargs)
+        dynamic = width > 1
+        compiled = self._compiled(dynamic)
         if compiled is None:
             return self.model(**kwargs)
-        first = not getattr(compiled, "_unimodal_warm", False)
-        if not first:
+        # A new batch shape (or, with static shapes, width) compiles again: count each first call.
+        shape = (self.backend, dynamic, kwargs["input_ids"].shape[0], self.max_length, None if dynamic else width)
+        warm = _state(self.model)["warm"]
+        if shape in warm:
             return compiled(**kwargs)
         lengths = [layer.cumulative_length.clone() for layer in self.cache.layers]
         start = time.perf_counter()
@@ -96,27 +104,27 @@ class StaticKVDecoder(KVDecoder):
         except Exception as err:  # noqa: BLE001 — any compiler failure falls back the same way
             for layer, length in zip(self.cache.layers, lengths):
                 layer.cumulative_length.copy_(length)  # undo a partial write before retrying eagerly
-            self._give_up(err)
+            self._give_up(err, dynamic)
             return self.model(**kwargs)
-        compiled._unimodal_warm = True
+        warm.add(shape)
         if self.stats is not None:
             self.stats.compile_seconds += time.perf_counter() - start
         return out
 
-    def _compiled(self) -> Any:
+    def _compiled(self, dynamic: bool) -> Any:
         compiled = _state(self.model)["compiled"]
-        if self.backend not in compiled:
+        key = (self.backend, dynamic)
+        if key not in compiled:
             try:
                 mode = "reduce-overhead" if self.backend == "cudagraphs" else None  # CUDA graphs via inductor
                 backend = "inductor" if mode else str(self.backend)
-                compiled[self.backend] = torch.compile(self.model, backend=backend, mode=mode, dynamic=False)
+                compiled[key] = torch.compile(self.model, backend=backend, mode=mode, dynamic=dynamic)
             except Exception as err:  # noqa: BLE001 — unknown backend, unsupported Python: fall back
-                compiled[self.backend] = None
-                self._give_up(err)
-        return compiled[self.backend]
+                self._give_up(err, dynamic)
+        return compiled[key]
 
-    def _give_up(self, err: Exception) -> None:
-        _state(self.model)["compiled"][self.backend] = None
+    def _give_up(self, err: Exception, dynamic: bool) -> None:
+        _state(self.model)["compiled"][(self.backend, dynamic)] = None
         if self.backend not in _WARNED:
             _WARNED.add(str(self.backend))
             warnings.warn(f"torch.compile (backend {self.backend!r}) is unavailable here, so generation runs "
