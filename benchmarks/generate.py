@@ -26,7 +26,8 @@ Faster decoding (``--methods``; a second table, one row per model, batch and met
 against ``hf`` in the same run: ``token`` (the ``ours`` row), ``jacobi`` (speculative Jacobi
 decoding, ``--window`` drafts per pass), ``static`` (static KV cache), ``compiled`` (static
 cache + `torch.compile`d decode step; its one-time compile is the ``warm-up s`` column, wall
-seconds, excluded from tok/s) and ``jacobi+static``. Columns: tokens/s, x hf, forward passes per
+seconds, excluded from tok/s), ``jacobi+static`` and ``jacobi+compiled`` (the verify passes
+compiled with dynamic shapes). Columns: tokens/s, x hf, forward passes per
 image (per batch of rows, prefill included) and the draft acceptance rate. The random-weight
 models are labelled so: their acceptance says nothing (it depends on how peaked the trained
 distribution is); speed does not depend on the weights. Trained models: ``--digits_model
@@ -186,6 +187,7 @@ METHODS = {  # name -> sample_image_tokens options (the Jacobi ones also get --w
     "static": {"static_cache": True},
     "compiled": {"compile": True},
     "jacobi+static": {"decoding": "jacobi", "static_cache": True},
+    "jacobi+compiled": {"decoding": "jacobi", "compile": True},
 }
 
 
