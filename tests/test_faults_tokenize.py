@@ -75,6 +75,7 @@ def tokenize(source: Path, out: Path, *extra: str) -> list[str]:
             "--output_dir", str(out), "--cache_dir", str(out.parent / f"{out.name}-cache"), *extra]
 
 
+@pytest.mark.slow  # 3 pre-tokenisations (2 launched): ~50 s on a busy 2-core machine
 def test_pretokenize_preempted_keeps_finished_parts_and_resumes_to_the_same_data(source):
     from unimodal.recipes import tokenize_dataset
 
