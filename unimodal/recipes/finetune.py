@@ -46,6 +46,7 @@ from unimodal.training import (
     CheckpointManager,
     Preemption,
     Throughput,
+    adamw,
     batch_loss,
     check_finite,
     continued_micro_step,
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     eval_loaders = {task: make_dataloader(d, eval_collator, args.eval_batch_size, shuffle=False)
                     for task, d in eval_data.items()}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = adamw(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     # FSDP2 swaps every parameter for a sharded DTensor in prepare: clip those, not the originals.
     trainable = [p for p in model.parameters() if p.requires_grad]

