@@ -189,6 +189,21 @@ def test_inductor_compiled_step_equals_eager(lm, decoding):
     compiled_equals_eager(lm, "inductor", decoding)  # C++ code generation: ~2-3 min each on 2 busy cores
 
 
+def test_a_model_used_with_a_static_cache_and_compile_is_freed(tiny_pipeline_factory):
+    # The kept state (compiled callable, caches, sliced head) lives on the model: nothing else
+    # holds the model once the caller lets it go.
+    import gc
+    import weakref
+
+    model, processor = with_random_image_rows(tiny_pipeline_factory(image_size=8, pixel_size=2))
+    sample_image_tokens(model, processor, rows_of(processor)[:1], SamplingConfig(do_sample=False), progress=False,
+                        static_cache=True, compile="eager")
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
 def test_compile_falls_back_with_one_warning(lm):
     model, processor = lm
     sampling = SamplingConfig(do_sample=False)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 import warnings
-import weakref
 from typing import Any
 
 import torch
@@ -26,14 +25,20 @@ from transformers import StaticCache
 
 from .decoder import KVDecoder
 
-# model -> {"heads": {(lo, hi): head}, "compiled": {(backend, dynamic): callable or None},
-#           "caches": {shape: cache}, "warm": {shapes compiled for}}
-_STATE: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
 _WARNED: set[str] = set()
+_STATE_ATTRIBUTE = "_unimodal_static_decoding"
 
 
 def _state(model: nn.Module) -> dict[str, Any]:
-    return _STATE.setdefault(model, {"heads": {}, "compiled": {}, "caches": {}, "warm": set()})
+    """{"heads": {(lo, hi): head}, "compiled": {(backend, dynamic): callable or None},
+    "caches": {shape: cache}, "warm": {shapes compiled for}}, kept in the model's own ``__dict__``
+    (not registered as a submodule): the compiled callable references the model, so a table keyed
+    by the model (even a weak one) would keep every model alive; on the model it goes with it."""
+    state = model.__dict__.get(_STATE_ATTRIBUTE)
+    if state is None:
+        state = {"heads": {}, "compiled": {}, "caches": {}, "warm": set()}
+        model.__dict__[_STATE_ATTRIBUTE] = state
+    return state
 
 
 def _default_backend(device: torch.device) -> str:
