@@ -347,3 +347,24 @@ def test_recipe_batches_match_the_models_own_loss(tiny_pipeline_factory, tie):
     assert c1.tolist() == c2.tolist()
     with pytest.raises(ValueError, match="loss must be one of"):
         batch_loss(model, dict(batch), "fused")
+
+
+def test_a_refusing_model_trains_with_its_own_loss(caplog):
+    """A model that says the chunked loss cannot be exact (a unified base) gets its own loss, with
+    the reason logged once, also through a PEFT wrapper."""
+    from peft import LoraConfig, get_peft_model
+
+    from unimodal.training.loss import REFUSAL_ATTRIBUTE, batch_loss, chunked_loss_refusal
+
+    model = build()
+    setattr(model, REFUSAL_ATTRIBUTE, "test: logits come from elsewhere")
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert chunked_loss_refusal(wrapped) == "test: logits come from elsewhere"
+    with caplog.at_level("WARNING", logger="unimodal.training.loss"):
+        loss = batch_loss(wrapped, batch, "chunked")
+        batch_loss(wrapped, batch, "chunked")
+    assert torch.equal(loss, wrapped(**batch).loss)
+    assert sum("logits come from elsewhere" in r.getMessage() for r in caplog.records) == 1
+    assert chunked_loss_refusal(build()) is None

@@ -190,3 +190,36 @@ def test_vocabulary_mapping_round_trip_and_errors():
         vocab.codes_to_ids(torch.tensor([0, 8192]))
     with pytest.raises(ValueError, match="integer"):
         vocab.codes_to_ids(torch.zeros(3))
+
+
+# ----------------------------------------------------------------------------- permuted id tables
+
+def test_permuted_vocabulary_round_trips_and_keeps_range_test():
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0)) + 100  # code c -> id perm[c]
+    vocab = ImageVocabulary.from_ids(perm)
+    assert (vocab.offset, vocab.end, vocab.codebook_size) == (100, 164, 64) and vocab.permuted
+    codes = torch.randint(0, 64, (3, 4, 5), generator=torch.Generator().manual_seed(1))
+    ids = vocab.codes_to_ids(codes)
+    assert ids.shape == codes.shape and torch.equal(ids, perm[codes])
+    assert torch.equal(vocab.ids_to_codes(ids), codes)
+    assert torch.equal(vocab.ids_to_codes(torch.arange(100, 164)), torch.argsort(perm))
+    assert vocab.is_image(torch.tensor([99, 100, 163, 164])).tolist() == [False, True, True, False]
+    with pytest.raises(ValueError, match="outside"):
+        vocab.codes_to_ids(torch.tensor([64]))
+    with pytest.raises(ValueError, match="not an image token"):
+        vocab.ids_to_codes(torch.tensor([99]))
+
+
+def test_identity_table_is_the_plain_offset_vocabulary():
+    vocab = ImageVocabulary.from_ids(torch.arange(10, 20))
+    assert not vocab.permuted and vocab == ImageVocabulary(10, 10)
+    assert torch.equal(vocab.codes_to_ids(torch.tensor([0, 9])), torch.tensor([10, 19]))
+
+
+def test_ids_with_holes_are_refused():
+    with pytest.raises(ValueError, match="not one contiguous range"):
+        ImageVocabulary.from_ids([5, 6, 8])
+    with pytest.raises(ValueError, match="not one contiguous range"):
+        ImageVocabulary.from_ids([5, 6, 6])
+    with pytest.raises(ValueError, match="not a permutation"):
+        ImageVocabulary(0, 3, torch.tensor([0, 1, 5]))

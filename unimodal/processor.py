@@ -391,9 +391,19 @@ class UnimodalProcessor(PushToHubMixin):
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, **hub_kwargs) -> UnimodalProcessor:
         """Load from a folder or Hub repo written by `save_pretrained`. ``hub_kwargs`` (``revision``,
-        ``token``, ``cache_dir``, ``local_files_only``) are passed to the Hub downloads."""
+        ``token``, ``cache_dir``, ``local_files_only``) are passed to the Hub downloads. A folder of
+        a unified base (processor_config.json ``"base"``) loads with that base's processor."""
         config_file = cached_file(path_or_repo, PROCESSOR_CONFIG_NAME, **hub_kwargs)  # raises if missing
         config = json.loads(Path(cast(str, config_file)).read_text())
+        if config.get("base") is not None and cls is UnimodalProcessor:
+            # a unified base's folder (Chameleon, Emu3, Janus): its own processor class rebuilds it
+            from .bases import base_for
+
+            base = base_for(path_or_repo, **hub_kwargs)
+            if base is None:
+                raise ValueError(f"{path_or_repo}: processor_config.json names base {config['base']!r}, "
+                                 "which is not available")
+            return base.load_processor(str(path_or_repo))
         subfolder = Path(path_or_repo) / config["image_tokenizer_subfolder"]
         if Path(path_or_repo).is_dir() and not (subfolder / "config.json").is_file():
             raise FileNotFoundError(

@@ -12,11 +12,18 @@ After `unimodal.add_image_tokens` (in `unimodal.extend`) the id space of the LM 
 ```
 
 so image ids are one contiguous range and code <-> id is a single add/subtract on a tensor.
+
+Bases that keep their own vocabulary (Chameleon, Emu3: see `unimodal.bases`) also hold their K
+image ids in one contiguous range, but in another order than the codes (Chameleon's ``IMGIMG..Z``
+strings sort differently from the code numbers). For them `ImageVocabulary.from_ids` stores the
+code -> id table (a permutation of the range) and its inverse: code <-> id is then one gather on
+a tensor, and `is_image` stays the same range test.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,10 +45,51 @@ class ImageVocabulary:
     """Maps image codes ``[0, codebook_size)`` to LM ids ``[offset, offset + codebook_size)``.
 
     Every method works on whole tensors (any shape, any device): no Python loop per token.
+    Without ``code_to_id`` code ``c`` is id ``offset + c``; with it (see `from_ids`) code ``c`` is
+    id ``code_to_id[c]``, a permutation of the same range.
     """
 
     offset: int
     codebook_size: int
+    # LongTensor[K]: id of each code (a permutation of [offset, end)); None: the identity order
+    code_to_id: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # LongTensor[K]: code of id offset + j; built from code_to_id
+    _id_to_code: torch.Tensor | None = field(default=None, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.code_to_id is None:
+            return
+        table = torch.as_tensor(self.code_to_id).long().cpu().flatten()
+        if len(table) != self.codebook_size:
+            raise ValueError(f"code_to_id has {len(table)} entries for a codebook of {self.codebook_size}")
+        inverse = torch.full((self.codebook_size,), -1, dtype=torch.long)
+        inside = (table >= self.offset) & (table < self.end)
+        if inside.all():
+            inverse[table - self.offset] = torch.arange(self.codebook_size)
+        if not inside.all() or (inverse < 0).any():
+            raise ValueError(f"code_to_id is not a permutation of the ids [{self.offset}, {self.end})")
+        if torch.equal(table, torch.arange(self.offset, self.end)):
+            table = inverse = None  # the identity: keep the add/subtract fast path
+        object.__setattr__(self, "code_to_id", table)
+        object.__setattr__(self, "_id_to_code", inverse)
+
+    @classmethod
+    def from_ids(cls, ids: Sequence[int] | torch.Tensor) -> ImageVocabulary:
+        """The vocabulary whose code ``c`` is ``ids[c]``. The ids must fill one contiguous range
+        (any order); a set with holes raises ``ValueError`` naming the range it spans."""
+        table = torch.as_tensor(ids).long().flatten()
+        if len(table) == 0:
+            raise ValueError("no image ids")
+        lo, hi = int(table.min()), int(table.max()) + 1
+        if hi - lo != len(table) or len(torch.unique(table)) != len(table):
+            raise ValueError(f"the {len(table)} image ids are not one contiguous range (they span "
+                             f"[{lo}, {hi}) with holes or repeats); ImageVocabulary needs one range")
+        return cls(lo, len(table), table)
+
+    @property
+    def permuted(self) -> bool:
+        """Whether codes map to ids through a table (not ``offset + code``)."""
+        return self.code_to_id is not None
 
     @property
     def end(self) -> int:
@@ -68,7 +116,9 @@ class ImageVocabulary:
             raise ValueError(
                 f"code {int(codes[pos])} at position {pos} is outside [0, {self.codebook_size})"
             )
-        return codes.long() + self.offset
+        if self.code_to_id is None:
+            return codes.long() + self.offset
+        return self.code_to_id.to(codes.device)[codes.long()]
 
     def ids_to_codes(self, ids: torch.Tensor) -> torch.Tensor:
         """LM ids (any shape) -> codes of the same shape. Raises on any non-image id."""
@@ -80,4 +130,6 @@ class ImageVocabulary:
                 f"id {int(ids[pos])} at position {pos} is not an image token "
                 f"(image ids are [{self.offset}, {self.end}))"
             )
-        return ids.long() - self.offset
+        if self._id_to_code is None:
+            return ids.long() - self.offset
+        return self._id_to_code.to(ids.device)[ids.long() - self.offset]

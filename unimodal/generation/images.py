@@ -97,8 +97,8 @@ def sample_image_tokens(
         batch = processor.pad(rows + [uncond] * len(rows) if guided else rows, padding_side="left")
         ids, mask = batch["input_ids"], batch["attention_mask"]  # [R, L], R = B or 2B
         extra = 1 if jacobi is None else jacobi.window + 1  # the widest pass past the span
-        decoder = (StaticKVDecoder(model, (lo, hi), ids.shape[1] + n_tokens + extra, compile, stats)
-                   if static_cache or compile else KVDecoder(model, vocab_slice=(lo, hi)))
+        decoder = _decoder(model, processor, (lo, hi), ids.shape[1] + n_tokens + extra, static_cache, compile,
+                           stats)
         if jacobi is not None:
             u = None if uniforms is None else uniforms.rows(start, stop, decoder.device)
             codes = jacobi.sample(decoder, sampler, ids, mask, n_tokens, u, stats)
@@ -122,12 +122,30 @@ def sample_image_tokens(
     return out
 
 
+def _decoder(model, processor, vocab_slice: tuple[int, int], max_length: int, static_cache: bool,
+             compile: bool | str, stats: DecodeStats | None) -> KVDecoder:
+    """The decoder giving logits ``[R, K]`` of the image ids: the processor's own
+    (``processor.image_decoder(...)``, a unified base whose model needs another forward), else a
+    `StaticKVDecoder` (static cache / compile) or a `KVDecoder`."""
+    hook = getattr(processor, "image_decoder", None)
+    if hook is not None:
+        return hook(model, vocab_slice, max_length, static_cache or bool(compile), compile, stats)
+    if static_cache or compile:
+        return StaticKVDecoder(model, vocab_slice, max_length, compile, stats)
+    return KVDecoder(model, vocab_slice=vocab_slice)
+
+
 def decode_image_ids(processor, image_ids: torch.Tensor) -> list[Image.Image]:
     """Image ids ``[N, h*w]`` -> N PIL images in one batched image-tokenizer decode.
 
     Goes through `UnimodalProcessor.batch_decode(strict=True)`, so a wrong length or a non-image
-    id raises a ``ValueError`` naming its position.
+    id raises a ``ValueError`` naming its position; a processor with its own
+    ``decode_image_ids(ids [N, h*w]) -> list[PIL]`` (a unified base whose span format differs)
+    decodes instead.
     """
+    hook = getattr(processor, "decode_image_ids", None)
+    if hook is not None:
+        return list(hook(torch.as_tensor(image_ids).view(len(image_ids), -1)))
     boi, eoi = processor.boi_token_id, processor.eoi_token_id
     spans = [[boi, *row.tolist(), eoi] for row in torch.as_tensor(image_ids).view(len(image_ids), -1)]
     decoded = processor.batch_decode(spans, strict=True)

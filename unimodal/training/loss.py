@@ -23,6 +23,7 @@ probe checks that the model's forward and loss agree with ours; other models are
 
 from __future__ import annotations
 
+import logging
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -36,6 +37,8 @@ from transformers import PreTrainedModel
 
 from ..extend import layer_rows
 from .linear_ce import Steps, linear_cross_entropy, transform_logits
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 # Default chunk: at most this many logits (fp32: 256 MB) per chunk; at V = 160k that is ~420 rows,
@@ -114,11 +117,50 @@ def causal_lm_loss_sums(
 
 
 LOSS_METHODS = ("chunked", "model")
+# A model (or a wrapper of one) with this attribute set to a reason string is trained with its own
+# loss even when "chunked" is asked: e.g. a unified base whose image logits come from another head.
+REFUSAL_ATTRIBUTE = "unimodal_chunked_loss_refusal"
+_LOGGED_REFUSALS: set[str] = set()
+
+
+def chunked_loss_refusal(model: nn.Module) -> str | None:
+    """Why the chunked loss cannot be exact for ``model`` (its `REFUSAL_ATTRIBUTE`, looked up
+    through DDP / DeepSpeed / compile / PEFT wrappers), or None."""
+    inner: Any = model
+    for _ in range(8):
+        reason = inner.__dict__.get(REFUSAL_ATTRIBUTE, getattr(type(inner), REFUSAL_ATTRIBUTE, None))
+        if reason:
+            return str(reason)
+        if hasattr(type(inner), "get_base_model"):  # PeftModel
+            inner = inner.get_base_model()
+        elif isinstance(getattr(inner, "_orig_mod", None), nn.Module):  # torch.compile
+            inner = inner._orig_mod
+        elif isinstance(inner.__dict__.get("_modules", {}).get("module"), nn.Module):  # DDP, DS
+            inner = inner.module
+        else:
+            return None
+    return None
+
+
+def resolve_loss_method(model: nn.Module, method: str) -> str:
+    """``method``, or ``"model"`` when ``"chunked"`` is asked of a model that refuses it (the
+    reason is logged once per reason)."""
+    if method != "chunked":
+        return method
+    reason = chunked_loss_refusal(model)
+    if reason is None:
+        return method
+    if reason not in _LOGGED_REFUSALS:
+        _LOGGED_REFUSALS.add(reason)
+        logger.warning("loss: using the model's own loss instead of the chunked one: %s", reason)
+    return "model"
 
 
 def batch_loss(model: nn.Module, batch: dict, method: str = "chunked", chunk_size: int | None = None) -> Tensor:
     """The training loss of a collated ``batch`` (it holds ``labels``): `causal_lm_loss` or, with
-    ``method="model"``, the model's own ``.loss`` (full logits)."""
+    ``method="model"``, the model's own ``.loss`` (full logits). A model that refuses the chunked
+    loss (`chunked_loss_refusal`) uses its own, with the reason logged once."""
+    method = resolve_loss_method(model, method)
     if method == "model":
         return model(**batch).loss
     if method != "chunked":
@@ -130,6 +172,7 @@ def batch_loss(model: nn.Module, batch: dict, method: str = "chunked", chunk_siz
 def batch_loss_sums(model: nn.Module, batch: dict, method: str = "chunked",
                     chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
     """Evaluation: per-row ``(sum of token losses [B] fp32, target tokens [B])`` of a batch."""
+    method = resolve_loss_method(model, method)
     if method == "chunked":
         return causal_lm_loss_sums(model, **batch, chunk_size=chunk_size)
     if method != "model":
