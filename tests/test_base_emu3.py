@@ -1,0 +1,191 @@
+"""Emu3 as a unified base (`unimodal.bases.emu3`): vocabulary map, sequence format, generation
+parity with Emu3's own ``generate``, training and saving in its own format.
+
+Every test runs on one tiny random ``Emu3ForConditionalGeneration`` built in-process: a byte-level
+BPE tokenizer with Emu3's control tokens and 64 ``<|visual token ......|>`` tokens added in a
+shuffled order (so code -> id is a real permutation, as the contract requires the processor to
+handle), a 2-layer text model and a 2-level VQ model (8 x 8 pixel images -> 4 x 4 codes).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+K = 64  # codebook size
+IMAGE_SIZE = 8  # pixels; the tiny VQ downsamples by 2 -> 4 x 4 codes
+CONTROL = ["<|extra_200|>", "<|extra_201|>", "<|image start|>", "<|image end|>", "<|image token|>", "<image>"]
+NAMED = {"image_token": "<image>", "boi_token": "<|image start|>", "eoi_token": "<|image end|>",
+         "image_wrapper_token": "<|image token|>", "eof_token": "<|extra_201|>"}
+
+
+def emu3_tokenizer():
+    """Emu3-like tokenizer: our tiny BPE + Emu3's special tokens (names and roles as in BAAI's)."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    from unimodal.offline import train_text_tokenizer
+
+    base = train_text_tokenizer(bos_token="<|extra_203|>", eos_token="<|extra_204|>", pad_token="<|endoftext|>")
+    backend = base.backend_tokenizer
+    codes = list(range(K))
+    random.Random(0).shuffle(codes)  # visual tokens in another order than their code numbers
+    visual = [f"<|visual token {c:06d}|>" for c in codes]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CONTROL + visual])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|extra_203|>", eos_token="<|extra_204|>",
+                                   pad_token="<|endoftext|>", extra_special_tokens=NAMED)
+
+
+def build_emu3(seed: int = 0):
+    """``(model, processor)``: a tiny random Emu3ForConditionalGeneration and its Emu3Processor."""
+    from transformers import Emu3Config, Emu3ForConditionalGeneration
+
+    from unimodal.bases.emu3 import Emu3Processor
+    from unimodal.vq.convert.emu3 import from_emu3
+
+    tok = emu3_tokenizer()
+    vq = dict(codebook_size=K, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 2],
+              num_res_blocks=1, attn_resolutions=[1], hidden_size=64, temporal_downsample_factor=4)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = Emu3Config(vq_config=vq, text_config=text, vocabulary_map=tok.get_vocab())
+    torch.manual_seed(seed)
+    model = Emu3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # a random VQ whose codes vary over an image (its init is near-degenerate)
+        g = torch.Generator().manual_seed(seed)
+        for p in model.model.vqmodel.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1 * (float(p.std()) if p.numel() > 1 else 1.0))
+    processor = Emu3Processor(tok, from_emu3(model, image_size=IMAGE_SIZE).model)
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def emu3():
+    return build_emu3()
+
+
+@pytest.fixture(scope="module")
+def emu3_folder(emu3, tmp_path_factory):
+    """The tiny model saved in transformers' format (what BAAI/Emu3-Gen-hf looks like), no processor files
+    of ours."""
+    model, processor = emu3
+    folder = tmp_path_factory.mktemp("emu3") / "hf"
+    model.save_pretrained(folder)
+    processor.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def images(n: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.rand(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+# ----------------------------------------------------------------------------- vocabulary and format
+
+
+def test_codes_ids_round_trip_through_the_vocabulary_map(emu3):
+    model, processor = emu3
+    mapping = model.vocabulary_mapping  # transformers' Emu3ImageVocabularyMapping
+    codes = torch.arange(K)
+    ids = processor.vocab.codes_to_ids(codes)
+    assert processor.vocab.permuted  # the shuffled tokens: a real table, not offset + code
+    assert torch.equal(ids, mapping.img2bpe_mapping_tensor[codes].long())
+    assert torch.equal(processor.vocab.ids_to_codes(ids), codes)
+    lo, hi = processor.image_token_range
+    assert (lo, hi) == (min(mapping.image_tokens), max(mapping.image_tokens) + 1) and hi - lo == K
+
+
+def test_image_codes_equal_emu3s_own_vq(emu3):
+    """The converted VQGAN the processor uses gives Emu3VQVAE's codes (and the span holds them)."""
+    model, processor = emu3
+    x = images(3)
+    ours = processor.encode_images(x)
+    theirs = torch.stack(model.model.vqmodel.encode(x, torch.tensor([[IMAGE_SIZE] * 2] * 3)).image_tokens)
+    assert torch.equal(ours, theirs) and ours.unique().numel() > 3
+
+
+def test_image_span_equals_emu3s_own_tokens(emu3):
+    """Our span = transformers' Emu3Processor layout with the placeholders filled by
+    Emu3Model.get_image_tokens (rows + end-of-line)."""
+    model, processor = emu3
+    x = images(1)
+    codes = processor.encode_images(x)[0]
+    span = processor.image_span_ids(codes)
+    tok = processor.tokenizer
+    h, w = processor.grid_shape
+    visual = model.model.get_image_tokens(x, torch.tensor([[IMAGE_SIZE] * 2])).tolist()  # h * (w + 1)
+    expected = (tok.convert_tokens_to_ids(["<|image start|>"]) + tok.encode(f"{h}*{w}", add_special_tokens=False)
+                + tok.convert_tokens_to_ids(["<|image token|>"]) + visual
+                + tok.convert_tokens_to_ids(["<|extra_201|>", "<|image end|>"]))
+    assert span == expected and len(span) == processor.span_length
+
+
+def test_generation_prompt_equals_transformers_processor(emu3):
+    from transformers import Emu3ImageProcessor
+    from transformers import Emu3Processor as HFEmu3Processor
+
+    _, processor = emu3
+    hf = HFEmu3Processor(Emu3ImageProcessor(), processor.tokenizer)
+    caption = "a red square on a blue sky"
+    theirs = hf(text=[caption], return_for_image_generation=True, ratio="1:1",
+                image_area=(4 * 8) ** 2)["input_ids"][0]  # 4 x 4 codes at Emu3's factor 8
+    assert processor.text_to_image_ids(caption) == theirs
+    assert processor.text_to_image_ids(caption)[-1] == processor.boi_token_id
+    assert processor.unconditional_prompt_ids() == hf(text=[""], return_for_image_generation=True, ratio="1:1",
+                                                      image_area=(4 * 8) ** 2)["input_ids"][0]
+
+
+def test_user_text_never_yields_image_or_control_ids(emu3):
+    _, processor = emu3
+    hostile = ("<|visual token 000003|><|image start|>4*4<|image token|><|extra_200|><|extra_201|>"
+               "<|image end|><|extra_203|><|extra_204|><image>")
+    ids = torch.tensor(processor.encode_text(hostile))
+    assert not processor.vocab.is_image(ids).any()
+    assert not torch.isin(ids, processor.control_ids).any()
+    assert processor.decode([processor.bos_token_id, *ids.tolist(), processor.eos_token_id]) == [hostile]
+
+
+def test_decode_round_trip_and_clear_errors(emu3):
+    _, processor = emu3
+    codes = processor.encode_images(images(2))
+    ids = processor.image_to_text_ids(codes[0], "a caption") + processor.image_to_text_ids(codes[1])
+    segments = processor.decode(ids, return_codes=True)
+    assert [type(s).__name__ for s in segments] == ["Tensor", "str", "Tensor"]
+    assert torch.equal(segments[0], codes[0]) and torch.equal(segments[2], codes[1]) and segments[1] == "a caption"
+    broken = processor.image_to_text_ids(codes[0])
+    eol_at = broken.index(processor.eol_token_id)
+    with pytest.raises(ValueError, match="expected 4 rows of 4 visual ids"):
+        processor.decode(broken[:eol_at] + broken[eol_at + 1:])
+    cut = broken[:-2]  # generation stopped before <|extra_201|><|image end|>
+    with pytest.raises(ValueError, match="lacks"):
+        processor.decode(cut)
+    assert torch.equal(processor.decode(cut, strict=False, return_codes=True)[0], codes[0])
+    pil = processor.decode_image_ids(processor.vocab.codes_to_ids(codes).view(2, -1))
+    assert len(pil) == 2 and pil[0].size == (IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_save_and_load_processor(emu3, emu3_folder, tmp_path):
+    from transformers import Emu3Processor as HFEmu3Processor
+
+    from unimodal import UnimodalProcessor
+    from unimodal.bases import base_for
+    from unimodal.bases.emu3 import Emu3Processor
+
+    _, processor = emu3
+    # from the model folder alone (BAAI's format): tokenizer + the model's VQ converted
+    from_model = Emu3Processor.from_pretrained(emu3_folder, image_size=IMAGE_SIZE)
+    codes = processor.encode_images(images(2))
+    assert torch.equal(from_model.encode_images(images(2)), codes)
+    assert base_for(emu3_folder).name == "emu3"
+    processor.save_pretrained(tmp_path / "p")
+    assert base_for(tmp_path / "p").name == "emu3"
+    loaded = UnimodalProcessor.from_pretrained(tmp_path / "p")  # dispatches on "base"
+    assert isinstance(loaded, Emu3Processor)
+    assert loaded.image_span_ids(codes[0]) == processor.image_span_ids(codes[0])
+    assert torch.equal(loaded.vocab.code_to_id, processor.vocab.code_to_id)
+    # transformers' own processor reads the same folder
+    hf = HFEmu3Processor.from_pretrained(tmp_path / "p")
+    assert hf(text=["a cat"], return_for_image_generation=True, ratio="1:1",
+              image_area=32 * 32)["input_ids"][0] == processor.text_to_image_ids("a cat")
