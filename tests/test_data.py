@@ -428,3 +428,19 @@ def test_gpu_encoding_matches_cpu(processor, captioned, tmp_path):
     finally:
         processor.image_tokenizer.to("cpu")
     assert on_gpu["input_ids"] == on_cpu["input_ids"]
+
+
+def test_format_of_a_base_with_a_prompt_suffix_and_span_control_ids():
+    """Unified bases: a template between caption and <boi> survives truncation (the caption loses
+    its last tokens instead), and span control ids count as image targets, not text ones."""
+    from unimodal.data.format import SequenceFormat, loss_mask
+
+    # <bos>=1 caption 10 11 12, suffix 7 8, <boi>=3, image ids 20 21, separator 5, <eoi>=4, <eos>=2
+    fmt = SequenceFormat(0, 3, 4, (20, 22), (1, 7, 8, 3), caption_suffix_len=2, span_ids=(5,))
+    ids = np.array([1, 10, 11, 12, 7, 8, 3, 20, 5, 21, 4, 2])
+    fitted, cond_len = fit_sample(ids, "t2i", 7, len(ids) - 2, fmt, "image")
+    assert fitted.tolist() == [1, 10, 7, 8, 3, 20, 5, 21, 4, 2] and cond_len == 5
+    assert fit_sample(ids, "t2i", 7, len(ids) - 3, fmt, "image") is None  # no caption token left
+    image = loss_mask(ids, fmt, "image")
+    assert ids[image].tolist() == [20, 5, 21, 4]
+    assert 5 not in ids[loss_mask(ids, fmt, "text")].tolist()

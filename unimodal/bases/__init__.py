@@ -45,6 +45,8 @@ class UnifiedBase:
         save_model: ``(module, folder)``: writes the model in its own format (its transformers
             class loads the folder).
         trainable_parts: LoRA / trainable-part mode name -> one-line description (for the docs).
+        apply_lora: ``(module, LoraArguments) -> module``: the base's own LoRA wrapping, used by the
+            finetune recipe instead of `unimodal.finetune.lora.apply_lora`; None: the default.
     """
 
     name: str
@@ -53,6 +55,7 @@ class UnifiedBase:
     load_processor: Callable[[str], UnimodalProcessor]
     save_model: Callable[[nn.Module, Path], None]
     trainable_parts: Mapping[str, str] = field(default_factory=dict)
+    apply_lora: Callable[[nn.Module, Any], nn.Module] | None = None
 
 
 _BASES: dict[str, UnifiedBase] = {}

@@ -27,23 +27,34 @@ class SequenceFormat:
     eoi_token_id: int
     image_token_range: tuple[int, int]  # [first, last + 1)
     unconditional: tuple[int, ...]  # <bos> <boi>: the t2i prompt of an empty caption
+    # Unified bases (unimodal.bases) whose prompt has a template between caption and <boi>
+    # (Janus's "\n\n<|Assistant|>:", Emu3's size header): that many ids right before <boi>.
+    caption_suffix_len: int = 0
+    # Control ids inside an image span besides the image ids (Emu3's row separators, its span
+    # start/end): targets of "image", not of "text".
+    span_ids: tuple[int, ...] = ()
 
     @classmethod
     def from_processor(cls, processor: Any) -> SequenceFormat:
-        """From a `unimodal.UnimodalProcessor` (typed ``Any``: this module is a leaf)."""
+        """From a `unimodal.UnimodalProcessor` (typed ``Any``: this module is a leaf); a processor
+        may add ``caption_suffix_len`` and ``span_control_ids`` (see the fields)."""
         uncond = tuple(processor.unconditional_prompt_ids())
         if uncond[-1] != processor.boi_token_id:
             raise ValueError(f"the unconditional prompt {list(uncond)} must end in <boi> "
                              f"({processor.boi_token_id}) for condition dropout to splice it in")
         return cls(processor.pad_token_id, processor.boi_token_id, processor.eoi_token_id,
-                   tuple(processor.image_token_range), uncond)
+                   tuple(processor.image_token_range), uncond,
+                   int(getattr(processor, "caption_suffix_len", 0)),
+                   tuple(int(i) for i in getattr(processor, "span_control_ids", ())))
 
 
 def loss_mask(ids: np.ndarray, fmt: SequenceFormat, loss_on: str) -> np.ndarray:
     """BoolArray ``[T]``: which tokens of ONE sample are prediction targets.
 
-    - ``"image"``: the image ids and ``<eoi>`` (what the model emits once given ``<boi>``);
-    - ``"text"``: every token that is not an image id, ``<boi>`` or ``<eoi>`` (text and ``<eos>``);
+    - ``"image"``: the image ids, the span's control ids (``fmt.span_ids``) and ``<eoi>`` (what
+      the model emits once given ``<boi>``);
+    - ``"text"``: every token that is not an image id, ``<boi>``, ``<eoi>`` or a span control id
+      (text and ``<eos>``);
     - ``"all"``: every token.
 
     The first token is never a target: nothing in its own sample precedes it (in a packed row the
@@ -51,6 +62,8 @@ def loss_mask(ids: np.ndarray, fmt: SequenceFormat, loss_on: str) -> np.ndarray:
     """
     lo, hi = fmt.image_token_range
     image = (ids >= lo) & (ids < hi)
+    if fmt.span_ids:
+        image |= np.isin(ids, fmt.span_ids)
     if loss_on == "image":
         mask = image | (ids == fmt.eoi_token_id)
     elif loss_on == "text":
@@ -67,8 +80,9 @@ def fit_sample(ids: np.ndarray, task: str, cond_len: int, max_length: int, fmt: 
                loss_on: str) -> tuple[np.ndarray, int] | None:
     """Make one sample fit in ``max_length`` tokens without cutting an image span.
 
-    - t2i (``<bos> caption <boi> image <eoi> <eos>``): the caption loses its last tokens, so the
-      image stays whole; dropped when not even a one-token caption fits.
+    - t2i (``<bos> caption <boi> image <eoi> <eos>``): the caption loses its last tokens (those
+      before ``fmt.caption_suffix_len`` template ids, if any), so the image stays whole; dropped
+      when not even a one-token caption fits.
     - i2t / interleaved: the tail is cut; a cut that would land inside an image span moves to
       just before that span's ``<boi>``.
 
@@ -82,8 +96,9 @@ def fit_sample(ids: np.ndarray, task: str, cond_len: int, max_length: int, fmt: 
         caption_len = cond_len - len(fmt.unconditional)
         if excess >= caption_len:
             return None
-        boi = cond_len - 1  # the prompt ends in <boi>; the caption ends right before it
-        ids, cond_len = np.concatenate([ids[: boi - excess], ids[boi:]]), cond_len - excess
+        # the prompt ends in <boi>; the caption ends right before it (or before the template suffix)
+        end = cond_len - 1 - fmt.caption_suffix_len
+        ids, cond_len = np.concatenate([ids[: end - excess], ids[end:]]), cond_len - excess
     else:
         cut = max_length
         opened = np.flatnonzero(ids[:cut] == fmt.boi_token_id)

@@ -61,7 +61,8 @@ def sample_image_tokens(
             (`UnimodalProcessor.text_to_image_ids(caption)`).
         sampling: guidance, temperature, top-k, top-p (see `SamplingConfig`).
         negative_prompt_ids: the unconditional branch; default
-            `UnimodalProcessor.unconditional_prompt_ids` (the form condition dropout trained).
+            `UnimodalProcessor.unconditional_prompt_ids` (the form condition dropout trained), or
+            per row ``processor.unconditional_ids_for(row)`` where the processor has it.
         seed, generator: one random stream per row (see `RowUniforms`): results per row do not
             depend on the batch they were made in.
         batch_size: rows per forward (doubled with guidance); ``None``: all at once.
@@ -85,6 +86,9 @@ def sample_image_tokens(
     lo, hi = processor.image_token_range
     guided = sampling.guidance_scale > 1
     uncond = list(negative_prompt_ids or processor.unconditional_prompt_ids())
+    # A base whose own generate builds each row's unconditional branch from that row (Janus: the
+    # prompt with its caption padded out) says so with unconditional_ids_for(row).
+    per_row = getattr(processor, "unconditional_ids_for", None) if negative_prompt_ids is None else None
     steps = n_tokens if jacobi is None else jacobi.uniform_steps(n_tokens)
     uniforms = RowUniforms(n_rows, steps, seed, generator) if sampling.do_sample else None
     sampler = TokenSampler(sampling)  # guidance: logits [2B, K] (cond rows, uncond rows) -> [B, K]
@@ -94,7 +98,8 @@ def sample_image_tokens(
     for start in range(0, n_rows, batch_size):
         stop = min(start + batch_size, n_rows)
         rows = list(prompt_ids[start:stop])
-        batch = processor.pad(rows + [uncond] * len(rows) if guided else rows, padding_side="left")
+        uncond_rows = [per_row(list(r)) for r in rows] if per_row is not None else [uncond] * len(rows)
+        batch = processor.pad(rows + uncond_rows if guided else rows, padding_side="left")
         ids, mask = batch["input_ids"], batch["attention_mask"]  # [R, L], R = B or 2B
         extra = 1 if jacobi is None else jacobi.window + 1  # the widest pass past the span
         decoder = _decoder(model, processor, (lo, hi), ids.shape[1] + n_tokens + extra, static_cache, compile,

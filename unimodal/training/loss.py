@@ -120,6 +120,9 @@ LOSS_METHODS = ("chunked", "model")
 # A model (or a wrapper of one) with this attribute set to a reason string is trained with its own
 # loss even when "chunked" is asked: e.g. a unified base whose image logits come from another head.
 REFUSAL_ATTRIBUTE = "unimodal_chunked_loss_refusal"
+# A model with ``computes_own_loss = True`` computes the exact loss in its forward (and, for the
+# evaluation sums, returns ``.loss_sum [B]`` and ``.num_tokens [B]`` next to ``.loss``).
+OWN_LOSS_ATTRIBUTE = "computes_own_loss"
 _LOGGED_REFUSALS: set[str] = set()
 
 
@@ -131,6 +134,8 @@ def chunked_loss_refusal(model: nn.Module) -> str | None:
         reason = inner.__dict__.get(REFUSAL_ATTRIBUTE, getattr(type(inner), REFUSAL_ATTRIBUTE, None))
         if reason:
             return str(reason)
+        if getattr(type(inner), OWN_LOSS_ATTRIBUTE, False) or inner.__dict__.get(OWN_LOSS_ATTRIBUTE):
+            return f"{type(inner).__name__} computes its own exact loss"
         if hasattr(type(inner), "get_base_model"):  # PeftModel
             inner = inner.get_base_model()
         elif isinstance(getattr(inner, "_orig_mod", None), nn.Module):  # torch.compile
@@ -177,6 +182,11 @@ def batch_loss_sums(model: nn.Module, batch: dict, method: str = "chunked",
         return causal_lm_loss_sums(model, **batch, chunk_size=chunk_size)
     if method != "model":
         raise ValueError(f"loss must be one of {LOSS_METHODS}, got {method!r}")
+    if chunked_loss_refusal(model) is not None:
+        out = model(**batch)
+        sums, counts = getattr(out, "loss_sum", None), getattr(out, "num_tokens", None)
+        if sums is not None and counts is not None:  # a model that computes its own loss sums
+            return sums.float(), counts
     batch = dict(batch)
     labels = batch.pop("labels")
     logits = model(**batch).logits.float()  # [B, T, V]
