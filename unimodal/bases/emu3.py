@@ -23,18 +23,34 @@ import torch
 from torch import nn
 
 from . import UnifiedBase, register_base
-from .emu3_processor import BASE_NAME, Emu3Processor
+from .emu3_processor import (
+    BASE_NAME,
+    EOF_TOKEN,
+    EOL_TOKEN,
+    IMAGE_END_TOKEN,
+    IMAGE_START_TOKEN,
+    IMAGE_WRAPPER_TOKEN,
+    Emu3Processor,
+)
 
 # Emu3-Gen's own sampling (BAAI's demo: classifier_free_guidance=3.0, top_k=2048), used when the
 # model's generation_config.json carries no unimodal settings.
 EMU3_SAMPLING = {"guidance_scale": 3.0, "temperature": 1.0, "top_k": 2048, "top_p": 1.0, "do_sample": True}
 
+# LoRA goes on the text decoder's linear layers only: "all-linear" would also reach the VQ model's
+# attention projections (nn.Linear too), which Emu3 never trains.
+LORA_TARGETS = r".*text_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
 TRAINABLE_PARTS = {
     "full": "every weight of the text model (embeddings, decoder layers, lm_head); the VQ model stays frozen",
-    "lora": "LoRA adapters on the decoder layers' linear layers (q/k/v/o_proj, gate/up/down_proj); "
-            "embeddings, lm_head and the VQ model frozen",
-    "lora+head": "as lora, plus lm_head trained in full (modules_to_save): the visual-token rows learn a new "
-                 "image distribution",
+    "lora + image rows": "(default LoRA: new_token_rows=trainable_tokens) LoRA on the decoder layers' q/k/v/o and "
+                         "gate/up/down projections, plus the rows of the K visual ids and the span's control ids "
+                         "(<|image start|>, <|image token|>, <|extra_200|>, <|extra_201|>, <|image end|>) in "
+                         "embed_tokens and lm_head",
+    "lora + embeddings": "(new_token_rows=modules_to_save) LoRA, plus embed_tokens and lm_head trained in full",
+    "lora": "(new_token_rows=frozen) LoRA adapters only",
+    "image head rows": "(lora_target_modules: [none]) Anole-style: only the lm_head rows of the visual and span "
+                       "control ids train (PEFT trainable tokens), nothing else",
 }
 
 
@@ -52,6 +68,38 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, **fr
     return model
 
 
+def image_row_ids(model: nn.Module) -> list[int]:
+    """The ids whose rows the "image rows" LoRA modes train: the K visual ids and the span's
+    control ids, read from the model's ``vocabulary_map``."""
+    vocab = model.config.vocabulary_map
+    named = [IMAGE_START_TOKEN, IMAGE_WRAPPER_TOKEN, EOL_TOKEN, EOF_TOKEN, IMAGE_END_TOKEN]
+    return sorted({*model.model.vocabulary_mapping.image_tokens, *(vocab[t] for t in named)})
+
+
+def apply_lora(model: nn.Module, args) -> nn.Module:
+    """Emu3's LoRA (a `LoraArguments`, see `TRAINABLE_PARTS`): adapters on the text decoder only
+    (``lora_target_modules: [all-linear]`` means `LORA_TARGETS`), the visual rows as
+    ``new_token_rows`` says; ``lora_target_modules: [none]`` trains only lm_head's visual rows."""
+    from peft import LoraConfig, TrainableTokensConfig, get_peft_model
+
+    rows = image_row_ids(model)
+    targets = list(args.lora_target_modules)
+    if targets == ["none"]:
+        return get_peft_model(model, TrainableTokensConfig(target_modules=["lm_head"], token_indices=rows))
+    if args.new_token_rows not in ("trainable_tokens", "modules_to_save", "frozen"):
+        raise ValueError(f"new_token_rows must be trainable_tokens, modules_to_save or frozen, got "
+                         f"{args.new_token_rows!r}")
+    extra: dict = {}
+    if args.new_token_rows == "trainable_tokens":
+        extra["trainable_token_indices"] = {"embed_tokens": rows, "lm_head": rows}
+    elif args.new_token_rows == "modules_to_save":
+        extra["modules_to_save"] = ["embed_tokens", "lm_head"]
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=LORA_TARGETS if targets == ["all-linear"] else targets,
+                        task_type="CAUSAL_LM", **extra)
+    return get_peft_model(model, config)
+
+
 def load_processor(path: str | os.PathLike) -> Emu3Processor:
     """`Emu3Processor.from_pretrained` (a folder it wrote, or an Emu3 model folder / Hub repo)."""
     return Emu3Processor.from_pretrained(path)
@@ -67,6 +115,8 @@ def save_model(model: nn.Module, folder: Path) -> None:
 
 
 register_base(UnifiedBase(name=BASE_NAME, model_types=("emu3",), load_model=load_model,
-                          load_processor=load_processor, save_model=save_model, trainable_parts=TRAINABLE_PARTS))
+                          load_processor=load_processor, save_model=save_model, trainable_parts=TRAINABLE_PARTS,
+                          apply_lora=apply_lora))
 
-__all__ = ["EMU3_SAMPLING", "Emu3Processor", "load_model", "load_processor", "save_model"]
+__all__ = ["EMU3_SAMPLING", "LORA_TARGETS", "TRAINABLE_PARTS", "Emu3Processor", "apply_lora", "image_row_ids",
+           "load_model", "load_processor", "save_model"]
