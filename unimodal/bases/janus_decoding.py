@@ -41,24 +41,27 @@ class _GenerationHeadLogits:
 class JanusImageDecoder(_GenerationHeadLogits, KVDecoder):
     """Dynamic-cache decoder over `JanusImageLM` (or a PEFT model around one)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, vocab_slice: tuple[int, int]):
         super().__init__(model, vocab_slice=None)  # no LM-head slice: the generation head is separate
+        self.vocab_slice = vocab_slice  # [V, V + K): what the logits' columns stand for
 
 
 class JanusStaticImageDecoder(_GenerationHeadLogits, StaticKVDecoder):
     """Static-cache (optionally compiled) decoder over `JanusImageLM`."""
 
-    def __init__(self, model: nn.Module, max_length: int, compile: bool | str = False, stats: Any = None):
+    def __init__(self, model: nn.Module, vocab_slice: tuple[int, int], max_length: int,
+                 compile: bool | str = False, stats: Any = None):
         super().__init__(model, None, max_length, compile, stats)
+        self.vocab_slice = vocab_slice
 
 
-def janus_image_decoder(model: nn.Module, max_length: int, static_cache: bool, compile: bool | str,
-                        stats: Any) -> KVDecoder:
+def janus_image_decoder(model: nn.Module, vocab_slice: tuple[int, int], max_length: int, static_cache: bool,
+                        compile: bool | str, stats: Any) -> KVDecoder:
     """The decoder `JanusProcessor.image_decoder` returns; refuses a model that is not a
     `JanusImageLM` (load it with the janus base's ``load_model``)."""
     if not isinstance(unwrap_peft(model), JanusImageLM):
         raise TypeError(f"Janus image generation needs a JanusImageLM (unimodal.bases.janus.load_model), "
                         f"got {type(unwrap_peft(model)).__name__}")
     if static_cache or compile:
-        return JanusStaticImageDecoder(model, max_length, compile, stats)
-    return JanusImageDecoder(model)
+        return JanusStaticImageDecoder(model, vocab_slice, max_length, compile, stats)
+    return JanusImageDecoder(model, vocab_slice)

@@ -133,7 +133,7 @@ class JanusProcessor(UnimodalProcessor):
 
         if tuple(vocab_slice) != self.image_token_range:
             raise ValueError(f"vocab_slice {vocab_slice} is not Janus's image range {self.image_token_range}")
-        return janus_image_decoder(model, max_length, static_cache, compile, stats)
+        return janus_image_decoder(model, self.image_token_range, max_length, static_cache, compile, stats)
 
     @torch.no_grad()
     def decode_image_ids(self, image_ids: torch.Tensor) -> list[Image.Image]:
