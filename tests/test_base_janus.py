@@ -22,6 +22,7 @@ from unimodal.bases.janus_processor import BOI_TOKEN, JanusProcessor
 from unimodal.errors import UserError
 from unimodal.generation import SamplingConfig
 from unimodal.generation.images import generate_images, sample_image_tokens
+from unimodal.training.loss import batch_loss, batch_loss_sums
 
 CAPTIONS = ["the cat", "the dog", "a photo", "the sea"]  # equal token lengths (checked)
 
@@ -182,6 +183,7 @@ def test_finetune_step_lowers_loss_and_saves_in_janus_format(janus, tmp_path):
     assert trainable == {"language_model", "generation_embeddings", "generation_aligner", "generation_head",
                          "lm_head"}
     model.train()
+    model.gradient_checkpointing_enable()
     ids, labels = _t2i_batch(processor)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     before = model(input_ids=ids, labels=labels).loss
@@ -226,15 +228,25 @@ def test_data_pipeline_batches_train(janus):
     collator = UnimodalCollator(processor, max_length=256, packing=True, cfg_dropout=0.5)
     batch = collator([[dict(result.dataset[i], index=i) for i in range(4)]])
     model.train()
-    loss = model(**batch).loss
-    assert torch.isfinite(loss) and loss > 0
+    loss = batch_loss(model, batch, "chunked")  # falls back to the model's own exact loss
+    torch.testing.assert_close(loss, model(**batch).loss)
+    sums, counts = batch_loss_sums(model, batch, "chunked")
+    torch.testing.assert_close(sums.sum() / counts.sum(), loss)
+    # a too-long caption loses caption tokens, never the template suffix or the image span
+    long = processor.text_to_image_ids("the cat the dog the sea a photo", codes)
+    cond = len(long) - processor.num_image_tokens - 2
+    cut = UnimodalCollator(processor, max_length=len(long) - 3).sample(
+        {"input_ids": long, "task": "t2i", "cond_len": cond, "index": 0})[0].tolist()
+    suffix = processor.caption_suffix_len + 1  # the template suffix and <begin_of_image>
+    assert cut[-(processor.num_image_tokens + 2 + suffix):] == long[-(processor.num_image_tokens + 2 + suffix):]
+    assert cut[:3] == long[:3] and len(cut) == len(long) - 3
 
 
 def test_lora_trains_adapters_and_generation_modules(janus, tmp_path):
     from unimodal.finetune.lora import LoraArguments
 
     model, processor = janus
-    peft_model = janus_base.apply_lora(model, LoraArguments(use_lora=True, lora_r=4, lora_alpha=8))
+    peft_model = base_for(model.config).apply_lora(model, LoraArguments(use_lora=True, lora_r=4, lora_alpha=8))
     names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n or any(g in n for g in janus_base.GENERATION_MODULES) for n in names)
     assert any("generation_head" in n for n in names) and any("lora_A" in n for n in names)
@@ -270,13 +282,13 @@ def test_greedy_cfg_parity_with_janus_generate(janus):
             p.mul_(8)
     reference = _janus_generate(model, processor, CAPTIONS, do_sample=False, guidance_scale=3.0)
     prompts = [processor.text_to_image_ids(c) for c in CAPTIONS]
+    # the unconditional rows: processor.unconditional_ids_for(row), as Janus builds them
     ours = sample_image_tokens(model, processor, prompts, SamplingConfig(guidance_scale=3.0, do_sample=False),
-                               negative_prompt_ids=processor.unconditional_ids_for(prompts[0]), progress=False)
+                               progress=False)
     assert torch.equal(processor.vocab.ids_to_codes(ours), reference)
     assert len(reference.unique()) > 3
     for options in ({"decoding": "jacobi", "window": 4}, {"static_cache": True}):
         other = sample_image_tokens(model, processor, prompts, SamplingConfig(guidance_scale=3.0, do_sample=False),
-                                    negative_prompt_ids=processor.unconditional_ids_for(prompts[0]),
                                     progress=False, **options)
         assert torch.equal(other, ours), options
 

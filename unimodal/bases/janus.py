@@ -106,5 +106,6 @@ BASE = UnifiedBase(
     load_processor=load_processor,
     save_model=save_model,
     trainable_parts=TRAINABLE_PARTS,
+    apply_lora=apply_lora,
 )
 register_base(BASE)
