@@ -41,6 +41,8 @@ class LoraArguments:
         lora_target_modules: module names or ``all-linear`` (every linear layer but the LM head).
         new_token_rows: how the new image/control rows train: ``trainable_tokens``,
             ``modules_to_save`` or ``frozen`` (a warning names the frozen rows).
+        trainable_parts: ``"lora"``, or a unified base's own mode (`UnifiedBase.trainable_parts`,
+            e.g. Chameleon's ``"image_head_rows"``); other LMs only take ``"lora"``.
     """
 
     use_lora: bool = False
@@ -49,6 +51,9 @@ class LoraArguments:
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     new_token_rows: str = "trainable_tokens"
+    # What trains under use_lora for a unified base (docs/bases/): its modes, e.g. Chameleon's
+    # "image_head_rows" (Anole-style); "lora" (default): adapters + the rows of new_token_rows.
+    trainable_parts: str = "lora"
 
 
 def embedding_module_names(model: PreTrainedModel) -> tuple[str, str | None, bool]:
@@ -72,6 +77,9 @@ def apply_lora(
     """
     from peft import LoraConfig, get_peft_model
 
+    if args.trainable_parts != "lora":
+        raise ValueError(f"trainable_parts {args.trainable_parts!r} is a unified base's mode (docs/bases/); "
+                         "this model takes trainable_parts: lora")
     if args.new_token_rows not in NEW_ROW_MODES:
         raise ValueError(f"new_token_rows must be one of {NEW_ROW_MODES}, got {args.new_token_rows!r}")
     ids = sorted(int(i) for i in new_token_ids)
