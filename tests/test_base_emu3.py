@@ -9,57 +9,18 @@ handle), a 2-layer text model and a 2-level VQ model (8 x 8 pixel images -> 4 x 
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 K = 64  # codebook size
 IMAGE_SIZE = 8  # pixels; the tiny VQ downsamples by 2 -> 4 x 4 codes
-CONTROL = ["<|extra_200|>", "<|extra_201|>", "<|image start|>", "<|image end|>", "<|image token|>", "<image>"]
-NAMED = {"image_token": "<image>", "boi_token": "<|image start|>", "eoi_token": "<|image end|>",
-         "image_wrapper_token": "<|image token|>", "eof_token": "<|extra_201|>"}
-
-
-def emu3_tokenizer():
-    """Emu3-like tokenizer: our tiny BPE + Emu3's special tokens (names and roles as in BAAI's)."""
-    from tokenizers import AddedToken
-    from transformers import PreTrainedTokenizerFast
-
-    from unimodal.offline import train_text_tokenizer
-
-    base = train_text_tokenizer(bos_token="<|extra_203|>", eos_token="<|extra_204|>", pad_token="<|endoftext|>")
-    backend = base.backend_tokenizer
-    codes = list(range(K))
-    random.Random(0).shuffle(codes)  # visual tokens in another order than their code numbers
-    visual = [f"<|visual token {c:06d}|>" for c in codes]
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CONTROL + visual])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|extra_203|>", eos_token="<|extra_204|>",
-                                   pad_token="<|endoftext|>", extra_special_tokens=NAMED)
 
 
 def build_emu3(seed: int = 0):
-    """``(model, processor)``: a tiny random Emu3ForConditionalGeneration and its Emu3Processor."""
-    from transformers import Emu3Config, Emu3ForConditionalGeneration
+    """``(model, processor)``: `unimodal.bases.emu3_tiny.build_emu3` at the sizes above."""
+    from unimodal.bases.emu3_tiny import build_emu3 as build
 
-    from unimodal.bases.emu3 import Emu3Processor
-    from unimodal.vq.convert.emu3 import from_emu3
-
-    tok = emu3_tokenizer()
-    vq = dict(codebook_size=K, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 2],
-              num_res_blocks=1, attn_resolutions=[1], hidden_size=64, temporal_downsample_factor=4)
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    config = Emu3Config(vq_config=vq, text_config=text, vocabulary_map=tok.get_vocab())
-    torch.manual_seed(seed)
-    model = Emu3ForConditionalGeneration(config).eval()
-    with torch.no_grad():  # a random VQ whose codes vary over an image (its init is near-degenerate)
-        g = torch.Generator().manual_seed(seed)
-        for p in model.model.vqmodel.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1 * (float(p.std()) if p.numel() > 1 else 1.0))
-    processor = Emu3Processor(tok, from_emu3(model, image_size=IMAGE_SIZE).model)
-    return model, processor
+    return build(codebook_size=K, image_size=IMAGE_SIZE, seed=seed)
 
 
 @pytest.fixture(scope="module")
