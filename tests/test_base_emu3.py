@@ -336,7 +336,7 @@ def test_full_finetune_step_lowers_loss_and_saves_in_emu3s_format(emu3, emu3_fol
     assert model_sampling(reloaded, "image")[0].top_k == 2048
 
 
-@pytest.mark.parametrize("rows", ["trainable_tokens", "frozen", "image head rows"])
+@pytest.mark.parametrize("rows", ["trainable_tokens", "frozen", "modules_to_save", "image_head_rows"])
 def test_lora_trains_what_it_says_and_merges_into_emu3s_format(emu3, emu3_folder, tmp_path, rows):
     from transformers import Emu3ForConditionalGeneration
 
@@ -345,13 +345,14 @@ def test_lora_trains_what_it_says_and_merges_into_emu3s_format(emu3, emu3_folder
 
     processor = emu3[1]
     model = load_model(emu3_folder)
-    args = (LoraArguments(use_lora=True, lora_r=4, lora_target_modules=["none"]) if rows == "image head rows"
+    args = (LoraArguments(use_lora=True, lora_r=4, trainable_parts=rows) if rows == "image_head_rows"
             else LoraArguments(use_lora=True, lora_r=4, new_token_rows=rows))
     peft_model = apply_lora(model, args)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and not any("vqmodel" in n for n in trainable)
-    assert any("lora_" in n for n in trainable) == (rows != "image head rows")
-    assert any("trainable_tokens" in n for n in trainable) == (rows != "frozen")
+    assert any("lora_" in n for n in trainable) == (rows != "image_head_rows")
+    assert any("trainable_tokens" in n for n in trainable) == (rows in ("trainable_tokens", "image_head_rows"))
+    assert any("modules_to_save" in n for n in trainable) == (rows == "modules_to_save")
     batch = training_batch(processor)
     losses = train_steps(peft_model, batch)
     assert losses[-1] < losses[0]
@@ -362,7 +363,7 @@ def test_lora_trains_what_it_says_and_merges_into_emu3s_format(emu3, emu3_folder
     reloaded = Emu3ForConditionalGeneration.from_pretrained(tmp_path / "lora").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, expected, rtol=1e-5, atol=1e-5)
-    if rows == "image head rows":  # only the visual/control rows of lm_head moved
+    if rows == "image_head_rows":  # only the visual/control rows of lm_head moved
         original = Emu3ForConditionalGeneration.from_pretrained(emu3_folder)
         moved = (reloaded.lm_head.weight != original.lm_head.weight).any(-1).nonzero().flatten().tolist()
         assert moved and set(moved) <= set(image_row_ids(original))

@@ -42,15 +42,13 @@ EMU3_SAMPLING = {"guidance_scale": 3.0, "temperature": 1.0, "top_k": 2048, "top_
 LORA_TARGETS = r".*text_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 TRAINABLE_PARTS = {
-    "full": "every weight of the text model (embeddings, decoder layers, lm_head); the VQ model stays frozen",
-    "lora + image rows": "(default LoRA: new_token_rows=trainable_tokens) LoRA on the decoder layers' q/k/v/o and "
-                         "gate/up/down projections, plus the rows of the K visual ids and the span's control ids "
-                         "(<|image start|>, <|image token|>, <|extra_200|>, <|extra_201|>, <|image end|>) in "
-                         "embed_tokens and lm_head",
-    "lora + embeddings": "(new_token_rows=modules_to_save) LoRA, plus embed_tokens and lm_head trained in full",
-    "lora": "(new_token_rows=frozen) LoRA adapters only",
-    "image head rows": "(lora_target_modules: [none]) Anole-style: only the lm_head rows of the visual and span "
-                       "control ids train (PEFT trainable tokens), nothing else",
+    "full": "use_lora: false: every weight of the text model (embeddings, decoder layers, lm_head); the VQ "
+            "model stays frozen",
+    "lora": "LoRA on the text decoder's q/k/v/o and gate/up/down projections, plus (new_token_rows: "
+            "trainable_tokens, the default) the embed_tokens and lm_head rows of the visual ids and the span's "
+            "control ids; new_token_rows: modules_to_save trains both matrices whole, frozen none of them",
+    "image_head_rows": "Anole-style: only the lm_head rows of the visual and span control ids train (PEFT "
+                       "trainable tokens), no adapters: text behaviour is untouched",
 }
 
 
@@ -77,23 +75,32 @@ def image_row_ids(model: nn.Module) -> list[int]:
 
 
 def apply_lora(model: nn.Module, args) -> nn.Module:
-    """Emu3's LoRA (a `LoraArguments`, see `TRAINABLE_PARTS`): adapters on the text decoder only
-    (``lora_target_modules: [all-linear]`` means `LORA_TARGETS`), the visual rows as
-    ``new_token_rows`` says; ``lora_target_modules: [none]`` trains only lm_head's visual rows."""
+    """Wrap ``model`` for ``args.trainable_parts`` (a `LoraArguments`; modes in `TRAINABLE_PARTS`).
+
+    ``lora``: adapters on the text decoder only (``lora_target_modules: [all-linear]`` means
+    `LORA_TARGETS`: "all-linear" would also reach the VQ model's attention projections), the rows
+    of `image_row_ids` as ``new_token_rows`` says. ``image_head_rows``: only those rows of lm_head.
+    """
     from peft import LoraConfig, TrainableTokensConfig, get_peft_model
 
+    from ..errors import UserError
+
     rows = image_row_ids(model)
-    targets = list(args.lora_target_modules)
-    if targets == ["none"]:
+    parts = getattr(args, "trainable_parts", "lora")
+    if parts == "image_head_rows":
         return get_peft_model(model, TrainableTokensConfig(target_modules=["lm_head"], token_indices=rows))
+    if parts != "lora":
+        raise UserError(f"trainable_parts {parts!r} is not an Emu3 mode; choose lora or image_head_rows "
+                        "(or use_lora: false for a full fine-tune)")
     if args.new_token_rows not in ("trainable_tokens", "modules_to_save", "frozen"):
-        raise ValueError(f"new_token_rows must be trainable_tokens, modules_to_save or frozen, got "
-                         f"{args.new_token_rows!r}")
+        raise UserError(f"new_token_rows must be trainable_tokens, modules_to_save or frozen, got "
+                        f"{args.new_token_rows!r}")
     extra: dict = {}
     if args.new_token_rows == "trainable_tokens":
         extra["trainable_token_indices"] = {"embed_tokens": rows, "lm_head": rows}
     elif args.new_token_rows == "modules_to_save":
         extra["modules_to_save"] = ["embed_tokens", "lm_head"]
+    targets = list(args.lora_target_modules)
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=LORA_TARGETS if targets == ["all-linear"] else targets,
                         task_type="CAUSAL_LM", **extra)
