@@ -146,6 +146,16 @@ def test_save_and_load_processor(emu3, emu3_folder, tmp_path):
     assert isinstance(loaded, Emu3Processor)
     assert loaded.image_span_ids(codes[0]) == processor.image_span_ids(codes[0])
     assert torch.equal(loaded.vocab.code_to_id, processor.vocab.code_to_id)
+    # a checkpoint normalising pixels otherwise (CLIP mean/std) is refused, not silently mis-encoded
+    import shutil
+
+    from transformers import Emu3ImageProcessor
+
+    clip = tmp_path / "clip"
+    shutil.copytree(emu3_folder, clip)
+    Emu3ImageProcessor().save_pretrained(clip)  # transformers' default: CLIP mean/std
+    with pytest.raises(ValueError, match="mean = std = 0.5"):
+        Emu3Processor.from_pretrained(clip, image_size=IMAGE_SIZE)
     # transformers' own processor reads the same folder
     hf = HFEmu3Processor.from_pretrained(tmp_path / "p")
     assert hf(text=["a cat"], return_for_image_generation=True, ratio="1:1",
@@ -367,3 +377,47 @@ def test_lora_trains_what_it_says_and_merges_into_emu3s_format(emu3, emu3_folder
         original = Emu3ForConditionalGeneration.from_pretrained(emu3_folder)
         moved = (reloaded.lm_head.weight != original.lm_head.weight).any(-1).nonzero().flatten().tolist()
         assert moved and set(moved) <= set(image_row_ids(original))
+
+
+@pytest.mark.xfail(reason="pretokenize computes cond_len as len - h*w - 2 (a <boi> h*w <eoi> span); "
+                          "requested from the core (span_tail_len), remove this mark when it lands", strict=False)
+def test_data_pipeline_keeps_emu3s_span_and_trains(emu3):
+    """Pre-tokenisation writes Emu3's sequences; the collator's loss masks and truncation respect the span."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from unimodal.data import UnimodalCollator
+    from unimodal.data.format import SequenceFormat, loss_mask
+    from unimodal.data.pretokenize import PretokenizeOptions, pretokenize
+    from unimodal.training.loss import batch_loss, causal_lm_loss
+
+    model, processor = emu3
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 255, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)) for _ in range(4)]
+    captions = ["a red square", "a blue circle", "grey noise", "two cats"]
+    source = datasets.Dataset.from_dict({"image": pictures, "caption": captions})
+    result = pretokenize(source, processor, PretokenizeOptions(tasks=("t2i", "i2t")))
+    codes = processor.encode_images(pictures[0])[0]
+    rows = [result.dataset[i] for i in range(len(result.dataset))]
+    t2i = next(r for r in rows if r["task"] == "t2i" and r["input_ids"][1:3] == processor.encode_text(captions[0])[:2])
+    assert t2i["input_ids"] == processor.text_to_image_ids(captions[0], codes)
+    fmt = SequenceFormat.from_processor(processor)
+    i2t = np.array(next(r for r in rows if r["task"] == "i2t")["input_ids"])
+    text_targets = i2t[loss_mask(i2t, fmt, "text")]
+    assert not np.isin(text_targets, list(processor.span_control_ids)).any()  # no row ends as text targets
+    image_targets = np.array(t2i["input_ids"])[loss_mask(np.array(t2i["input_ids"]), fmt, "image")]
+    assert (image_targets == processor.eol_token_id).sum() == processor.grid_shape[0]
+    collator = UnimodalCollator(processor, max_length=512, packing=True, cfg_dropout=0.5)
+    batch = collator([[dict(row, index=i) for i, row in enumerate(rows)]])
+    model.train()
+    torch.testing.assert_close(causal_lm_loss(model, **batch).loss, model(**batch).loss)
+    assert torch.isfinite(batch_loss(model, batch, "chunked"))
+    model.eval()
+    # a too-long caption loses caption tokens, never the size header or the image span
+    long = processor.text_to_image_ids("the cat the dog the sea a photo", codes)
+    cond = len(processor.text_to_image_ids("the cat the dog the sea a photo"))
+    cut = UnimodalCollator(processor, max_length=len(long) - 3).sample(
+        {"input_ids": long, "task": "t2i", "cond_len": cond, "index": 0})[0].tolist()
+    assert cut[-processor.span_length - 1:] == long[-processor.span_length - 1:]
+    assert cut[:2] == long[:2] and len(cut) == len(long) - 3

@@ -131,6 +131,12 @@ class Emu3Processor(UnimodalProcessor):
         return 2 + len(self.header_ids) + h * (w + 1) + 2
 
     @property
+    def span_tail_len(self) -> int:
+        """Ids after ``<|image token|>`` up to and including ``<|image end|>``: ``h * (w + 1) + 2``."""
+        h, w = self.grid_shape
+        return h * (w + 1) + 2
+
+    @property
     def caption_suffix_len(self) -> int:
         """Ids between a caption and ``<|image token|>`` (``<|image start|>`` and the header): what
         t2i truncation must keep when it shortens a caption."""
@@ -304,6 +310,7 @@ class Emu3Processor(UnimodalProcessor):
             image_tokenizer = VQGAN.from_pretrained(path_or_repo, subfolder=config["image_tokenizer_subfolder"],
                                                     **hub_kwargs)
         else:  # the model's own VQ (only the vqmodel.* shards are read)
+            _check_normalisation(path_or_repo, **hub_kwargs)
             image_tokenizer = from_emu3(path_or_repo, image_size=image_size or DEFAULT_IMAGE_SIZE).model
         processor = cls(tokenizer, image_tokenizer.eval())
         saved = config.get("image_token_range") if config.get("base") == BASE_NAME else None
@@ -311,3 +318,19 @@ class Emu3Processor(UnimodalProcessor):
             raise ValueError(f"{path_or_repo}: visual ids are {processor.image_token_range} but "
                              f"processor_config.json says {saved}; the tokenizer and image tokenizer do not match")
         return processor
+
+
+def _check_normalisation(path_or_repo: str | os.PathLike, **hub_kwargs) -> None:
+    """Refuse a checkpoint whose ``preprocessor_config.json`` normalises pixels other than to
+    [-1, 1] (mean = std = 0.5): the image tokenizer's codes would not be the ones Emu3 learnt."""
+    from transformers.utils import cached_file
+
+    found = cached_file(str(path_or_repo), "preprocessor_config.json", _raise_exceptions_for_missing_entries=False,
+                        **hub_kwargs)
+    if not found:
+        return
+    config = json.loads(Path(found).read_text())
+    mean, std = config.get("image_mean", [0.5] * 3), config.get("image_std", [0.5] * 3)
+    if config.get("do_normalize", True) and not all(abs(v - 0.5) < 1e-6 for v in [*mean, *std]):
+        raise ValueError(f"{path_or_repo}: preprocessor_config.json normalises pixels with mean {mean} and std "
+                         f"{std}; Emu3Processor feeds the VQ model pixels in [-1, 1] (mean = std = 0.5) only")
