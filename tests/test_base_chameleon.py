@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,89 @@ def test_image_head_rows_mode_trains_only_those_rows(folder):
     changed = (merged.lm_head.weight != head_before).any(1).nonzero().flatten().tolist()
     assert changed and set(changed) <= set(range(4, 4 + K))
     assert torch.equal(merged.get_input_embeddings().weight, embed_before)
+
+
+# ----------------------------------------------------------------------------- recipes end to end
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, folder) -> Path:
+    """24 digits tokenised by the recipe from the raw Chameleon folder (t2i + i2t)."""
+    from digits import load_digits_dataset  # examples/digits/digits.py, on pytest's pythonpath
+
+    from unimodal.recipes import tokenize_dataset
+
+    root = tmp_path_factory.mktemp("chameleon_data")
+    load_digits_dataset(image_size=8, split="train").select(range(24)).save_to_disk(str(root / "source"))
+    tokenize_dataset.main(["--source", str(root / "source"), "--model_name_or_path", str(folder),
+                           "--tasks", "t2i", "i2t", "--output_dir", str(root / "data"),
+                           "--cache_dir", str(root / "cache")])
+    return root / "data"
+
+
+def finetune_args(folder: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model_name_or_path", str(folder), "--dataset_path", str(data), "--tasks", "t2i", "i2t",
+            "--eval_size", "4", "--max_length", "64", "--per_device_batch_size", "4", "--max_steps", "3",
+            "--learning_rate", "3e-3", "--warmup_steps", "0", "--mixed_precision", "no", "--report_to", "none",
+            "--output_dir", str(out), *extra]
+
+
+def test_tokenize_finetune_save_reload_generate(folder, data, tmp_path):
+    from unimodal import UnimodalPipeline
+    from unimodal.data import PROCESSOR_SUBFOLDER
+    from unimodal.recipes import finetune
+
+    assert isinstance(UnimodalProcessor.from_pretrained(data / PROCESSOR_SUBFOLDER), ChameleonUnimodalProcessor)
+    final = finetune.main(finetune_args(folder, data, tmp_path / "run"))
+    config = json.loads((final / "config.json").read_text())
+    assert config["architectures"] == ["ChameleonForConditionalGeneration"]
+    assert json.loads((final / "processor_config.json").read_text())["base"] == "chameleon"
+    assert "ChameleonForConditionalGeneration.from_pretrained" in (final / "README.md").read_text()
+    theirs = ChameleonForConditionalGeneration.from_pretrained(final).eval()
+    pipe = UnimodalPipeline.from_pretrained(final)
+    assert isinstance(pipe.model, ChameleonImageLM)
+    ids = torch.tensor([pipe.processor.text_to_image_ids("a handwritten digit three")])
+    with torch.no_grad():
+        ours, own = pipe.model(ids).logits, theirs(ids).logits
+    text = torch.ones(own.shape[-1], dtype=torch.bool)
+    text[4:4 + K] = False
+    assert torch.equal(ours[..., text], own[..., text])  # same weights; only the image mask differs
+    images = pipe.generate_images(["a handwritten digit three"], 2, seed=0, progress=False)
+    assert len(images) == 2 and images[0].size == (8, 8)
+    # the raw base folder opens the same way (its processor built from the model folder)
+    assert UnimodalPipeline.from_pretrained(folder).generate_images("a cat", seed=0, progress=False)
+
+
+def test_lora_and_image_head_rows_recipes(folder, data, tmp_path):
+    from unimodal.recipes import finetune
+
+    before = ChameleonForConditionalGeneration.from_pretrained(folder).state_dict()
+    final = finetune.main(finetune_args(folder, data, tmp_path / "rows", "--use_lora", "true",
+                                        "--trainable_parts", "image_head_rows"))
+    after = ChameleonForConditionalGeneration.from_pretrained(final).state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"lm_head.weight"}
+    rows = (before["lm_head.weight"] != after["lm_head.weight"]).any(1).nonzero().flatten().tolist()
+    assert rows and set(rows) <= set(range(4, 4 + K))
+    final = finetune.main(finetune_args(folder, data, tmp_path / "lora", "--use_lora", "true",
+                                        "--merge_lora", "false"))
+    from unimodal import UnimodalPipeline
+
+    pipe = UnimodalPipeline.from_pretrained(final)  # base + adapter, merged
+    assert isinstance(pipe.model, ChameleonImageLM)
+    assert pipe.generate_images("a cat", seed=0, progress=False)[0].size == (8, 8)
+
+
+@pytest.mark.slow
+def test_zero2_two_processes(folder, data, tmp_path):
+    """DeepSpeed ZeRO-2 over gloo, 2 CPU processes (slow: two launches of DeepSpeed, ~1 min)."""
+    from launching import LAUNCH_CONFIGS, free_port, run
+
+    out = tmp_path / "zero2"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH_CONFIGS / "zero2.yaml"),
+           "--main_process_port", str(free_port()), "-m", "unimodal.recipes.finetune",
+           *finetune_args(folder, data, out, "--eval_steps", "3")]
+    proc = run(cmd)
+    assert "step 3: eval/t2i" in proc.stdout + proc.stderr
+    model = ChameleonForConditionalGeneration.from_pretrained(out / "final")
+    start = ChameleonForConditionalGeneration.from_pretrained(folder)
+    assert not torch.equal(model.lm_head.weight, start.lm_head.weight)

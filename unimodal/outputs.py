@@ -33,6 +33,7 @@ from typing import Any, cast
 import torch
 import yaml
 
+from .bases import base_for
 from .extend import unwrap_peft
 from .generation.sampling import SamplingConfig, set_sampling
 from .processor import PROCESSOR_CONFIG_NAME, UnimodalProcessor
@@ -75,6 +76,12 @@ model = AutoModelForCausalLM.from_pretrained("{path}")
 processor = UnimodalProcessor.from_pretrained("{path}")
 images = generate_images(model, processor, [{prompt}])"""
 
+BASE_USAGE = """from transformers import {model_class}
+from unimodal import UnimodalPipeline
+model = {model_class}.from_pretrained("{path}")  # the model's own class (its own format)
+pipe = UnimodalPipeline.from_pretrained("{path}")  # + unimodal's processor for its sequence format
+images = pipe.generate_images([{prompt}])"""
+
 ADAPTER_USAGE = """from unimodal import UnimodalProcessor
 from unimodal.outputs import load_model
 model = load_model("{path}")  # base + new rows + LoRA, merged
@@ -90,7 +97,10 @@ def model_card(processor: UnimodalProcessor, config: dict[str, Any], *, base: st
     """
     lo, hi = processor.image_token_range
     prompt = next(iter(config.get("sample_prompts") or []), GENERIC_PROMPT)
-    usage = (ADAPTER_USAGE if adapter else MERGED_USAGE).format(path=name, prompt=json.dumps(prompt))
+    model_class = config.get("_model_class")
+    template = ADAPTER_USAGE if adapter else BASE_USAGE if model_class else MERGED_USAGE
+    usage = template.format(path=name, prompt=json.dumps(prompt), model_class=model_class)
+    config = {k: v for k, v in config.items() if k != "_model_class"}
     table = ""
     if metrics:
         table = "\n## Final evaluation\n\n| metric | value |\n| --- | --- |\n" + "".join(
@@ -148,6 +158,7 @@ def save_finetuned(
             model = accelerator.unwrap_model(model)
         is_peft = hasattr(model, "peft_config")
         adapter = is_peft and not merge_lora
+        unified = base_for(unwrap_peft(model).config)  # Chameleon / Emu3 / Janus: saved in its own format
         output_dir.mkdir(parents=True, exist_ok=True)
         if sampling is not None:
             set_sampling(unwrap_peft(model), sampling)
@@ -157,12 +168,20 @@ def save_finetuned(
             saved.save_pretrained(output_dir / ADAPTER_SUBFOLDER)  # adapter + the resized rows
             # PEFT saves no generation config; the base's would lack the ids and settings.
             unwrap_peft(model).generation_config.save_pretrained(output_dir)
-            (output_dir / ADAPTER_CONFIG_NAME).write_text(json.dumps(
-                {"base_model_name_or_path": base, "vocab_size": _rows(model)}, indent=2) + "\n")
+            meta = {"base_model_name_or_path": base, "vocab_size": _rows(model)}
+            if unified is not None:
+                meta["base"] = unified.name
+            (output_dir / ADAPTER_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         else:
             lm = saved.merge_and_unload() if is_peft else saved
-            lm.save_pretrained(output_dir)
+            if unified is not None:
+                unified.save_model(lm, output_dir)
+            else:
+                lm.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
+        if unified is not None and not adapter:
+            architectures = json.loads((output_dir / "config.json").read_text()).get("architectures") or []
+            config = {**config, "_model_class": architectures[0] if architectures else "AutoModel"}
         card = model_card(processor, config, base=base, name=card_name or str(output_dir), adapter=adapter,
                           metrics=metrics)
         (output_dir / "README.md").write_text(card)
@@ -170,15 +189,42 @@ def save_finetuned(
     return output_dir
 
 
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """``from_pretrained``-style dtype (None / "auto" / a name) as what a base's load_model takes."""
+    if dtype is None or dtype == "auto":
+        return torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def _rows(model: torch.nn.Module) -> int:
     return int(unwrap_peft(model).config.vocab_size)
 
 
 def is_output(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is an output folder: a processor plus a merged LM or an adapter."""
+    """Whether ``path`` is an output folder: a processor plus a merged LM or an adapter, or the
+    checkpoint folder of a unified base (Chameleon / Emu3 / Janus, even without processor_config.json:
+    `load_processor` builds its processor from the model folder)."""
     path = Path(path)
     lm = (path / "config.json").is_file() or (path / ADAPTER_CONFIG_NAME).is_file()
-    return lm and (path / PROCESSOR_CONFIG_NAME).is_file()
+    if lm and (path / PROCESSOR_CONFIG_NAME).is_file():
+        return True
+    return (path / "config.json").is_file() and _base(path) is not None
+
+
+def _base(path: str | os.PathLike):
+    """The `UnifiedBase` of a folder or repo, or None (a plain or extended LM)."""
+    try:
+        return base_for(path)
+    except ValueError:  # a base named by processor_config.json that is not installed: not ours to open
+        return None
+
+
+def load_processor(path: str | os.PathLike, **hub_kwargs) -> UnimodalProcessor:
+    """The processor of an output folder: `UnimodalProcessor.from_pretrained` (which dispatches on a
+    base's processor_config.json), or a unified base's processor built from its model folder."""
+    if not Path(path, PROCESSOR_CONFIG_NAME).is_file() and (unified := _base(path)) is not None:
+        return unified.load_processor(str(path))
+    return UnimodalProcessor.from_pretrained(path, **hub_kwargs)
 
 
 def resolve_output(path: str | os.PathLike) -> str:
@@ -211,13 +257,21 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.
     hub = {k: v for k, v in model_kwargs.items() if k in ("revision", "token")}
     meta_file = cached_file(str(path), ADAPTER_CONFIG_NAME, _raise_exceptions_for_missing_entries=False, **hub)
     if meta_file is None:
+        unified = _base(path)
+        if unified is not None:  # a unified base: its own class (e.g. Chameleon's unmasked one)
+            return unified.load_model(str(path), dtype=_dtype(dtype), **model_kwargs)
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **model_kwargs)
     from peft import PeftModel
 
     meta = json.loads(Path(meta_file).read_text())
-    base = AutoModelForCausalLM.from_pretrained(meta["base_model_name_or_path"], dtype=dtype)
-    # Values of these rows come from the adapter; skip the costly mean initialisation.
-    base.resize_token_embeddings(meta["vocab_size"], mean_resizing=False)
+    if meta.get("base"):  # a unified base: its vocabulary was not resized
+        from .bases import registered_bases
+
+        base = registered_bases()[meta["base"]].load_model(meta["base_model_name_or_path"], dtype=_dtype(dtype))
+    else:
+        base = AutoModelForCausalLM.from_pretrained(meta["base_model_name_or_path"], dtype=dtype)
+        # Values of these rows come from the adapter; skip the costly mean initialisation.
+        base.resize_token_embeddings(meta["vocab_size"], mean_resizing=False)
     adapter = Path(path) / ADAPTER_SUBFOLDER if Path(path).is_dir() else path
     kwargs: dict[str, Any] = {} if Path(path).is_dir() else {"subfolder": ADAPTER_SUBFOLDER}
     model = PeftModel.from_pretrained(base, str(adapter), **kwargs)

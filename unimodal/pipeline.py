@@ -24,10 +24,11 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel
 
+from .bases import base_for
 from .extend import check_compatibility
 from .generation import SamplingConfig, generate_images, generate_text, model_sampling, set_sampling
 from .hub import PushToHubMixin, push_folder_to_hub
-from .outputs import load_model, resolve_output
+from .outputs import load_model, load_processor, resolve_output
 from .processor import UnimodalProcessor
 
 
@@ -61,7 +62,8 @@ class UnimodalPipeline(PushToHubMixin):
 
         Args:
             path_or_repo: a folder written by `save_pretrained` or recipes/finetune.py (merged or
-                LoRA adapter), a run folder holding it as ``final/``, or a Hub repo id.
+                LoRA adapter), a run folder holding it as ``final/``, a Hub repo id, or the folder
+                of a unified base (Chameleon / Anole, Emu3, Janus; see docs/bases/).
             dtype: LM weights dtype (e.g. ``torch.bfloat16``: ~4.5x faster matmuls on CPUs with
                 AVX-512 bf16); the image tokenizer stays float32.
             device: where both models go.
@@ -71,7 +73,7 @@ class UnimodalPipeline(PushToHubMixin):
         hub: dict[str, Any] = {k: v for k, v in {"revision": revision, "token": token}.items() if v is not None}
         path_or_repo = resolve_output(path_or_repo)
         model = load_model(path_or_repo, dtype=dtype, **hub, **model_kwargs)
-        processor = UnimodalProcessor.from_pretrained(path_or_repo, **hub)
+        processor = load_processor(path_or_repo, **hub)
         pipeline = cls(model.eval(), processor)
         return pipeline.to(device) if device is not None else pipeline
 
@@ -86,7 +88,11 @@ class UnimodalPipeline(PushToHubMixin):
         """Write the folder described in the module docstring. With ``push_to_hub=True`` also
         upload it; ``repo_id`` (default: the folder name) and `push_to_hub` arguments in ``kwargs``."""
         save_directory = Path(save_directory)
-        self.model.save_pretrained(save_directory)
+        unified = base_for(self.model.config)
+        if unified is not None:  # Chameleon / Emu3 / Janus: the model's own format
+            unified.save_model(self.model, save_directory)
+        else:
+            self.model.save_pretrained(save_directory)
         self.processor.save_pretrained(save_directory)
         if push_to_hub:
             kwargs.setdefault("commit_message", self.hub_commit_message)

@@ -89,6 +89,17 @@ def registered_bases() -> dict[str, UnifiedBase]:
     return dict(_BASES)
 
 
+def processor_base(processor: Any) -> str | None:
+    """The base name of a processor object (its ``base_name``, else the family module it comes
+    from), None for a plain `UnimodalProcessor`."""
+    name = getattr(processor, "base_name", None)
+    if name is None:
+        module = type(processor).__module__
+        if module.startswith(f"{__name__}."):
+            name = module[len(__name__) + 1:].split(".")[0].split("_")[0]
+    return name if name in FAMILIES else None
+
+
 def _read_json(path_or_repo: str | os.PathLike, name: str, **hub_kwargs) -> dict | None:
     """``name`` of a folder or Hub repo as a dict; None when it has no such file."""
     folder = Path(path_or_repo)
@@ -140,4 +151,4 @@ def base_for(path_or_repo_or_config: Any, **hub_kwargs) -> UnifiedBase | None:
     return base_for(config) if config is not None else None
 
 
-__all__ = ["FAMILIES", "UnifiedBase", "base_for", "register_base", "registered_bases"]
+__all__ = ["FAMILIES", "UnifiedBase", "base_for", "processor_base", "register_base", "registered_bases"]

@@ -1,5 +1,6 @@
 """The LM to fine-tune and its processor: a hub/local LM, one built from a config for offline runs,
-extended with the image tokenizer's tokens, or an already extended folder."""
+extended with the image tokenizer's tokens, an already extended folder, or a unified base
+(Chameleon / Emu3 / Janus folder: `unimodal.bases`, nothing added to its vocabulary)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from ..bases import UnifiedBase, base_for, processor_base
 from ..errors import UserError, bad_input
 from ..extend import add_image_tokens
 from ..offline import build_causal_lm
@@ -35,6 +37,9 @@ def load_model_and_processor(
 
     dtype = getattr(torch, args.dtype)
     path = args.model_name_or_path
+    base = base_for(path) if path else None
+    if base is not None:  # Chameleon / Emu3 / Janus: their own vocabulary, format and VQ model
+        return base.load_model(str(path), dtype=dtype), base_processor(base, str(path), data_processor)
     if path and is_extended(path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         return model, UnimodalProcessor.from_pretrained(path)
@@ -52,6 +57,20 @@ def load_model_and_processor(
     else:
         raise UserError("no image tokenizer: set image_tokenizer_path or give pre-tokenised data")
     return model, add_image_tokens(model, tokenizer, image_tokenizer, image_rows_init=args.image_rows_init)
+
+
+def base_processor(base: UnifiedBase, path: str, data_processor: UnimodalProcessor | None) -> UnimodalProcessor:
+    """The processor of a unified base's folder: its own (processor_config.json, or built from the
+    model folder), else the one the data was tokenised with when it is of the same base (a raw
+    checkpoint whose VQ model came with the data)."""
+    same_base = data_processor is not None and processor_base(data_processor) == base.name
+    if same_base and not is_extended(path):
+        try:
+            return base.load_processor(path)
+        except FileNotFoundError:
+            assert data_processor is not None
+            return data_processor
+    return base.load_processor(path)
 
 
 def build_model(build: dict, tokenizer) -> PreTrainedModel:

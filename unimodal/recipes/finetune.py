@@ -11,7 +11,8 @@
 
 Relaunching the same command resumes from the latest checkpoint in ``output_dir/checkpoints``
 with the data order continued. The result, ``output_dir/final``, loads with
-``AutoModelForCausalLM.from_pretrained`` + ``UnimodalProcessor.from_pretrained``.
+``AutoModelForCausalLM.from_pretrained`` + ``UnimodalProcessor.from_pretrained`` (a unified base,
+e.g. Chameleon: with its own transformers class; docs/bases/).
 Config reference: docs/finetune.md; launchers: docs/distributed.md.
 """
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from unimodal.bases import base_for
 from unimodal.data import PROCESSOR_SUBFOLDER, UnimodalCollator, make_dataloader
 from unimodal.errors import MissingInputError, UserError, bad_input
 from unimodal.extend import check_compatibility, new_token_ids
@@ -85,7 +87,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora_args.use_lora:
-            model = apply_lora(model, new_token_ids(processor), lora_args)
+            unified = base_for(model.config)  # Chameleon / Emu3 / Janus may wrap in their own way
+            with bad_input("LoRA"):
+                if unified is not None and unified.apply_lora is not None:
+                    model = unified.apply_lora(model, lora_args)
+                else:
+                    model = apply_lora(model, new_token_ids(processor), lora_args)
         return model, processor
 
     model, processor = build_model()

@@ -29,6 +29,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import unimodal  # noqa: F401  (registers the image tokenizers with AutoModel)
+from unimodal.bases import base_for
 from unimodal.data import PretokenizeOptions, load_source, save_pretokenized, shard_bounds
 from unimodal.data.pretokenize import Interrupted, load_parts, pretokenize_parts
 from unimodal.errors import OutputExistsError, UserError, bad_input
@@ -50,6 +51,8 @@ class TokenizeConfig:
     # Where the ids come from: a saved UnimodalProcessor, or the text tokenizer + image tokenizer
     # extended exactly as add_image_tokens will extend the LM (fine-tuning checks they match).
     processor: str = ""
+    # A unified base (Chameleon/Anole, Emu3, Janus folder or Hub name): its own processor, format and VQ.
+    model_name_or_path: str = ""
     image_tokenizer: str = ""  # VQGAN / PixelTokenizer folder
     base_model: str = ""  # hub name or folder of the LM: its tokenizer and config (no weights read)
     tokenizer: str = ""  # the text tokenizer, when not base_model's (an LM built from a config)
@@ -67,6 +70,13 @@ class TokenizeConfig:
 
 
 def load_processor(cfg: TokenizeConfig) -> UnimodalProcessor:
+    for path in (cfg.model_name_or_path, cfg.processor, cfg.base_model):
+        unified = base_for(path) if path else None
+        if unified is not None:  # nothing is added to a unified base's vocabulary
+            return unified.load_processor(path)
+    if cfg.model_name_or_path:
+        raise UserError(f"model_name_or_path {cfg.model_name_or_path!r} is not a unified base (Chameleon, Emu3, "
+                        "Janus); for another LM set base_model (or tokenizer) and image_tokenizer")
     if cfg.processor:
         return UnimodalProcessor.from_pretrained(cfg.processor)
     if not (cfg.image_tokenizer and (cfg.base_model or cfg.tokenizer)):
