@@ -197,10 +197,11 @@ class DemoHandlers:
         top_p = _number("Top-p", top_p, 0, 1, low_open=True)
         seed = self._seed(seed)
         processor = self.pipeline.processor
-        # <bos> prompt <boi> + h*w image ids must fit the LM's positions.
-        length = len(processor.text_to_image_ids(prompt)) + processor.num_image_tokens
+        # <bos> prompt <boi> + the span's ids (h*w, or a unified base's span_tail_len) must fit.
+        tail = getattr(processor, "span_tail_len", processor.num_image_tokens)
+        length = len(processor.text_to_image_ids(prompt)) + tail
         if self.context is not None and length > self.context:
-            raise _refuse(f"The prompt plus {processor.num_image_tokens} image tokens is {length} tokens; "
+            raise _refuse(f"The prompt plus {tail} image tokens is {length} tokens; "
                            f"the model reads at most {self.context}. Shorten the prompt.")
         with self._model_lock:
             images = self.pipeline.generate_images(
@@ -215,8 +216,9 @@ class DemoHandlers:
         question = self._text("question", question, required=False)
         seed = self._seed(seed)
         processor = self.pipeline.processor
-        # <bos> <boi> h*w image ids <eoi> question
-        prompt_len = 1 + processor.num_image_tokens + 2 + len(processor.encode_text(question))
+        # <bos> <boi> h*w image ids <eoi> question (a unified base's span: its span_length ids)
+        span = getattr(processor, "span_length", processor.num_image_tokens + 2)
+        prompt_len = 1 + span + len(processor.encode_text(question))
         sampling = self._text_sampling(max_new_tokens, temperature, top_p, prompt_len)
         picture = self._read_image(image)
         if picture.width != picture.height:

@@ -243,8 +243,9 @@ class _Encoder:
                 caption, grid = batch[o.caption_column][i], grids.pop(0)
             if "t2i" in o.tasks:
                 ids = p.text_to_image_ids(caption, grid)
-                # The prompt is everything before the image ids: ids = prompt + h*w + <eoi> <eos>.
-                cond_len = len(ids) - p.num_image_tokens - 2
+                # The prompt is everything up to <boi>: ids = prompt + span tail + <eos>, the tail
+                # h*w + <eoi> (a unified base's span may hold more: its span_tail_len).
+                cond_len = len(ids) - getattr(p, "span_tail_len", p.num_image_tokens + 1) - 1
                 if ids[cond_len - 1] != p.boi_token_id:
                     raise RuntimeError("the processor's t2i format changed: the prompt must end in <boi>")
                 emit(ids, "t2i", cond_len, i)

@@ -60,16 +60,14 @@ def load_model_and_processor(
 
 
 def base_processor(base: UnifiedBase, path: str, data_processor: UnimodalProcessor | None) -> UnimodalProcessor:
-    """The processor of a unified base's folder: its own (processor_config.json, or built from the
-    model folder), else the one the data was tokenised with when it is of the same base (a raw
-    checkpoint whose VQ model came with the data)."""
+    """The processor of a unified base's folder: its own when the folder has one
+    (processor_config.json), else the one the data was tokenised with when it is of the same base
+    (it was built from this checkpoint's tokenizer and VQ, at the data's image size), else one
+    built from the model folder."""
     same_base = data_processor is not None and processor_base(data_processor) == base.name
     if same_base and not is_extended(path):
-        try:
-            return base.load_processor(path)
-        except FileNotFoundError:
-            assert data_processor is not None
-            return data_processor
+        assert data_processor is not None
+        return data_processor
     return base.load_processor(path)
 
 

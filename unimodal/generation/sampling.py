@@ -348,13 +348,16 @@ class ImageSpanConstraint(LogitsProcessor):
 
     @classmethod
     def from_processor(cls, processor, allow_images: bool = False, max_length: int | None = None):
-        """Build from a `UnimodalProcessor`; also blocks the pad token when it is not ``<eos>``."""
+        """Build from a `UnimodalProcessor`; also blocks the pad token when it is not ``<eos>``, and
+        a unified base's span control ids (``processor.span_control_ids``, e.g. Emu3's row ends)."""
         top = max(len(processor.tokenizer), processor.image_token_range[1],
                   processor.boi_token_id + 1, processor.eoi_token_id + 1)
         pad, eos = processor.pad_token_id, processor.eos_token_id
+        blocked = [pad] if pad is not None and pad != eos else []
+        blocked += [int(i) for i in getattr(processor, "span_control_ids", ())]
         return cls(processor.image_token_range, processor.boi_token_id, processor.eoi_token_id,
                    processor.num_image_tokens, allow_images=allow_images, max_length=max_length,
-                   text_vocab_size=top, blocked_ids=[pad] if pad is not None and pad != eos else [])
+                   text_vocab_size=top, blocked_ids=blocked)
 
     def _text_and_image_masks(self, vocab_size: int, device: torch.device):
         """Boolean ``[V]`` masks of the ids allowed outside a span and inside one (cached)."""
