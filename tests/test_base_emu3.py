@@ -445,3 +445,73 @@ def test_pipeline_saves_loads_and_generates(emu3, tmp_path):
     direct = np.stack([np.asarray(im) for im in generate_images(model, processor, ["a red square", "a cat"],
                                                                  **kwargs)])
     assert ours.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) and (ours == direct).all()
+
+
+# ----------------------------------------------------------------------------- recipes end to end
+
+
+@pytest.fixture(scope="module")
+def recipe_data(emu3, tmp_path_factory):
+    """24 digits tokenised by the recipe with an 8 px Emu3 processor folder (as docs/bases/emu3.md
+    shows for a non-default size), t2i + i2t."""
+    from digits import load_digits_dataset  # examples/digits/digits.py, on pytest's pythonpath
+
+    from unimodal.recipes import tokenize_dataset
+
+    root = tmp_path_factory.mktemp("emu3_data")
+    emu3[1].save_pretrained(root / "processor")
+    load_digits_dataset(image_size=IMAGE_SIZE, split="train").select(range(24)).save_to_disk(str(root / "source"))
+    tokenize_dataset.main(["--source", str(root / "source"), "--processor", str(root / "processor"),
+                           "--tasks", "t2i", "i2t", "--output_dir", str(root / "data"),
+                           "--cache_dir", str(root / "cache")])
+    return root / "data"
+
+
+@pytest.mark.xfail(reason="extend.check_compatibility assumes <boi> h*w <eoi> spans (requested from the core: "
+                          "span_tail_len); remove this mark when it lands", strict=False)
+def test_recipes_tokenize_finetune_reload_generate(emu3_folder, recipe_data, tmp_path):
+    """tokenize-dataset -> finetune (LoRA + visual rows) from the raw Emu3 folder -> Emu3's own class
+    loads the result -> UnimodalPipeline generates from it."""
+    from transformers import Emu3ForConditionalGeneration
+
+    from unimodal import UnimodalPipeline
+    from unimodal.bases.emu3 import Emu3Processor
+    from unimodal.recipes import finetune
+
+    before = Emu3ForConditionalGeneration.from_pretrained(emu3_folder).state_dict()
+    final = finetune.main(["--model_name_or_path", str(emu3_folder), "--dataset_path", str(recipe_data),
+                           "--tasks", "t2i", "i2t", "--eval_size", "4", "--max_length", "64",
+                           "--per_device_batch_size", "4", "--max_steps", "3", "--learning_rate", "3e-3",
+                           "--warmup_steps", "0", "--mixed_precision", "no", "--report_to", "none",
+                           "--use_lora", "true", "--output_dir", str(tmp_path / "run")])
+    after = Emu3ForConditionalGeneration.from_pretrained(final).state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and not any("vqmodel" in k for k in changed)
+    pipe = UnimodalPipeline.from_pretrained(final)
+    assert isinstance(pipe.processor, Emu3Processor) and pipe.processor.grid_shape == (4, 4)  # the data's size
+    images = pipe.generate_images(["a handwritten digit three"], 2, seed=0, progress=False)
+    assert len(images) == 2 and images[0].size == (IMAGE_SIZE, IMAGE_SIZE)
+
+
+@pytest.mark.xfail(reason="extend.check_compatibility assumes <boi> h*w <eoi> spans (requested from the core: "
+                          "span_tail_len); remove this mark when it lands", strict=False)
+def test_recipes_image_head_rows_and_adapter(emu3_folder, recipe_data, tmp_path):
+    from transformers import Emu3ForConditionalGeneration
+
+    from unimodal import UnimodalPipeline
+    from unimodal.bases.emu3 import image_row_ids
+    from unimodal.recipes import finetune
+
+    common = ["--model_name_or_path", str(emu3_folder), "--dataset_path", str(recipe_data), "--tasks", "t2i",
+              "--eval_size", "4", "--max_length", "64", "--per_device_batch_size", "4", "--max_steps", "2",
+              "--learning_rate", "3e-3", "--warmup_steps", "0", "--mixed_precision", "no", "--report_to", "none",
+              "--use_lora", "true"]
+    original = Emu3ForConditionalGeneration.from_pretrained(emu3_folder)
+    final = finetune.main([*common, "--trainable_parts", "image_head_rows", "--output_dir", str(tmp_path / "rows")])
+    before, after = original.state_dict(), Emu3ForConditionalGeneration.from_pretrained(final).state_dict()
+    assert {k for k in before if not torch.equal(before[k], after[k])} == {"lm_head.weight"}
+    rows = (before["lm_head.weight"] != after["lm_head.weight"]).any(1).nonzero().flatten().tolist()
+    assert rows and set(rows) <= set(image_row_ids(original))
+    final = finetune.main([*common, "--merge_lora", "false", "--output_dir", str(tmp_path / "adapter")])
+    pipe = UnimodalPipeline.from_pretrained(final)  # the raw base + the adapter, merged
+    assert pipe.generate_images("a cat", seed=0, progress=False)[0].size == (IMAGE_SIZE, IMAGE_SIZE)
