@@ -226,12 +226,13 @@ def check_compatibility(model: torch.nn.Module, processor: UnimodalProcessor, da
         return
     sample = data.select(range(min(num_checked, len(data))))["input_ids"]
     boi, eoi, hw = processor.boi_token_id, processor.eoi_token_id, processor.num_image_tokens
+    inner = getattr(processor, "span_tail_len", hw + 1) - 1  # ids between <boi> and <eoi> (a base's may hold more)
     for i, ids in enumerate(sample):
         ids = np.asarray(ids)
         if ids.max() >= needed:
             raise ValueError(f"sample {i} holds id {ids.max()} >= vocabulary size {needed}")
         for start, end in zip(np.flatnonzero(ids == boi), np.flatnonzero(ids == eoi)):
-            if end - start - 1 != hw:
+            if end - start - 1 != inner:
                 raise ValueError(f"sample {i} has an image span of {end - start - 1} tokens but the image "
-                                 f"tokenizer makes {hw} ({processor.grid_shape}); the data was built for "
+                                 f"tokenizer makes {inner} ({processor.grid_shape}); the data was built for "
                                  "another grid: re-run tokenize_dataset with this image tokenizer")

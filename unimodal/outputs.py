@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from .bases import base_for
-from .extend import unwrap_peft
+from .extend import layer_rows, unwrap_peft
 from .generation.sampling import SamplingConfig, set_sampling
 from .processor import PROCESSOR_CONFIG_NAME, UnimodalProcessor
 from .training.accelerator import weights_sharded, zero3_disabled
@@ -197,7 +197,8 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 
 
 def _rows(model: torch.nn.Module) -> int:
-    return int(unwrap_peft(model).config.vocab_size)
+    """Input embedding rows (config.vocab_size is not on every config, e.g. Emu3's)."""
+    return int(layer_rows(unwrap_peft(model).get_input_embeddings()))
 
 
 def is_output(path: str | os.PathLike) -> bool:
