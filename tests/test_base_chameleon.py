@@ -317,3 +317,17 @@ def test_zero2_two_processes(folder, data, tmp_path):
     model = ChameleonForConditionalGeneration.from_pretrained(out / "final")
     start = ChameleonForConditionalGeneration.from_pretrained(folder)
     assert not torch.equal(model.lm_head.weight, start.lm_head.weight)
+
+
+def test_web_demo_and_generate_recipe_take_the_raw_folder(folder, tmp_path):
+    from unimodal.recipes import generate
+    from unimodal.webdemo import DemoHandlers, load_pipeline
+
+    handlers = DemoHandlers(load_pipeline(str(folder), device="cpu"))
+    gallery = handlers.text_to_image("a cat", 2, 2.0, 1.0, 8, 1.0, 0)
+    assert [label for _, label in gallery] == ["seed 0", "seed 1"] and gallery[0][0].size == (8, 8)
+    caption = handlers.image_to_text(gallery[0][0], "", 4, 1.0, 1.0, 0)
+    assert isinstance(caption, str)
+    record = generate.main(["--model", str(folder), "--prompts", "a cat", "--output_dir", str(tmp_path / "out"),
+                            "--seed", "0"])
+    assert record["images"]
