@@ -35,20 +35,22 @@ def janus_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
 
 
 def janus_config(tokenizer: PreTrainedTokenizerFast, shape: str = "tiny", layers: int | None = None,
-                 text_vocab_size: int | None = None) -> JanusConfig:
+                 text_vocab_size: int | None = None, grid: int | None = None) -> JanusConfig:
     """A `JanusConfig` of ``shape`` (``"tiny"`` or ``"pro-1b"``) whose special ids are the tokenizer's.
 
     ``text_vocab_size``: rows of the text embedding (default: the tokenizer's length for "tiny",
-    Janus-Pro's 102400 for "pro-1b"); ``layers``: LM layers (default 2 / 24).
+    Janus-Pro's 102400 for "pro-1b"); ``layers``: LM layers (default 2 / 24); ``grid``: side of
+    the code grid (default 4 / 24: ``grid ** 2`` image tokens).
     """
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
     if shape == "tiny":
-        hidden, heads, inter, n_layers, vocab, codes, grid = 32, 4, 64, 2, len(tokenizer), 64, 4
+        hidden, heads, inter, n_layers, vocab, codes, grid_default = 32, 4, 64, 2, len(tokenizer), 64, 4
     elif shape == "pro-1b":
-        hidden, heads, inter, n_layers, vocab, codes, grid = 2048, 16, 5632, 24, 102400, 16384, 24
+        hidden, heads, inter, n_layers, vocab, codes, grid_default = 2048, 16, 5632, 24, 102400, 16384, 24
     else:
         raise ValueError(f"shape must be 'tiny' or 'pro-1b', got {shape!r}")
+    grid = grid or grid_default
     text = LlamaConfig(vocab_size=text_vocab_size or vocab, hidden_size=hidden, intermediate_size=inter,
                        num_hidden_layers=layers or n_layers, num_attention_heads=heads,
                        num_key_value_heads=heads, max_position_embeddings=16384 if shape != "tiny" else 256,
@@ -64,11 +66,12 @@ def janus_config(tokenizer: PreTrainedTokenizerFast, shape: str = "tiny", layers
 
 
 def build_janus(tokenizer: PreTrainedTokenizerFast | None = None, shape: str = "tiny", seed: int = 0,
-                layers: int | None = None, dtype: torch.dtype = torch.float32) -> tuple[JanusImageLM, JanusProcessor]:
+                layers: int | None = None, dtype: torch.dtype = torch.float32,
+                grid: int | None = None) -> tuple[JanusImageLM, JanusProcessor]:
     """A random `JanusImageLM` (eval mode, generation config as Janus-Pro's: guidance 5, the
     image-start id in ``generation_kwargs``) and its `JanusProcessor`."""
     tokenizer = tokenizer or janus_tokenizer()
-    config = janus_config(tokenizer, shape, layers)
+    config = janus_config(tokenizer, shape, layers, grid=grid)
     torch.manual_seed(seed)
     model = JanusImageLM(config).to(dtype).eval()
     boi = tokenizer.convert_tokens_to_ids(BOI_TOKEN)
