@@ -32,9 +32,9 @@ from .janus_processor import JanusProcessor
 
 FROZEN_MODULES = ("vision_model", "aligner", "vqmodel")  # under JanusModel: understanding path + VQ
 GENERATION_MODULES = ("generation_embeddings", "generation_aligner", "generation_head")
+# under use_lora (a full fine-tune, use_lora false, trains the language model and the generation
+# embedding / aligner / head, with the SigLIP encoder, its aligner and the VQ model frozen)
 TRAINABLE_PARTS = {
-    "full": "language model (text embedding, layers, lm_head) + generation embedding, aligner and head; "
-            "SigLIP vision encoder, its aligner and the VQ model frozen",
     "lora": "LoRA adapters on the language model's linear layers; generation embedding, aligner and head "
             "fully trained (modules_to_save); text embedding / lm_head, vision encoder and VQ frozen",
 }
@@ -90,6 +90,9 @@ def apply_lora(model: JanusImageLM, args: Any) -> nn.Module:
     ``args.new_token_rows`` does not apply: Janus gets no new vocabulary rows."""
     from peft import LoraConfig, get_peft_model
 
+    mode = getattr(args, "trainable_parts", "lora")
+    if mode not in TRAINABLE_PARTS:
+        raise ValueError(f"trainable_parts {mode!r} is not a janus mode; janus takes {sorted(TRAINABLE_PARTS)}")
     targets = language_model_linears(model, list(args.lora_target_modules))
     if not targets:
         raise ValueError(f"lora_target_modules {args.lora_target_modules} match no linear layer of Janus's "
