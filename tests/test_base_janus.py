@@ -344,3 +344,51 @@ def test_decoder_refuses_a_plain_janus_model(janus, tmp_path):
     plain = JanusForConditionalGeneration.from_pretrained(tmp_path)
     with pytest.raises(TypeError, match="JanusImageLM"):
         processor.image_decoder(plain, processor.image_token_range, 64, False, False, None)
+
+
+# ------------------------------------------------------------------------------ recipes end to end
+@pytest.fixture(scope="module")
+def janus_folder(tokenizer, tmp_path_factory):
+    """A raw Janus checkpoint folder (transformers' format + tokenizer, no unimodal files)."""
+    model, _ = build_janus(tokenizer, seed=0)
+    folder = tmp_path_factory.mktemp("janus_raw")
+    janus_base.save_model(model, folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.xfail(reason="extend.check_compatibility checks data ids against len(tokenizer), below Janus's "
+                          "virtual image ids (requested from the core: C5); passes with that check skipped. "
+                          "Remove this mark when it lands", strict=False)
+@pytest.mark.parametrize("lora", ["false", "true"])
+def test_recipes_tokenize_finetune_reload_generate(janus_folder, tmp_path, lora):
+    """tokenize-dataset -> finetune from the raw Janus folder -> Janus's own class loads the result
+    with only the trainable parts changed -> UnimodalPipeline generates from it."""
+    import datasets
+
+    from unimodal import UnimodalPipeline
+    from unimodal.recipes import finetune, tokenize_dataset
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(12)]
+    source = datasets.Dataset.from_dict({"image": images, "caption": [CAPTIONS[i % 4] for i in range(12)]},
+                                        features=datasets.Features({"image": datasets.Image(),
+                                                                    "caption": datasets.Value("string")}))
+    source.save_to_disk(str(tmp_path / "source"))
+    tokenize_dataset.main(["--source", str(tmp_path / "source"), "--model_name_or_path", str(janus_folder),
+                           "--tasks", "t2i", "--output_dir", str(tmp_path / "data"),
+                           "--cache_dir", str(tmp_path / "cache")])
+    before = JanusForConditionalGeneration.from_pretrained(janus_folder).state_dict()
+    final = finetune.main(["--model_name_or_path", str(janus_folder), "--dataset_path", str(tmp_path / "data"),
+                           "--tasks", "t2i", "--eval_size", "2", "--max_length", "64",
+                           "--per_device_batch_size", "4", "--max_steps", "2", "--learning_rate", "3e-3",
+                           "--warmup_steps", "0", "--mixed_precision", "no", "--report_to", "none",
+                           "--use_lora", lora, "--output_dir", str(tmp_path / "run")])
+    after = JanusForConditionalGeneration.from_pretrained(final).state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any("generation_head" in k for k in changed)
+    assert not any(part in k for k in changed for part in ("vqmodel", "vision_model", "model.aligner"))
+    pipe = UnimodalPipeline.from_pretrained(final)
+    assert isinstance(pipe.processor, JanusProcessor)
+    images = pipe.generate_images(["the cat"], 2, seed=0, progress=False)
+    assert len(images) == 2 and images[0].size == (8, 8)
