@@ -194,6 +194,17 @@ def test_generation_with_our_class_and_with_transformers_class(folder, processor
     assert images[0].size == (8, 8)
 
 
+def test_jacobi_decoding_matches_token_by_token_when_greedy(folder, processor):
+    prompts = [processor.text_to_image_ids("a cat"), processor.text_to_image_ids("two dogs")]
+    greedy = SamplingConfig(guidance_scale=3.0, do_sample=False)
+    ours = load_model(str(folder)).eval()
+    token = sample_image_tokens(ours, processor, prompts, greedy, progress=False)
+    theirs = ChameleonForConditionalGeneration.from_pretrained(folder).eval()
+    for model in (ours, theirs):
+        jacobi = sample_image_tokens(model, processor, prompts, greedy, progress=False, decoding="jacobi", window=4)
+        assert torch.equal(jacobi, token)
+
+
 def test_one_step_lowers_the_loss_chunked_equals_own(folder, processor):
     from unimodal.training.loss import batch_loss
 
