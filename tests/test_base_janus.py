@@ -392,3 +392,21 @@ def test_recipes_tokenize_finetune_reload_generate(janus_folder, tmp_path, lora)
     assert isinstance(pipe.processor, JanusProcessor)
     images = pipe.generate_images(["the cat"], 2, seed=0, progress=False)
     assert len(images) == 2 and images[0].size == (8, 8)
+
+
+@pytest.mark.slow  # torch.compile of the decode step: ~15 s on one core
+def test_compiled_decoding_gives_the_same_greedy_ids(janus):
+    import warnings
+
+    from unimodal.generation.jacobi import DecodeStats
+
+    model, processor = janus
+    prompts = [processor.text_to_image_ids(c) for c in CAPTIONS[:2]]
+    sampling = SamplingConfig(guidance_scale=3.0, do_sample=False)
+    reference = sample_image_tokens(model, processor, prompts, sampling, progress=False)
+    stats = DecodeStats()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="torch.compile .* is unavailable")  # no silent eager fallback
+        compiled = sample_image_tokens(model, processor, prompts, sampling, progress=False, compile=True,
+                                       stats=stats)
+    assert torch.equal(compiled, reference) and stats.compile_seconds > 0
