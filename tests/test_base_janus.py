@@ -203,6 +203,12 @@ def test_finetune_step_lowers_loss_and_saves_in_janus_format(janus, tmp_path):
         text, image = _reference_logits(reloaded, ids, model.text_vocab_size)
         assert torch.equal(model(input_ids=ids).logits, torch.cat([text, image], -1))
     again = janus_base.load_processor(str(tmp_path))
+    from unimodal import UnimodalPipeline, UnimodalProcessor
+
+    assert isinstance(UnimodalProcessor.from_pretrained(tmp_path), JanusProcessor)  # dispatch on "base"
+    pipe = UnimodalPipeline.from_pretrained(tmp_path)
+    assert isinstance(pipe.model, janus_base.JanusImageLM)
+    assert len(pipe.generate_images(["the cat"], seed=0, guidance_scale=2.0, progress=False)) == 1
     assert again.image_token_range == processor.image_token_range
     assert again.text_to_image_ids("a red cat") == processor.text_to_image_ids("a red cat")
     assert not (tmp_path / "image_tokenizer").exists()  # the VQ is read from the model's own weights
