@@ -227,10 +227,12 @@ def check_compatibility(model: torch.nn.Module, processor: UnimodalProcessor, da
     sample = data.select(range(min(num_checked, len(data))))["input_ids"]
     boi, eoi, hw = processor.boi_token_id, processor.eoi_token_id, processor.num_image_tokens
     inner = getattr(processor, "span_tail_len", hw + 1) - 1  # ids between <boi> and <eoi> (a base's may hold more)
+    # Janus's image ids are virtual, above its text vocabulary: the data may hold ids up to that range's end.
+    top = max(needed, processor.image_token_range[1])
     for i, ids in enumerate(sample):
         ids = np.asarray(ids)
-        if ids.max() >= needed:
-            raise ValueError(f"sample {i} holds id {ids.max()} >= vocabulary size {needed}")
+        if ids.max() >= top:
+            raise ValueError(f"sample {i} holds id {ids.max()} >= vocabulary size {top}")
         for start, end in zip(np.flatnonzero(ids == boi), np.flatnonzero(ids == eoi)):
             if end - start - 1 != inner:
                 raise ValueError(f"sample {i} has an image span of {end - start - 1} tokens but the image "
