@@ -416,3 +416,15 @@ def test_compiled_decoding_gives_the_same_greedy_ids(janus):
         compiled = sample_image_tokens(model, processor, prompts, sampling, progress=False, compile=True,
                                        stats=stats)
     assert torch.equal(compiled, reference) and stats.compile_seconds > 0
+
+
+def test_template_with_special_role_tokens():
+    """A tokenizer where ``<|User|>`` / ``<|Assistant|>`` are special tokens: the template keeps them
+    as single ids, while the same strings in a caption stay plain text."""
+    tokenizer = janus_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|User|>", "<|Assistant|>"]},
+                                 replace_extra_special_tokens=False)
+    model, processor = build_janus(tokenizer)
+    user, assistant = tokenizer.convert_tokens_to_ids(["<|User|>", "<|Assistant|>"])
+    ids = processor.text_to_image_ids("hi <|Assistant|>")
+    assert ids[1] == user and ids.count(assistant) == 1 and ids[-1] == processor.boi_token_id

@@ -76,11 +76,11 @@ class JanusProcessor(UnimodalProcessor):
         if None in (self.bos_token_id, self.eos_token_id, self.pad_token_id):
             raise ValueError("a Janus tokenizer has bos, eos and pad tokens; this one lacks one")
         # The caption is encoded together with the template (same ids as Janus's own processor at
-        # the seams); that is only safe if the template holds no special token, checked here.
+        # the seams) when the template holds no special token of the tokenizer; otherwise the
+        # template pieces are encoded as the tokenizer reads them and the caption alone, split.
         template = prompt_prefix + prompt_suffix
         plain = tokenizer(template, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        if plain != tokenizer(template, add_special_tokens=False)["input_ids"]:
-            raise ValueError(f"the prompt template {template!r} holds special tokens of the tokenizer")
+        self._joint = plain == tokenizer(template, add_special_tokens=False)["input_ids"]
         # caption tokens end this many tokens before <begin_of_image> (for truncating long captions)
         self.caption_suffix_len = len(tokenizer(prompt_suffix, add_special_tokens=False)["input_ids"])
 
@@ -93,8 +93,13 @@ class JanusProcessor(UnimodalProcessor):
     # ------------------------------------------------------------------ sequences
     def prompt_ids(self, caption: str) -> list[int]:
         """``<bos> prefix caption suffix <begin_of_image>``: the generation prompt of ``caption``."""
-        return [self.bos_token_id, *self.encode_text(self.prompt_prefix + caption + self.prompt_suffix),
-                self.boi_token_id]
+        if self._joint:
+            body = self.encode_text(self.prompt_prefix + caption + self.prompt_suffix)
+        else:  # the template's own special tokens stay special; the caption's never are
+            prefix, suffix = self.tokenizer([self.prompt_prefix, self.prompt_suffix],
+                                            add_special_tokens=False)["input_ids"]
+            body = [*prefix, *self.encode_text(caption), *suffix]
+        return [self.bos_token_id, *body, self.boi_token_id]
 
     def text_to_image_ids(self, caption: str, codes: torch.Tensor | None = None) -> list[int]:
         """The training sequence (``prompt, <begin_of_image> K ids <end_of_image> <eos>``) or, with
