@@ -363,9 +363,6 @@ def janus_folder(tokenizer, tmp_path_factory):
     return folder
 
 
-@pytest.mark.xfail(reason="extend.check_compatibility checks data ids against len(tokenizer), below Janus's "
-                          "virtual image ids (requested from the core: C5); passes with that check skipped. "
-                          "Remove this mark when it lands", strict=False)
 @pytest.mark.parametrize("lora", ["false", "true"])
 def test_recipes_tokenize_finetune_reload_generate(janus_folder, tmp_path, lora):
     """tokenize-dataset -> finetune from the raw Janus folder -> Janus's own class loads the result
