@@ -425,3 +425,13 @@ def test_template_with_special_role_tokens():
     user, assistant = tokenizer.convert_tokens_to_ids(["<|User|>", "<|Assistant|>"])
     ids = processor.text_to_image_ids("hi <|Assistant|>")
     assert ids[1] == user and ids.count(assistant) == 1 and ids[-1] == processor.boi_token_id
+
+
+def test_web_demo_takes_the_raw_folder(janus_folder):
+    from unimodal.webdemo import DemoHandlers, load_pipeline
+
+    handlers = DemoHandlers(load_pipeline(str(janus_folder), device="cpu"))
+    gallery = handlers.text_to_image("the cat", 2, 2.0, 1.0, 8, 1.0, 0)
+    assert [label for _, label in gallery] == ["seed 0", "seed 1"] and gallery[0][0].size == (8, 8)
+    with pytest.raises(UserError, match="text-to-image only"):  # captioning VQ codes is refused
+        handlers.image_to_text(gallery[0][0], "", 4, 1.0, 1.0, 0)
