@@ -515,3 +515,19 @@ def test_recipes_image_head_rows_and_adapter(emu3_folder, recipe_data, tmp_path)
     final = finetune.main([*common, "--merge_lora", "false", "--output_dir", str(tmp_path / "adapter")])
     pipe = UnimodalPipeline.from_pretrained(final)  # the raw base + the adapter, merged
     assert pipe.generate_images("a cat", seed=0, progress=False)[0].size == (IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_captioning_after_an_emu3_image_emits_text_only(emu3):
+    """Image-to-text through `UnimodalPipeline`: the image goes in as Emu3's span, and the answer never
+    holds visual or span control tokens (they are blocked outside a span)."""
+    import numpy as np
+    from PIL import Image
+
+    from unimodal import UnimodalPipeline
+
+    model, processor = emu3
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8))
+    pipe = UnimodalPipeline(model, processor)
+    for kwargs in (dict(do_sample=False), dict(do_sample=True, temperature=1.5, seed=1)):
+        (answer,) = pipe.generate_text(["<image>what is it?"], images=[picture], max_new_tokens=24, **kwargs)
+        assert isinstance(answer, str) and answer and "<|" not in answer, answer
