@@ -467,8 +467,6 @@ def recipe_data(emu3, tmp_path_factory):
     return root / "data"
 
 
-@pytest.mark.xfail(reason="extend.check_compatibility assumes <boi> h*w <eoi> spans (requested from the core: "
-                          "span_tail_len); remove this mark when it lands", strict=False)
 def test_recipes_tokenize_finetune_reload_generate(emu3_folder, recipe_data, tmp_path):
     """tokenize-dataset -> finetune (LoRA + visual rows) from the raw Emu3 folder -> Emu3's own class
     loads the result -> UnimodalPipeline generates from it."""
@@ -493,8 +491,6 @@ def test_recipes_tokenize_finetune_reload_generate(emu3_folder, recipe_data, tmp
     assert len(images) == 2 and images[0].size == (IMAGE_SIZE, IMAGE_SIZE)
 
 
-@pytest.mark.xfail(reason="extend.check_compatibility assumes <boi> h*w <eoi> spans (requested from the core: "
-                          "span_tail_len); remove this mark when it lands", strict=False)
 def test_recipes_image_head_rows_and_adapter(emu3_folder, recipe_data, tmp_path):
     from transformers import Emu3ForConditionalGeneration
 
