@@ -69,7 +69,7 @@ class ImageVocabulary:
         if not inside.all() or (inverse < 0).any():
             raise ValueError(f"code_to_id is not a permutation of the ids [{self.offset}, {self.end})")
         if torch.equal(table, torch.arange(self.offset, self.end)):
-            table = inverse = None  # the identity: keep the add/subtract fast path
+            table = inverse = None  # type: ignore[assignment]  # the identity: keep the add/subtract fast path
         object.__setattr__(self, "code_to_id", table)
         object.__setattr__(self, "_id_to_code", inverse)
 

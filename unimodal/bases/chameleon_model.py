@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -166,7 +166,7 @@ def apply_lora(model: nn.Module, args: Any) -> nn.Module:
     parts = getattr(args, "trainable_parts", "lora")
     rows = image_ids(model)
     if parts == "lora":
-        return lora_with_rows(model, sorted({*rows, *control_ids(model)}), args)
+        return lora_with_rows(cast(Any, model), sorted({*rows, *control_ids(model)}), args)
     if parts == "image_head_rows":
         config = TrainableTokensConfig(target_modules=["lm_head"], token_indices=rows)
         return get_peft_model(model, config)

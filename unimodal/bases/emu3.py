@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -35,7 +36,8 @@ from .emu3_processor import (
 
 # Emu3-Gen's own sampling (BAAI's demo: classifier_free_guidance=3.0, top_k=2048), used when the
 # model's generation_config.json carries no unimodal settings.
-EMU3_SAMPLING = {"guidance_scale": 3.0, "temperature": 1.0, "top_k": 2048, "top_p": 1.0, "do_sample": True}
+EMU3_SAMPLING: dict[str, Any] = {"guidance_scale": 3.0, "temperature": 1.0, "top_k": 2048, "top_p": 1.0,
+                                 "do_sample": True}
 
 # LoRA goes on the text decoder's linear layers only: "all-linear" would also reach the VQ model's
 # attention projections (nn.Linear too), which Emu3 never trains.
@@ -69,9 +71,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, **fr
 def image_row_ids(model: nn.Module) -> list[int]:
     """The ids whose rows the "image rows" LoRA modes train: the K visual ids and the span's
     control ids, read from the model's ``vocabulary_map``."""
-    vocab = model.config.vocabulary_map
+    emu3 = cast(Any, model)  # Emu3ForConditionalGeneration (or a PEFT wrapper of it)
+    vocab = emu3.config.vocabulary_map
     named = [IMAGE_START_TOKEN, IMAGE_WRAPPER_TOKEN, EOL_TOKEN, EOF_TOKEN, IMAGE_END_TOKEN]
-    return sorted({*model.model.vocabulary_mapping.image_tokens, *(vocab[t] for t in named)})
+    return sorted({*emu3.model.vocabulary_mapping.image_tokens, *(vocab[t] for t in named)})
 
 
 def apply_lora(model: nn.Module, args) -> nn.Module:

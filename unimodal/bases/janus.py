@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ def save_model(model: nn.Module, folder: Path) -> None:
     """Write ``model`` as a `JanusForConditionalGeneration` checkpoint. A PEFT model is merged into
     a copy first (LoRA folded into the weights, the trained generation modules put in place)."""
     if hasattr(model, "merge_and_unload"):
-        model = copy.deepcopy(model).merge_and_unload()
+        model = cast(Any, copy.deepcopy(model)).merge_and_unload()
     base = unwrap_peft(model)
     if not isinstance(base, JanusImageLM):
         raise TypeError(f"expected a JanusImageLM, got {type(base).__name__}")
@@ -84,12 +84,14 @@ def language_model_linears(model: JanusImageLM, names: list[str] | None = None) 
             if isinstance(m, nn.Linear) and (wanted is None or n.rsplit(".", 1)[-1] in wanted)]
 
 
-def apply_lora(model: JanusImageLM, args: Any) -> nn.Module:
+def apply_lora(model: nn.Module, args: Any) -> nn.Module:
     """PEFT LoRA (``args``: `unimodal.finetune.lora.LoraArguments`) on the language model's linear
     layers, with the generation embedding / aligner / head trained in full (``modules_to_save``).
     ``args.new_token_rows`` does not apply: Janus gets no new vocabulary rows."""
     from peft import LoraConfig, get_peft_model
 
+    if not isinstance(model, JanusImageLM):
+        raise TypeError(f"janus LoRA needs the JanusImageLM that load_model returns, got {type(model).__name__}")
     mode = getattr(args, "trainable_parts", "lora")
     if mode not in TRAINABLE_PARTS:
         raise ValueError(f"trainable_parts {mode!r} is not a janus mode; janus takes {sorted(TRAINABLE_PARTS)}")

@@ -23,6 +23,7 @@ activation checkpointing (one chunk's logits live at a time). The recipes' chunk
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -83,12 +84,12 @@ class JanusImageLM(JanusForConditionalGeneration):
     @property
     def text_vocab_size(self) -> int:
         """``V``: rows of the text embedding; image code ``c`` is id ``V + c``."""
-        return int(self.get_input_embeddings().num_embeddings)
+        return int(cast(nn.Embedding, self.get_input_embeddings()).num_embeddings)
 
     @property
     def num_image_codes(self) -> int:
         """``K``: codes of the VQ model (rows of the generation embedding)."""
-        return int(self.model.generation_embeddings.num_embeddings)
+        return int(cast(nn.Embedding, self.model.generation_embeddings).num_embeddings)
 
     def embed_ids(self, input_ids: Tensor) -> Tensor:
         """``[B, T]`` ids -> ``[B, T, H]``: text ids through the text embedding, ids ``>= V``
@@ -100,7 +101,7 @@ class JanusImageLM(JanusForConditionalGeneration):
         image = self.prepare_embeddings_for_image_generation(input_ids[is_image] - v)
         return embeds.masked_scatter(is_image.unsqueeze(-1), image.to(embeds.dtype))
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,

@@ -9,6 +9,8 @@ layers and a small SigLIP / VQ encoder (neither runs while generating image toke
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from transformers import JanusConfig, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig, PreTrainedTokenizerFast
 
@@ -61,7 +63,7 @@ def janus_config(tokenizer: PreTrainedTokenizerFast, shape: str = "tiny", layers
                           channel_multiplier=[1, 1], num_res_blocks=1, projection_dim=hidden,
                           image_token_embed_dim=hidden, num_hidden_layers=2)
     image_token = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    return JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=image_token,
+    return JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=cast(int, image_token),
                        tie_word_embeddings=False)
 
 
@@ -73,13 +75,13 @@ def build_janus(tokenizer: PreTrainedTokenizerFast | None = None, shape: str = "
     tokenizer = tokenizer or janus_tokenizer()
     config = janus_config(tokenizer, shape, layers, grid=grid)
     torch.manual_seed(seed)
-    model = JanusImageLM(config).to(dtype).eval()
+    model = cast(JanusImageLM, cast(Any, JanusImageLM(config)).to(dtype).eval())
     boi = tokenizer.convert_tokens_to_ids(BOI_TOKEN)
     gen = model.generation_config
-    gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = config.text_config.bos_token_id, \
-        config.text_config.eos_token_id, config.text_config.pad_token_id
-    gen.generation_kwargs = {"boi_token_id": boi}
+    text = cast(Any, config.text_config)
+    gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = text.bos_token_id, text.eos_token_id, text.pad_token_id
+    gen.generation_kwargs = {"boi_token_id": boi}  # type: ignore[attr-defined]  # Janus's generate reads it
     gen.guidance_scale = 5.0
     processor = JanusProcessor(tokenizer, JanusImageTokenizer.from_janus(model),
-                               text_vocab_size=config.text_config.vocab_size)
+                               text_vocab_size=text.vocab_size)
     return model, processor

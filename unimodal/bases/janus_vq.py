@@ -13,6 +13,7 @@ normalise), so its codes differ wherever codebook rows are not unit length; ours
 from __future__ import annotations
 
 import os
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ class JanusImageTokenizer(ImageTokenizerMixin, JanusVQVAE):
         return side, side
 
     @torch.no_grad()
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels ``[B, 3, H, W]`` in [-1, 1] (``H = W = config.image_size``) -> codes ``[B, h, w]``."""
         self.check_pixels(pixels)
         latents = self.quant_conv(self.encoder(pixels))  # [B, D, h, w]
@@ -56,10 +57,10 @@ class JanusImageTokenizer(ImageTokenizerMixin, JanusVQVAE):
         return (z @ book.T).argmax(-1).view(b, h, w)
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes ``[B, h, w]`` -> pixels ``[B, 3, H, W]`` (about [-1, 1]), `JanusVQVAE.decode`."""
         self.check_codes(codes)
-        return JanusVQVAE.decode(self, codes.flatten(1).to(self.device))
+        return JanusVQVAE.decode(self, cast(torch.LongTensor, codes.flatten(1).to(self.device)))
 
     def code_vectors(self) -> torch.Tensor:
         """The l2-normalised codebook ``[K, D]`` fp32 (what decode looks codes up in)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import PreTrainedModel
@@ -39,7 +40,8 @@ def load_model_and_processor(
     path = args.model_name_or_path
     base = base_for(path) if path else None
     if base is not None:  # Chameleon / Emu3 / Janus: their own vocabulary, format and VQ model
-        return base.load_model(str(path), dtype=dtype), base_processor(base, str(path), data_processor)
+        model = cast(PreTrainedModel, base.load_model(str(path), dtype=dtype))
+        return model, base_processor(base, str(path), data_processor)
     if path and is_extended(path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         return model, UnimodalProcessor.from_pretrained(path)
