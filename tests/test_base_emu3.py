@@ -312,7 +312,8 @@ def train_steps(model, batch, steps: int = 3, lr: float = 1e-2) -> list[float]:
 
 
 def test_chunked_loss_is_exact_on_emu3(emu3):
-    from unimodal.training.loss import causal_lm_loss, chunked_loss_refusal
+    from unimodal.training.loss import causal_lm_loss
+    from unimodal.training.loss_choice import chunked_loss_refusal
 
     model, processor = emu3
     batch = training_batch(processor)

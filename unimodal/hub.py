@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from huggingface_hub import HfApi
@@ -50,3 +52,13 @@ class PushToHubMixin:
             self.save_pretrained(tmp)
             return push_folder_to_hub(tmp, repo_id, private=private, token=token, revision=revision,
                                       commit_message=commit_message or self.hub_commit_message)
+
+    def write_config_and_push(self, folder: Path, name: str, config: dict, push_to_hub: bool, kwargs: dict) -> None:
+        """The end of a ``save_pretrained(folder, push_to_hub, **kwargs)``: write ``config`` as JSON to
+        ``folder/name``; with ``push_to_hub`` upload the folder (``kwargs``: ``repo_id``, default the
+        folder name, and `push_folder_to_hub` arguments)."""
+        (folder / name).write_text(json.dumps(config, indent=2) + "\n")
+        if push_to_hub:
+            repo_id = kwargs.pop("repo_id", folder.name)
+            kwargs.setdefault("commit_message", self.hub_commit_message)
+            push_folder_to_hub(folder, repo_id, **kwargs)

@@ -27,7 +27,7 @@ from PIL import Image
 from transformers import AutoModel, AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
-from .hub import PushToHubMixin, push_folder_to_hub
+from .hub import PushToHubMixin
 from .images import center_crop_resize_pixels, pil_to_tensor, tensor_to_pil
 from .vocab import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN_TEMPLATE, ImageVocabulary
 from .vq.base import ImageTokenizerMixin
@@ -371,22 +371,14 @@ class UnimodalProcessor(PushToHubMixin):
         self.image_tokenizer.save_pretrained(save_directory / IMAGE_TOKENIZER_SUBFOLDER)
         config = {
             "processor_class": type(self).__name__,
-            "boi_token": self.boi_token,
-            "eoi_token": self.eoi_token,
-            "image_token_template": self.image_token_template,
-            "image_placeholder": self.image_placeholder,
+            "boi_token": self.boi_token, "eoi_token": self.eoi_token,
+            "image_token_template": self.image_token_template, "image_placeholder": self.image_placeholder,
             "image_tokenizer_subfolder": IMAGE_TOKENIZER_SUBFOLDER,
             # informative (checked on load): ids and shapes of this tokenizer pair
-            "image_token_range": list(self.image_token_range),
-            "boi_token_id": self.boi_token_id,
-            "eoi_token_id": self.eoi_token_id,
-            "grid_shape": list(self.grid_shape),
+            "image_token_range": list(self.image_token_range), "boi_token_id": self.boi_token_id,
+            "eoi_token_id": self.eoi_token_id, "grid_shape": list(self.grid_shape),
         }
-        (save_directory / PROCESSOR_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        if push_to_hub:
-            repo_id = kwargs.pop("repo_id", save_directory.name)
-            kwargs.setdefault("commit_message", self.hub_commit_message)
-            push_folder_to_hub(save_directory, repo_id, **kwargs)
+        self.write_config_and_push(save_directory, PROCESSOR_CONFIG_NAME, config, push_to_hub, kwargs)
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, **hub_kwargs) -> UnimodalProcessor:
@@ -413,14 +405,9 @@ class UnimodalProcessor(PushToHubMixin):
         image_tokenizer = AutoModel.from_pretrained(
             path_or_repo, subfolder=config["image_tokenizer_subfolder"], **hub_kwargs
         )
-        processor = cls(
-            tokenizer,
-            image_tokenizer,
-            boi_token=config["boi_token"],
-            eoi_token=config["eoi_token"],
-            image_token_template=config["image_token_template"],
-            image_placeholder=config["image_placeholder"],
-        )
+        processor = cls(tokenizer, image_tokenizer, boi_token=config["boi_token"], eoi_token=config["eoi_token"],
+                        image_token_template=config["image_token_template"],
+                        image_placeholder=config["image_placeholder"])
         if list(processor.image_token_range) != config["image_token_range"]:
             raise ValueError(
                 f"{path_or_repo}: image ids are {processor.image_token_range} but processor_config.json "

@@ -19,12 +19,9 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
-
-if TYPE_CHECKING:
-    from ..processor import UnimodalProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +49,7 @@ class UnifiedBase:
     name: str
     model_types: tuple[str, ...]
     load_model: Callable[..., nn.Module]
-    load_processor: Callable[[str], UnimodalProcessor]
+    load_processor: Callable[[str], Any]  # a UnimodalProcessor subclass (unimodal.processor imports us)
     save_model: Callable[[nn.Module, Path], None]
     trainable_parts: Mapping[str, str] = field(default_factory=dict)
     apply_lora: Callable[[nn.Module, Any], nn.Module] | None = None

@@ -41,7 +41,6 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from ..hub import push_folder_to_hub
 from ..images import tensor_to_pil
 from ..processor import IMAGE_PLACEHOLDER, IMAGE_TOKENIZER_SUBFOLDER, PROCESSOR_CONFIG_NAME, UnimodalProcessor
 from ..vocab import ImageVocabulary
@@ -285,11 +284,7 @@ class Emu3Processor(UnimodalProcessor):
             "eoi_token_id": self.eoi_token_id,
             "grid_shape": list(self.grid_shape),
         }
-        (folder / PROCESSOR_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        if push_to_hub:
-            repo_id = kwargs.pop("repo_id", folder.name)
-            kwargs.setdefault("commit_message", self.hub_commit_message)
-            push_folder_to_hub(folder, repo_id, **kwargs)
+        self.write_config_and_push(folder, PROCESSOR_CONFIG_NAME, config, push_to_hub, kwargs)
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, image_size: int | None = None,

@@ -168,13 +168,7 @@ class JanusProcessor(UnimodalProcessor):
             "image_token_range": list(self.image_token_range), "boi_token_id": self.boi_token_id,
             "eoi_token_id": self.eoi_token_id, "grid_shape": list(self.grid_shape),
         }
-        (save_directory / PROCESSOR_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        if push_to_hub:
-            from ..hub import push_folder_to_hub
-
-            repo_id = kwargs.pop("repo_id", save_directory.name)
-            kwargs.setdefault("commit_message", self.hub_commit_message)
-            push_folder_to_hub(save_directory, repo_id, **kwargs)
+        self.write_config_and_push(save_directory, PROCESSOR_CONFIG_NAME, config, push_to_hub, kwargs)
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, **hub_kwargs) -> JanusProcessor:
