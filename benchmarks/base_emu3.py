@@ -23,12 +23,10 @@ best of ``--repeats`` runs, after one short warm-up; run it on an otherwise idle
 
 from __future__ import annotations
 
-import argparse
 import math
-import platform
-import time
 
 import torch
+from common import base_generation_parser, best_of, cpu_name
 
 from unimodal.bases.emu3_tiny import build_emu3
 from unimodal.generation import SamplingConfig, sample_image_tokens
@@ -65,16 +63,6 @@ def ours_generate(model, processor, prompts: list[list[int]], seed: int) -> torc
     return sample_image_tokens(model, processor, prompts, SAMPLING, seed=seed, progress=False)
 
 
-def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
-    best, out = float("inf"), None
-    for r in range(repeats):
-        start = time.perf_counter()
-        out = fn(seed=r)
-        best = min(best, time.perf_counter() - start)
-    assert out is not None
-    return best, out
-
-
 def build(name: str, args) -> tuple:
     if name == "tiny":
         return build_emu3(image_size=2 * args.tiny_side)
@@ -93,26 +81,18 @@ def measure(name: str, args) -> tuple[str, str, str, float, float]:
     with torch.no_grad():
         for fn in (ours_generate, hf_generate):  # warm-up: one row of one image each
             fn(model, processor, prompts[:1], seed=0)
-        ours_s, ours = timed(lambda seed: ours_generate(model, processor, prompts, seed), args.repeats)
-        hf_s, theirs = timed(lambda seed: hf_generate(model, processor, prompts, seed), args.repeats)
+        ours_s, ours = best_of(lambda seed: ours_generate(model, processor, prompts, seed), args.repeats)
+        hf_s, theirs = best_of(lambda seed: hf_generate(model, processor, prompts, seed), args.repeats)
     assert processor.vocab.is_image(ours).all() and processor.vocab.is_image(theirs).all()
     text = model.config.text_config
     return name, f"{text.hidden_size}x{text.num_hidden_layers}", f"{h}x{w}", n / ours_s, n / hf_s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=["tiny"], choices=["tiny", "full"])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--tiny_side", type=int, default=16, help="tiny config: grid side (16 -> 256 codes)")
-    parser.add_argument("--layers", type=int, default=2, help="full config: decoder layers (Emu3-Gen: 32)")
-    parser.add_argument("--tokens", type=int, default=64, help="full config: about this many codes per image")
-    parser.add_argument("--dtype", default="bfloat16", help="full config: text model dtype")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = base_generation_parser(__doc__, "full", "Emu3-Gen", 32)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
+    print(f"# {cpu_name()}, {args.threads} threads, torch {torch.__version__}, "
           f"batch {args.batch}, guidance {SAMPLING.guidance_scale}, top-k {SAMPLING.top_k}")
     rows = [measure(name, args) for name in args.configs]
     print("\n| config | text (hidden x layers) | grid | ours tok/s | Emu3 generate tok/s | ours / generate |")

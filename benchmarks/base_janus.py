@@ -23,13 +23,11 @@ weights. tokens/s counts image tokens (``batch * h * w``) per wall-clock second 
 
 from __future__ import annotations
 
-import argparse
 import math
-import platform
-import time
 from functools import partial
 
 import torch
+from common import base_generation_parser, best_of, cpu_name
 
 from unimodal.bases.janus_offline import build_janus
 from unimodal.generation import SamplingConfig, sample_image_tokens
@@ -52,16 +50,6 @@ def ours_generate(model, processor, prompts: list[list[int]], seed: int, static:
     return processor.vocab.ids_to_codes(ids)
 
 
-def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
-    best, out = float("inf"), None
-    for r in range(repeats):
-        start = time.perf_counter()
-        out = fn(seed=r)
-        best = min(best, time.perf_counter() - start)
-    assert out is not None
-    return best, out
-
-
 def build(name: str, args):
     if name == "tiny":
         return build_janus(grid=args.tiny_side)
@@ -70,18 +58,10 @@ def build(name: str, args):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=["tiny"], choices=["tiny", "pro-1b"])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--tiny_side", type=int, default=16, help="tiny config: grid side (16 -> 256 codes)")
-    parser.add_argument("--layers", type=int, default=2, help="pro-1b config: LM layers (Janus-Pro-1B: 24)")
-    parser.add_argument("--tokens", type=int, default=64, help="pro-1b config: about this many codes per image")
-    parser.add_argument("--dtype", default="bfloat16", help="pro-1b config: model dtype")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = base_generation_parser(__doc__, "pro-1b", "Janus-Pro-1B", 24)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
+    print(f"# {cpu_name()}, {args.threads} threads, torch {torch.__version__}, "
           f"batch {args.batch}, guidance {SAMPLING.guidance_scale}, temperature {SAMPLING.temperature}")
     runs = (("ours", ours_generate, {}), ("ours static", ours_generate, {"static": True}),
             ("janus", janus_generate, {}))
@@ -95,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         with torch.no_grad():
             for label, fn, kw in runs:
                 fn(model, processor, prompts[:1], seed=0, **kw)  # warm-up: one image
-                seconds, codes = timed(partial(fn, model, processor, prompts, **kw), args.repeats)
+                seconds, codes = best_of(partial(fn, model, processor, prompts, **kw), args.repeats)
                 assert codes.shape == (args.batch, h * w) and int(codes.max()) < processor.vocab.codebook_size
                 speeds[label] = n / seconds
         text = model.config.text_config

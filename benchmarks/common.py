@@ -5,6 +5,7 @@ real LM's. Imported by the scripts next to it (``python benchmarks/<name>.py`` p
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -197,3 +198,29 @@ def wide_text_tokenizer(rows: int):
     vocab.update({f"<|unused_{i}|>": first + i for i in range(rows - first)})
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token=small.bos_token,
                                    eos_token=small.eos_token, pad_token=small.pad_token)
+
+
+def base_generation_parser(doc: str, full: str, full_model: str, full_layers: int) -> argparse.ArgumentParser:
+    """The options of the unified-base generation benchmarks (base_emu3.py, base_janus.py):
+    ``--configs`` tiny / ``full`` (a full-size-shaped config, named ``full`` after ``full_model``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["tiny"], choices=["tiny", full])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tiny_side", type=int, default=16, help="tiny config: grid side (16 -> 256 codes)")
+    parser.add_argument("--layers", type=int, default=2, help=f"{full} config: layers ({full_model}: {full_layers})")
+    parser.add_argument("--tokens", type=int, default=64, help=f"{full} config: about this many codes per image")
+    parser.add_argument("--dtype", default="bfloat16", help=f"{full} config: model dtype")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    return parser
+
+
+def best_of(fn, repeats: int) -> tuple[float, torch.Tensor]:
+    """(best wall seconds, result) of ``fn(seed=r)`` over ``repeats`` runs with seeds 0, 1, ..."""
+    best, out = float("inf"), None
+    for r in range(repeats):
+        start = time.perf_counter()
+        out = fn(seed=r)
+        best = min(best, time.perf_counter() - start)
+    assert out is not None
+    return best, out
