@@ -230,11 +230,33 @@ def test_sampling_is_seeded_per_row_and_jacobi_is_refused(emu3):
     assert [p.size for p in pictures] == [(IMAGE_SIZE, IMAGE_SIZE)] * 2
 
 
+def test_global_rng_sampled_ids_equal_emu3s_generate(emu3):
+    """``rng="global"``: one ``torch.multinomial`` per step over Emu3's whole vocabulary on the global
+    generator (its forced end-of-line draws included), as Emu3's ``generate`` draws: the same sampled
+    visual ids for the same seed and settings."""
+    from unimodal.generation import SamplingConfig
+    from unimodal.generation.images import sample_image_tokens
+
+    model, processor = emu3
+    prompts = [processor.text_to_image_ids(c) for c in ("a red square", "two blue circles on grass")]
+    for seed, settings in ((0, dict(guidance_scale=3.0, temperature=1.0, top_k=16)),
+                           (1, dict(guidance_scale=2.0, temperature=0.7, top_k=32, top_p=0.9))):
+        torch.manual_seed(seed)
+        theirs = emu3_generate(model, processor, prompts, do_sample=True, **settings)
+        ours = sample_image_tokens(model, processor, prompts, SamplingConfig(**settings), seed=seed,
+                                   progress=False, rng="global")
+        assert torch.equal(ours, theirs), seed
+        assert len(theirs.unique()) > 8  # sampled, not a constant image
+        rows = sample_image_tokens(model, processor, prompts, SamplingConfig(**settings), seed=seed, progress=False)
+        assert not torch.equal(rows, ours)  # the default per-row streams are another draw
+
+
 def test_sampling_distribution_equals_emu3s_generate_step_by_step(emu3):
-    """Seeded sampling cannot give Emu3's ids: its ``generate`` draws with ``torch.multinomial`` from one
-    global stream, ours by inverse CDF from per-row streams (`RowUniforms`). What must agree is the
-    distribution each token is drawn from: Emu3's sampled image is fed back through our decoder and
-    sampler and, at every visual step, our guided top-k distribution equals its ``output_scores``."""
+    """Emu3's ``generate`` draws with ``torch.multinomial`` from one global stream, our default by
+    inverse CDF from per-row streams (`RowUniforms`; the same ids only with ``rng="global"``, tested
+    above). What must agree in both is the distribution each token is drawn from: Emu3's sampled
+    image is fed back through our decoder and sampler and, at every visual step, our guided top-k
+    distribution equals its ``output_scores``."""
     from unimodal.generation import SamplingConfig
     from unimodal.generation.sampling import TokenSampler
 

@@ -311,10 +311,10 @@ class _Record(LogitsProcessor):
 
 
 def test_sampling_parity_step_by_step(janus):
-    """Janus samples with ``torch.multinomial`` on the global RNG, we with one seeded uniform stream
-    per row, so the same seed cannot give the same draws. What must (and does) agree: for the
-    codes Janus drew, our decoder's conditional and unconditional logits at every step equal
-    Janus's, so the guided distribution we sample from is Janus's."""
+    """Janus samples with ``torch.multinomial`` on the global RNG, our default with one seeded uniform
+    stream per row (the same ids only with ``rng="global"``, tested below). What must agree in both:
+    for the codes Janus drew, our decoder's conditional and unconditional logits at every step
+    equal Janus's, so the guided distribution we sample from is Janus's."""
     model, processor = janus
     record = _Record()
     torch.manual_seed(0)
@@ -336,6 +336,26 @@ def test_sampling_parity_step_by_step(janus):
     both = sample_image_tokens(model, processor, prompts, sampling, seed=[5, 6], progress=False)
     alone = sample_image_tokens(model, processor, prompts[1:], sampling, seed=[6], progress=False)
     assert torch.equal(both[1:], alone)
+
+
+def test_global_rng_sampled_ids_equal_janus_generate(janus):
+    """``rng="global"``: the whole batch drawn with one ``torch.multinomial`` per step on the global
+    generator after ``torch.manual_seed(seed)``, as Janus's ``generate`` draws: the same sampled
+    codes for the same seed and settings (guidance, temperature, top-k, top-p)."""
+    model, processor = janus
+    prompts = [processor.text_to_image_ids(c) for c in CAPTIONS[:2]]
+    for seed, settings in ((0, dict(guidance_scale=3.0, temperature=1.0, top_k=16)),
+                           (1, dict(guidance_scale=2.0, temperature=0.7, top_k=32, top_p=0.9))):
+        torch.manual_seed(seed)
+        theirs = _janus_generate(model, processor, CAPTIONS[:2], do_sample=True, **settings)
+        ours = sample_image_tokens(model, processor, prompts, SamplingConfig(**settings), seed=seed,
+                                   progress=False, rng="global")
+        assert torch.equal(processor.vocab.ids_to_codes(ours), theirs), seed
+        assert len(theirs.unique()) > 8  # sampled, not a constant image
+        rows = sample_image_tokens(model, processor, prompts, SamplingConfig(**settings), seed=seed, progress=False)
+        assert not torch.equal(rows, ours)  # the default per-row streams are another draw
+    with pytest.raises(ValueError, match="rng='global' takes one int seed"):  # per-row seeds: not this mode
+        sample_image_tokens(model, processor, prompts, SamplingConfig(), seed=[0, 1], progress=False, rng="global")
 
 
 def test_generate_images_end_to_end(janus):

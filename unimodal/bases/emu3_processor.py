@@ -258,6 +258,14 @@ class Emu3Processor(UnimodalProcessor):
 
         return emu3_image_decoder(model, self, vocab_slice, max_length, static_cache, compile, stats)
 
+    def generate_draw_layout(self, model):
+        """How Emu3's ``generate`` draws (for ``rng="global"``): over its whole vocabulary, visual
+        ids where they are, and once more for the forced end-of-line after every row of ``w``."""
+        from ..generation.global_rng import DrawLayout
+
+        width = int(model.get_output_embeddings().weight.shape[0])
+        return DrawLayout(width=width, offset=self.image_token_range[0], forced_every=self.grid_shape[1])
+
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         """Write Emu3's tokenizer files, the image tokenizer in ``image_tokenizer/``, transformers'

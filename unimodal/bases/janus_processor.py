@@ -140,6 +140,14 @@ class JanusProcessor(UnimodalProcessor):
             raise ValueError(f"vocab_slice {vocab_slice} is not Janus's image range {self.image_token_range}")
         return janus_image_decoder(model, self.image_token_range, max_length, static_cache, compile, stats)
 
+    def generate_draw_layout(self, model):
+        """How Janus's ``generate(generation_mode="image")`` draws (for ``rng="global"``): over
+        its generation head's ``K`` code logits, code ``c`` in column ``c``."""
+        from ..generation.global_rng import DrawLayout
+
+        lo, hi = self.image_token_range
+        return DrawLayout(width=hi - lo, offset=0)
+
     @torch.no_grad()
     def decode_image_ids(self, image_ids: torch.Tensor) -> list[Image.Image]:
         """Image ids ``[N, h*w]`` (``V + code``) -> N PIL images, one batched VQ decode."""

@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .decoder import KVDecoder
+from .global_rng import RNGS, GlobalDraws, draw_layout
 from .jacobi import DecodeStats, JacobiDecoding
 from .sampling import RowUniforms, SamplingConfig, TokenSampler, model_sampling, resolve_sampling
 from .static import StaticKVDecoder
@@ -51,6 +52,7 @@ def sample_image_tokens(
     static_cache: bool = False,
     compile: bool | str = False,
     stats: DecodeStats | None = None,
+    rng: str = "row",
 ) -> torch.Tensor:
     """Sample one image span per prompt row; returns image ids ``[N, h*w]`` (without <boi>/<eoi>).
 
@@ -76,8 +78,23 @@ def sample_image_tokens(
             CPU, CUDA graphs on a GPU; or a backend name); falls back to eager with one warning.
             The first call per model and batch shape compiles (``stats.compile_seconds``).
         stats: a `DecodeStats` to add forward passes, tokens, drafts and compile time to.
+        rng: ``"row"`` (default): one random stream per row, as above. ``"global"``: draw each
+            step's ids for the batch with one ``torch.multinomial`` on torch's global generator
+            (after ``torch.manual_seed(seed)`` when ``seed`` is an int), as transformers'
+            ``generate`` does, so the ids equal the model's own ``generate`` with the same seed and
+            settings (see `unimodal.generation.global_rng`; one ``generate`` call is one batch:
+            keep ``batch_size=None``). Only with ``decoding="token"``.
     """
     jacobi = _decoding(decoding, window)
+    if rng not in RNGS:
+        raise ValueError(f"rng must be one of {RNGS}, got {rng!r}")
+    global_rng = rng == "global" and sampling.do_sample
+    if global_rng:
+        if jacobi is not None or generator is not None or not (seed is None or isinstance(seed, int)):
+            raise ValueError("rng='global' takes one int seed (or none: the global generator as it is) "
+                             "and decoding='token'")
+        if seed is not None:
+            torch.manual_seed(seed)
     for i, row in enumerate(prompt_ids):
         if not row or row[-1] != processor.boi_token_id:
             raise ValueError(f"prompt {i} must end with <boi> (id {processor.boi_token_id}); "
@@ -90,8 +107,9 @@ def sample_image_tokens(
     # prompt with its caption padded out) says so with unconditional_ids_for(row).
     per_row = getattr(processor, "unconditional_ids_for", None) if negative_prompt_ids is None else None
     steps = n_tokens if jacobi is None else jacobi.uniform_steps(n_tokens)
-    uniforms = RowUniforms(n_rows, steps, seed, generator) if sampling.do_sample else None
+    uniforms = RowUniforms(n_rows, steps, seed, generator) if sampling.do_sample and not global_rng else None
     sampler = TokenSampler(sampling)  # guidance: logits [2B, K] (cond rows, uncond rows) -> [B, K]
+    draw = GlobalDraws(sampler, draw_layout(model, processor)) if global_rng else sampler
     batch_size = batch_size or n_rows
     out = torch.empty(n_rows, n_tokens, dtype=torch.long)
     bar = tqdm(total=n_rows * n_tokens, desc="image tokens", unit="tok", disable=not progress)
@@ -114,7 +132,7 @@ def sample_image_tokens(
         u = None if uniforms is None else uniforms.rows(start, stop, logits.device)  # [B, h*w, 2]
         codes = torch.empty(stop - start, n_tokens, dtype=torch.long, device=logits.device)
         for t in range(n_tokens):
-            codes[:, t] = sampler(codes[:, :t], logits, None if u is None else u[:, t])
+            codes[:, t] = draw(codes[:, :t], logits, None if u is None else u[:, t])
             if t + 1 < n_tokens:  # the uncond rows continue with the same image tokens
                 step = codes[:, t] + lo
                 logits = decoder.step(torch.cat([step, step]) if guided else step)
@@ -178,6 +196,7 @@ def generate_images(
     window: int | None = None,
     static_cache: bool = False,
     compile: bool | str = False,
+    rng: str = "row",
 ) -> list[Image.Image]:
     """Generate images from text prompts with batched classifier-free guidance.
 
@@ -201,6 +220,8 @@ def generate_images(
             ``window`` drafts per pass: fewer forward passes, the same distribution).
         static_cache, compile: a static KV cache, and a compiled decode step (see
             `sample_image_tokens`).
+        rng: ``"row"`` (per-row streams) or ``"global"`` (transformers' ``generate``'s draws: the
+            same ids as the model's own ``generate`` with the same seed; see `sample_image_tokens`).
 
     Returns:
         ``len(prompts) * num_images_per_prompt`` RGB images.
@@ -214,5 +235,5 @@ def generate_images(
     negative = None if negative_prompt is None else processor.text_to_image_ids(negative_prompt)
     ids = sample_image_tokens(model, processor, rows, sampling, negative_prompt_ids=negative, seed=seed,
                               generator=generator, batch_size=batch_size, progress=progress, decoding=decoding,
-                              window=window, static_cache=static_cache, compile=compile)
+                              window=window, static_cache=static_cache, compile=compile, rng=rng)
     return decode_image_ids(processor, ids)
