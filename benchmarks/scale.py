@@ -10,13 +10,14 @@ Variants (``--only`` takes names or shell patterns):
 - ``vq-b<N>``: Chameleon's VQ-GAN (the architecture `unimodal.vq.convert.from_taming` reads from
   Chameleon's ``vqgan.yaml``: 8192 codes, 512 px -> 32 x 32 = 1024 tokens), encode + decode of a
   batch of N random 512-px images: images/s and peak memory.
-- ``lm-<full|lora>-<gc|nogc>-<t2i|i2t>-<system>``: a Qwen2.5-0.5B-shaped LM (hidden 896, 24 layers,
+- ``lm-<full|lora|inbwd>-<gc|nogc>-<t2i|i2t>-<system>``: a Qwen2.5-0.5B-shaped LM (hidden 896, 24 layers,
   14 heads / 2 KV heads, MLP 4864, 151,936 tied text rows) extended with 8192 image codes, trained on
   1,100-token samples (t2i: image loss; i2t: caption loss only) for ``--steps`` optimizer steps of
   ``--batch`` samples; the first step is warm-up, trained (non-pad) tokens/s count the others.
   ``ours``: the finetune recipe with its chunked loss (``loss: chunked``); ``model``: the same
   recipe with the model's own loss (``loss: model``); ``trl``: TRL's SFTTrainer on the same samples
-  and loss mask.
+  and loss mask. ``inbwd``: full fine-tune with the optimizer step inside backward
+  (``optimizer_in_backward: true``, which needs ``max_grad_norm: 0``; the other modes clip at 1.0).
 - ``gen``: one 1024-token image with CFG (Liquid's settings) at that shape: ours
   (`benchmarks/generate.py` ``run_ours``) vs transformers' ``generate`` CFG (``run_hf``).
 - ``dist-<single|zero3|ddp|zero2>``: peak memory per process of the recipe at ``--dist_batch``
@@ -81,15 +82,17 @@ LMS = {"0.5b": Shape(896, 24, 14, 2, 4864, 151_936, 8192, 32, 72, CHAMELEON_VQGA
        "7b": Shape(3584, 28, 28, 4, 18944, 152_064, 8192, 32, 72, CHAMELEON_VQGAN, tied=False)}
 QUICK = Shape(64, 2, 4, 2, 128, 2048, 64, 8, 12, TINY_VQGAN)
 
-LM = [f"lm-{m}-{g}-{t}-{s}" for m in ("full", "lora") for g in ("gc", "nogc") for t in ("t2i", "i2t") for s in SYSTEMS]
+LM = [f"lm-{m}-{g}-{t}-{s}" for m in ("full", "lora", "inbwd") for g in ("gc", "nogc") for t in ("t2i", "i2t")
+      for s in SYSTEMS if not (m == "inbwd" and s == "trl")]
 DIST = {"single": None, "zero3": "zero3.yaml", "ddp": "ddp_cpu.yaml", "zero2": "zero2.yaml"}
 # The rows the targets of issue #13 read: full fine-tune at batch 4 x 1,100 with gradient
 # checkpointing (without it the model's own loss does not fit in 24 GB: 16 B/param + 105 KB per token
 # and layer + ~3 logits-sized buffers), ours and the model's loss on t2i and i2t, TRL on i2t; the
-# VQ-GAN, the measured activation constants, generation and ZeRO-3. 45-60 min on an idle 2-core
+# VQ-GAN, the measured activation constants, the step in backward (memory), generation and ZeRO-3. 45-60 min on an idle 2-core
 # EPYC (the estimate is printed first; one full-shape step is 3-5 min). LoRA and no-GC rows: --only.
 DEFAULT_PLAN = ["vq-b1", "vq-b2", "act", "lm-full-gc-t2i-ours", "lm-full-gc-t2i-model", "lm-full-gc-i2t-ours",
-                "lm-full-gc-i2t-model", "lm-full-gc-i2t-trl", "gen", "dist-single", "dist-zero3"]
+                "lm-full-gc-i2t-model", "lm-full-gc-i2t-trl", "lm-inbwd-gc-t2i-ours", "lm-inbwd-gc-t2i-model", "gen",
+                "dist-single", "dist-zero3"]
 
 
 # ----------------------------------------------------------------------------- data and model
@@ -149,7 +152,8 @@ def lm_arguments(root: Path, shape: Shape):
                           tokenizer_name_or_path=str(root / "text_tokenizer"))
 
 
-def recipe_argv(args, shape: Shape, out: Path, task: str, system: str, lora: bool, gc: bool, batch: int) -> list[str]:
+def recipe_argv(args, shape: Shape, out: Path, task: str, system: str, lora: bool, gc: bool, batch: int,
+                in_backward: bool = False) -> list[str]:
     root = Path(args.root)
     argv = ["--dataset_path", str(root / "data"), "--model_name_or_path", str(root / f"lm-{shape.layers}"),
             "--tokenizer_name_or_path", str(root / "text_tokenizer"),
@@ -159,6 +163,8 @@ def recipe_argv(args, shape: Shape, out: Path, task: str, system: str, lora: boo
             "--cfg_dropout", "0", "--gradient_checkpointing", str(gc).lower(), "--use_lora", str(lora).lower(),
             "--mixed_precision", args.precision, "--loss", "chunked" if system == "ours" else "model",
             "--output_dir", str(out)]
+    if in_backward:  # the step inside backward cannot clip (the global norm is not known yet)
+        argv += ["--optimizer_in_backward", "true", "--max_grad_norm", "0"]
     return argv
 
 
@@ -203,11 +209,12 @@ def gpu_peak() -> dict:
     return {"bf16_peak_flops": matmul_peak(torch.bfloat16, n=8192, repeats=5, wall=True, device=DEVICE)}
 
 
-def run_recipe(args, shape: Shape, task: str, system: str, lora: bool, gc: bool, batch: int) -> dict:
+def run_recipe(args, shape: Shape, task: str, system: str, lora: bool, gc: bool, batch: int,
+               in_backward: bool = False) -> dict:
     from unimodal.recipes.finetune import main as finetune
 
     out = Path(args.root) / "runs" / args.worker
-    finetune(recipe_argv(args, shape, out, task, system, lora, gc, batch))
+    finetune(recipe_argv(args, shape, out, task, system, lora, gc, batch, in_backward))
     stats = json.loads((out / "train_stats.json").read_text())
     return {**stats, **gpu_peak(), "peak_gb": peak_memory_gb(), "rank": int(os.environ.get("RANK", 0))}
 
@@ -279,7 +286,8 @@ def worker(args) -> None:
     elif kind == "lm" and rest[3] == "trl":
         result = run_trl(args, shape, rest[2], rest[0] == "lora", rest[1] == "gc")
     elif kind == "lm":
-        result = run_recipe(args, shape, rest[2], rest[3], rest[0] == "lora", rest[1] == "gc", args.batch)
+        result = run_recipe(args, shape, rest[2], rest[3], rest[0] == "lora", rest[1] == "gc", args.batch,
+                            in_backward=rest[0] == "inbwd")
     elif kind == "gen":
         result = run_gen(args, shape)
     elif kind == "act":

@@ -77,7 +77,8 @@ def _peak(run) -> float:
 def _lm_setting(name: str, s, args) -> str:
     _, method, gc, task, _ = name.split("-")
     loss = "image loss" if task == "t2i" else "caption loss only"
-    return (f"LM {s.layers} x {s.hidden}, {method} fine-tune, {'GC' if gc == 'gc' else 'no GC'}, "
+    method = "full fine-tune, step in backward, no clipping" if method == "inbwd" else f"{method} fine-tune"
+    return (f"LM {s.layers} x {s.hidden}, {method}, {'GC' if gc == 'gc' else 'no GC'}, "
             f"{task} ({loss}), {args.batch} x {s.sample_tokens} tokens")
 
 

@@ -24,8 +24,8 @@ def scale(*args: str, timeout: int) -> str:
 @pytest.mark.slow
 def test_quick_run_has_every_row_of_the_default_plan(tmp_path):
     plan = [line.split()[1] for line in scale("--list", "--quick", timeout=120).splitlines() if line.startswith("*")]
-    assert {"vq-b1", "act", "lm-full-gc-i2t-ours", "lm-full-gc-i2t-model", "lm-full-gc-i2t-trl", "gen",
-            "dist-zero3"} <= set(plan)
+    assert {"vq-b1", "act", "lm-full-gc-i2t-ours", "lm-full-gc-i2t-model", "lm-full-gc-i2t-trl",
+            "lm-inbwd-gc-t2i-ours", "lm-inbwd-gc-t2i-model", "gen", "dist-zero3"} <= set(plan)
     out = tmp_path / "table.md"
     log = scale("--quick", "--threads", "1", "--root", str(tmp_path / "runs"), "--out", str(out), timeout=1800)
     table = out.read_text()

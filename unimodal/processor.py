@@ -29,6 +29,7 @@ from transformers.utils import cached_file
 
 from .hub import PushToHubMixin
 from .images import center_crop_resize_pixels, pil_to_tensor, tensor_to_pil
+from .segments import scan_segments
 from .vocab import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN_TEMPLATE, ImageVocabulary
 from .vq.base import ImageTokenizerMixin
 
@@ -278,50 +279,36 @@ class UnimodalProcessor(PushToHubMixin):
         """
         n = self.num_image_tokens
         is_img = self.vocab.is_image(ids)
+        opens = ids == self.boi_token_id
         # positions where text stops: <boi>, or a stray <eoi>/image id (errors)
-        stops = (ids == self.boi_token_id) | (ids == self.eoi_token_id) | is_img
+        stops = opens | (ids == self.eoi_token_id) | is_img
         skip = (ids == self.bos_token_id) | (ids == self.eos_token_id) | (ids == self.pad_token_id)
-        segments: list[list[int] | torch.Tensor] = []
-        pos, length = 0, len(ids)
+        length = len(ids)
 
-        def fail(message: str) -> None:
-            if strict:
-                raise ValueError(message)
-            logger.warning("decode(strict=False) repaired an invalid sequence: %s", message)
+        def stray(stop: int) -> str:
+            what = "<eoi> without <boi>" if int(ids[stop]) == self.eoi_token_id else "stray image token"
+            return f"{what} (id {int(ids[stop])}) at position {stop}, outside any image span"
 
-        while pos < length:
-            rest = stops[pos:].nonzero()
-            stop = pos + int(rest[0]) if len(rest) else length
-            text = ids[pos:stop][~skip[pos:stop]].tolist()
-            if text:
-                segments.append(text)
-            if stop == length:
-                break
-            if int(ids[stop]) != self.boi_token_id:
-                what = "<eoi> without <boi>" if int(ids[stop]) == self.eoi_token_id else "stray image token"
-                fail(f"{what} (id {int(ids[stop])}) at position {stop}, outside any image span")
-                pos = stop + 1
-                continue
+        def read_span(stop: int) -> tuple[torch.Tensor | None, int, str | None]:
             run = int(is_img[stop + 1 :].long().cumprod(0).sum())  # image ids right after <boi>
             end = stop + 1 + run
             closed = end < length and int(ids[end]) == self.eoi_token_id
+            after = end + 1 if closed else end
+            codes = self.vocab.ids_to_codes(ids[stop + 1 : end]).view(self.grid_shape) if run == n else None
             if run == n and closed:
-                segments.append(self.vocab.ids_to_codes(ids[stop + 1 : end]).view(self.grid_shape))
-                pos = end + 1
-                continue
+                return codes, after, None
             if run < n:
                 where = "the sequence ends" if end == length else f"id {int(ids[end])} at position {end}"
-                fail(f"image span at position {stop} has {run} image tokens before {where}; expected {n}")
-            elif run > n:
-                fail(f"image span at position {stop} has {run} image tokens, expected {n}: "
-                     f"<eoi> missing at position {stop + 1 + n}")
-            else:
-                fail(f"unterminated image span at position {stop}: {n} image tokens but no <eoi> "
-                     f"at position {end}")
-                # strict=False: a complete grid that only lacks its <eoi> is still an image
-                segments.append(self.vocab.ids_to_codes(ids[stop + 1 : end]).view(self.grid_shape))
-            pos = end + 1 if closed else end
-        return segments
+                return None, after, (f"image span at position {stop} has {run} image tokens before {where}; "
+                                     f"expected {n}")
+            if run > n:
+                return None, after, (f"image span at position {stop} has {run} image tokens, expected {n}: "
+                                     f"<eoi> missing at position {stop + 1 + n}")
+            # strict=False: a complete grid that only lacks its <eoi> is still an image
+            return codes, after, (f"unterminated image span at position {stop}: {n} image tokens but no <eoi> "
+                                  f"at position {end}")
+
+        return scan_segments(ids, opens, stops, skip, read_span, stray, strict, logger)
 
     @torch.no_grad()
     def batch_decode(

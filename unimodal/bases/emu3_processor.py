@@ -43,6 +43,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..images import tensor_to_pil
 from ..processor import IMAGE_PLACEHOLDER, IMAGE_TOKENIZER_SUBFOLDER, PROCESSOR_CONFIG_NAME, UnimodalProcessor
+from ..segments import scan_segments
 from ..vocab import ImageVocabulary
 from ..vq.base import ImageTokenizerMixin
 
@@ -214,34 +215,13 @@ class Emu3Processor(UnimodalProcessor):
         """
         starts = ids == self.image_start_token_id
         stray = self.vocab.is_image(ids) | torch.isin(ids, self.control_ids[1:5])  # inside-span ids
-        stops = starts | stray
         skip = torch.isin(ids, torch.tensor([self.bos_token_id, self.eos_token_id, self.pad_token_id]))
-        segments: list[list[int] | torch.Tensor] = []
-        pos, length = 0, len(ids)
 
-        def fail(message: str) -> None:
-            if strict:
-                raise ValueError(message)
-            logger.warning("decode(strict=False) repaired an invalid sequence: %s", message)
+        def stray_message(stop: int) -> str:
+            return f"id {int(ids[stop])} at position {stop} belongs inside an image span but none is open"
 
-        while pos < length:
-            rest = stops[pos:].nonzero()
-            stop = pos + int(rest[0]) if len(rest) else length
-            text = ids[pos:stop][~skip[pos:stop]].tolist()
-            if text:
-                segments.append(text)
-            if stop == length:
-                break
-            if not starts[stop]:
-                fail(f"id {int(ids[stop])} at position {stop} belongs inside an image span but none is open")
-                pos = stop + 1
-                continue
-            codes, pos, problem = self._read_span(ids, stop)
-            if problem is not None:
-                fail(problem)
-            if codes is not None:
-                segments.append(codes)
-        return segments
+        return scan_segments(ids, starts, starts | stray, skip, lambda stop: self._read_span(ids, stop),
+                             stray_message, strict, logger)
 
     @torch.no_grad()
     def decode_image_ids(self, image_ids: torch.Tensor) -> list[Image.Image]:

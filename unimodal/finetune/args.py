@@ -84,6 +84,9 @@ class FinetuneArguments(RunArguments):
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
+    # Step each parameter inside backward and free its gradient at once (no full gradient set:
+    # 4 bytes per fp32 parameter less at the peak); one process, max_grad_norm 0, no accumulation.
+    optimizer_in_backward: bool = False
     gradient_checkpointing: bool = False
     # "chunked": the LM head runs only at positions that take a loss, a chunk of them at a time
     # (no [B, T, V] logits; unimodal.training.loss); "model": the model's own ``.loss``.

@@ -3,12 +3,24 @@ held-out split per task."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import datasets
 import numpy as np
 
-from ..data import load_pretokenized, read_metadata
+from ..data import PROCESSOR_SUBFOLDER, load_pretokenized, read_metadata
+from ..errors import MissingInputError
 from ..processor import UnimodalProcessor
 from .args import DataArguments
+
+
+def load_data_processor(dataset_path: str | os.PathLike) -> UnimodalProcessor:
+    """The processor pre-tokenised data was written with (its ``processor/`` subfolder)."""
+    if not (Path(dataset_path) / PROCESSOR_SUBFOLDER).is_dir():
+        raise MissingInputError(f"dataset_path {str(dataset_path)!r} is not pre-tokenised data: write it with "
+                                "`unimodal tokenize-dataset` (recipes/tokenize_dataset.py in a clone)")
+    return UnimodalProcessor.from_pretrained(Path(dataset_path) / PROCESSOR_SUBFOLDER)
 
 
 def load_task_data(

@@ -13,10 +13,11 @@ from transformers import PreTrainedModel
 
 from ..bases import UnifiedBase, base_for, processor_base
 from ..errors import UserError, bad_input
-from ..extend import add_image_tokens
+from ..extend import add_image_tokens, new_token_ids
 from ..offline import build_causal_lm
 from ..processor import PROCESSOR_CONFIG_NAME, UnimodalProcessor
 from .args import ModelArguments
+from .lora import LoraArguments, apply_lora
 
 
 def is_extended(path: str | os.PathLike) -> bool:
@@ -59,6 +60,23 @@ def load_model_and_processor(
     else:
         raise UserError("no image tokenizer: set image_tokenizer_path or give pre-tokenised data")
     return model, add_image_tokens(model, tokenizer, image_tokenizer, image_rows_init=args.image_rows_init)
+
+
+def prepare_model(model_args: ModelArguments, lora_args: LoraArguments, data_processor: UnimodalProcessor,
+                  gradient_checkpointing: bool = False) -> tuple[torch.nn.Module, UnimodalProcessor]:
+    """The model the fine-tuning recipe trains and its processor: `load_model_and_processor`, then
+    gradient checkpointing (non-reentrant) and LoRA as asked (a unified base applies LoRA in its
+    own way, e.g. Janus's generation head; else `apply_lora` with the new token rows trained)."""
+    lm, processor = load_model_and_processor(model_args, data_processor)
+    if gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not lora_args.use_lora:
+        return lm, processor
+    unified = base_for(lm.config)
+    with bad_input("LoRA"):  # a PEFT wrapper around the LM
+        if unified is not None and unified.apply_lora is not None:
+            return unified.apply_lora(lm, lora_args), processor
+        return apply_lora(lm, new_token_ids(processor), lora_args), processor
 
 
 def base_processor(base: UnifiedBase, path: str, data_processor: UnimodalProcessor | None) -> UnimodalProcessor:

@@ -20,29 +20,26 @@ import dataclasses
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from unimodal.bases import base_for
-from unimodal.data import PROCESSOR_SUBFOLDER, UnimodalCollator, make_dataloader
-from unimodal.errors import MissingInputError, UserError, bad_input
-from unimodal.extend import check_compatibility, new_token_ids
+from unimodal.data import UnimodalCollator, make_dataloader
+from unimodal.errors import UserError, bad_input
+from unimodal.extend import check_compatibility
 from unimodal.finetune import (
     DataArguments,
     FinetuneArguments,
     LoraArguments,
     ModelArguments,
-    apply_lora,
     evaluate,
-    load_model_and_processor,
+    load_data_processor,
     load_task_data,
+    prepare_model,
+    save_samples,
 )
 from unimodal.generation import SamplingConfig
 from unimodal.hub import push_folder_to_hub
-from unimodal.images import make_grid
 from unimodal.outputs import save_finetuned
-from unimodal.processor import UnimodalProcessor
 from unimodal.training import (
     LOSS_METHODS,
     CheckpointManager,
@@ -51,11 +48,13 @@ from unimodal.training import (
     adamw,
     batch_loss,
     check_finite,
+    check_step_in_backward,
     continued_micro_step,
     cosine_with_warmup,
     infinite_batches,
     make_accelerator,
     parse_config,
+    step_in_backward,
     weights_sharded,
 )
 
@@ -77,23 +76,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     # 1. Model, processor and data, all BEFORE the Accelerator: under ZeRO-3 transformers would
     #    otherwise partition the model while loading, and PEFT's trainable tokens would gather
     #    rows through CUDA collectives (which fail on CPU).
-    if not (Path(data_args.dataset_path) / PROCESSOR_SUBFOLDER).is_dir():
-        raise MissingInputError(f"dataset_path {data_args.dataset_path!r} is not pre-tokenised data: write it with "
-                                "`unimodal tokenize-dataset` (recipes/tokenize_dataset.py in a clone)")
-    data_processor = UnimodalProcessor.from_pretrained(Path(data_args.dataset_path) / PROCESSOR_SUBFOLDER)
+    data_processor = load_data_processor(data_args.dataset_path)
 
-    def build_model():
-        model, processor = load_model_and_processor(model_args, data_processor)
-        if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if lora_args.use_lora:
-            unified = base_for(model.config)  # Chameleon / Emu3 / Janus may wrap in their own way
-            with bad_input("LoRA"):
-                if unified is not None and unified.apply_lora is not None:
-                    model = unified.apply_lora(model, lora_args)
-                else:
-                    model = apply_lora(model, new_token_ids(processor), lora_args)
-        return model, processor
+    def build_model():  # again at the end under ZeRO-3 / FSDP: a whole copy to gather the shards into
+        return prepare_model(model_args, lora_args, data_processor, args.gradient_checkpointing)
 
     model, processor = build_model()
     base = model_args.model_name_or_path or f"{model.config.model_type} built from a config"
@@ -114,6 +100,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
                     for task, d in eval_data.items()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+    if args.optimizer_in_backward:  # each parameter steps in backward; the step() below finds no gradients
+        check_step_in_backward(accelerator.num_processes, accelerator.distributed_type, args.max_grad_norm,
+                               args.gradient_accumulation_steps)
+        step_in_backward(optimizer)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     # FSDP2 swaps every parameter for a sharded DTensor in prepare: clip those, not the originals.
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -179,7 +169,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
             accelerator.log(metrics, step=step)
             accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if args.sample_prompts and not sharded:
-                save_samples(accelerator, model, processor, args, sampling, step)
+                save_samples(accelerator, model, processor, args.sample_prompts, sampling, out, step,
+                             seed=args.seed, tensorboard=args.report_to == "tensorboard")
             meter.skip()
         if step % args.save_steps == 0 and step < total_steps:
             checkpoints.save(accelerator, step, {"micro_step": micro_step + 1})
@@ -200,28 +191,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
         push_folder_to_hub(final, repo_id, private=args.hub_private)
     accelerator.end_training()
     return final
-
-
-def save_samples(accelerator, model, processor, args: FinetuneArguments, sampling: SamplingConfig,
-                 step: int) -> None:
-    """Images from the fixed prompts: a PNG grid in output_dir/samples and TensorBoard."""
-    from unimodal.generation import generate_images
-
-    if accelerator.is_main_process:
-        lm = accelerator.unwrap_model(model)
-        lm.eval()
-        with torch.no_grad(), accelerator.autocast():
-            images = generate_images(lm, processor, args.sample_prompts, preset=sampling, seed=args.seed,
-                                     progress=False)
-        lm.train()
-        grid = make_grid(images, ncols=len(images))
-        path = Path(args.output_dir) / "samples" / f"step-{step:08d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
-        if args.report_to == "tensorboard":
-            writer = accelerator.get_tracker("tensorboard", unwrap=True)
-            writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
-    accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":

@@ -16,14 +16,15 @@ live here:
 - `signals`: ``Preemption`` (SIGTERM / SIGUSR1: finish the step, checkpoint, exit with
   ``PREEMPTED_EXIT_CODE`` 75), ``Preempted``.
 - `loop`: ``infinite_batches`` (exact mid-epoch resume), ``cosine_with_warmup``, ``Throughput``,
-  ``adamw`` (torch's fused AdamW where the parameters allow it).
+  ``adamw`` (torch's fused AdamW where the parameters allow it), ``step_in_backward`` (each
+  parameter stepped as soon as its gradient is complete; ``check_step_in_backward`` says where not).
 - `loss`: ``causal_lm_loss`` (the LM head only where a loss is taken, in chunks), ``batch_loss``.
 """
 
 from .accelerator import make_accelerator, weights_sharded, zero3_disabled
 from .checkpoints import CheckpointManager, CheckpointSpaceError, NonFiniteLossError, check_finite
 from .config import RunArguments, parse_config, resolve_config, shipped_configs
-from .loop import Throughput, adamw, cosine_with_warmup, infinite_batches
+from .loop import Throughput, adamw, check_step_in_backward, cosine_with_warmup, infinite_batches, step_in_backward
 from .loss import LOSS_METHODS, batch_loss, batch_loss_sums, causal_lm_loss
 from .resume import CheckpointError, continued_micro_step
 from .signals import PREEMPTED_EXIT_CODE, Preempted, Preemption
@@ -31,7 +32,7 @@ from .signals import PREEMPTED_EXIT_CODE, Preempted, Preemption
 __all__ = [
     "LOSS_METHODS", "PREEMPTED_EXIT_CODE", "CheckpointError", "CheckpointManager", "CheckpointSpaceError",
     "NonFiniteLossError", "Preempted", "Preemption", "RunArguments", "Throughput", "batch_loss",
-    "adamw", "batch_loss_sums", "causal_lm_loss", "check_finite", "continued_micro_step", "cosine_with_warmup",
-    "infinite_batches",
+    "adamw", "batch_loss_sums", "causal_lm_loss", "check_finite", "check_step_in_backward", "continued_micro_step",
+    "cosine_with_warmup", "infinite_batches", "step_in_backward",
     "make_accelerator", "parse_config", "resolve_config", "shipped_configs", "weights_sharded", "zero3_disabled",
 ]

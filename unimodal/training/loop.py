@@ -1,4 +1,4 @@
-"""The training loop's clock, data stream and learning-rate schedule."""
+"""The training loop's clock, data stream, learning-rate schedule and optimizer."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from ..errors import UserError
 
 
 def adamw(params, lr: float, weight_decay: float = 0.0, **kwargs) -> torch.optim.AdamW:
@@ -21,6 +23,43 @@ def adamw(params, lr: float, weight_decay: float = 0.0, **kwargs) -> torch.optim
     fused = bool(tensors) and all(type(p) is torch.nn.Parameter and p.is_floating_point()
                                   and p.device.type in ("cpu", "cuda") for p in tensors)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None, **kwargs)
+
+
+def step_in_backward(optimizer: torch.optim.Optimizer) -> list:
+    """Step each parameter as soon as backward has its whole gradient, then free that gradient
+    (torchtune's ``optimizer_in_bwd``): the full set of gradients (4 bytes per fp32 parameter,
+    2 GB at 0.5B) never exists at once. Returns the hook handles.
+
+    In the hook of parameter ``p`` only ``p`` has a ``.grad``: the parameters whose gradients were
+    complete earlier are stepped and freed, the others have none yet, and ``optimizer.step()``
+    steps exactly the parameters that have one (AdamW keeps a step count per parameter, so the
+    result equals one step over all of them). A tied matrix has one gradient-accumulation node, so
+    its hook runs once, after both uses. The caller's ``optimizer.step()`` after backward then has
+    nothing left to do. Only exact without gradient clipping or accumulation and on one process
+    (see `check_step_in_backward`)."""
+    def step(param: torch.Tensor) -> None:
+        optimizer.step()
+        param.grad = None
+
+    return [p.register_post_accumulate_grad_hook(step)
+            for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+
+
+def check_step_in_backward(num_processes: int, distributed_type: str, max_grad_norm: float,
+                           gradient_accumulation_steps: int) -> None:
+    """Refuse `step_in_backward` where it would change the update, saying what to set instead."""
+    if max_grad_norm > 0:
+        raise UserError(f"optimizer_in_backward steps each parameter before the global gradient norm is "
+                        f"known, so it cannot clip: set max_grad_norm: 0 (it is {max_grad_norm})")
+    if gradient_accumulation_steps > 1:
+        raise UserError("optimizer_in_backward steps in every backward, so it cannot accumulate "
+                        f"{gradient_accumulation_steps} micro-batches: set gradient_accumulation_steps: 1 "
+                        "(or optimizer_in_backward: false)")
+    if num_processes > 1 or distributed_type != "NO":  # accelerate's DistributedType is a str enum
+        raise UserError(f"optimizer_in_backward runs on one process only (this launch: {num_processes} "
+                        f"processes, {str(distributed_type).split('.')[-1]}: DDP, FSDP and DeepSpeed reduce "
+                        "or shard gradients after its hooks would have stepped); "
+                        "launch one process, or use ZeRO-2/3 to shard the gradients instead")
 
 
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
