@@ -6,7 +6,14 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -315,12 +322,14 @@ def test_lora_and_image_head_rows_recipes(folder, data, tmp_path):
 
 
 @pytest.mark.slow
-def test_zero2_two_processes(folder, data, tmp_path):
-    """DeepSpeed ZeRO-2 over gloo, 2 CPU processes (slow: two launches of DeepSpeed, ~1 min)."""
+@pytest.mark.parametrize("config", ["zero2.yaml", "zero3.yaml"])
+def test_deepspeed_two_processes(folder, data, tmp_path, config):
+    """DeepSpeed ZeRO-2 / ZeRO-3 over gloo, 2 CPU processes (slow: two launches of DeepSpeed, ~1 min
+    each); under ZeRO-3 the final save gathers the sharded weights into Chameleon's own format."""
     from launching import LAUNCH_CONFIGS, free_port, run
 
-    out = tmp_path / "zero2"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH_CONFIGS / "zero2.yaml"),
+    out = tmp_path / config.removesuffix(".yaml")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH_CONFIGS / config),
            "--main_process_port", str(free_port()), "-m", "unimodal.recipes.finetune",
            *finetune_args(folder, data, out, "--eval_steps", "3")]
     proc = run(cmd)
@@ -328,6 +337,86 @@ def test_zero2_two_processes(folder, data, tmp_path):
     model = ChameleonForConditionalGeneration.from_pretrained(out / "final")
     start = ChameleonForConditionalGeneration.from_pretrained(folder)
     assert not torch.equal(model.lm_head.weight, start.lm_head.weight)
+    # every weight saved whole: 3 steps at lr 3e-3 move a weight by ~0.01 at most, a missing (or
+    # empty, un-gathered ZeRO-3) one would be re-initialised at random by from_pretrained
+    ours, theirs = model.state_dict(), start.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < 0.05
+
+
+# ----------------------------------------------------------------------------- resume and NaN stop
+RESUME_STEPS = 40  # a tiny step takes ~10 ms: room after the step-3 checkpoint for the signal to land mid-run
+
+
+@contextmanager
+def sigterm_when(path: Path) -> Iterator[list[int]]:
+    """Send SIGTERM to this process once ``path`` exists, for the recipe's preemption handler (it
+    checkpoints at the end of the current step and raises `Preempted`). A signal that comes after
+    the recipe put the handlers back lands in the returned list instead of killing pytest."""
+    late: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: late.append(number))
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set() and not path.exists():
+            time.sleep(0.002)
+        if not done.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield late
+    finally:
+        done.set()
+        watcher.join()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_preempted_finetune_resumes_bit_identical(folder, data, tmp_path, capsys):
+    """A Chameleon fine-tune stopped by SIGTERM after its step-3 checkpoint, relaunched with the same
+    command, ends with the weights of the uninterrupted run, bit for bit (in-process; the launched
+    text-LM variants are tests/test_faults*.py)."""
+    from launching import weights
+    from test_faults import assert_same_weights
+
+    from unimodal.recipes import finetune
+    from unimodal.training import PREEMPTED_EXIT_CODE, Preempted
+
+    def args(out: Path) -> list[str]:
+        return finetune_args(folder, data, out, "--max_steps", str(RESUME_STEPS), "--save_steps", "3",
+                             "--eval_steps", "0")
+
+    finetune.main(args(tmp_path / "reference"))
+    out = tmp_path / "preempted"
+    with sigterm_when(out / "checkpoints" / "step-00000003") as late, pytest.raises(Preempted) as stopped:
+        finetune.main(args(out))
+    assert not late and stopped.value.code == PREEMPTED_EXIT_CODE and not (out / "final").exists()
+    match = re.search(r"preempted \(SIGTERM\) at step (\d+): ", stopped.value.message)
+    assert match and 3 <= int(match.group(1)) < RESUME_STEPS, stopped.value.message
+    capsys.readouterr()
+    finetune.main(args(out))
+    captured = capsys.readouterr()
+    assert f"resuming at step {match.group(1)}" in captured.out + captured.err
+    assert_same_weights(out, weights(tmp_path / "reference"))
+
+
+def test_nan_loss_stops_with_the_message_and_a_checkpoint(folder, data, tmp_path):
+    """A diverging Chameleon fine-tune (learning rate 1e30) stops with the recipe's message naming
+    the last good checkpoint; only complete checkpoints are left and no final model."""
+    from test_faults import checkpoint_names
+
+    from unimodal.recipes import finetune
+    from unimodal.training import NonFiniteLossError
+
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step \d+; stopping \(the last good "
+                                                 r"checkpoint is .*step-\d+\)"):
+        finetune.main(finetune_args(folder, data, out, "--learning_rate", "1e30", "--save_steps", "1",
+                                    "--max_steps", "10"))
+    saved = checkpoint_names(out)
+    assert saved and all(name.startswith("step-") for name in saved)  # complete ones, no .tmp left
+    assert not (out / "final").exists()
 
 
 def test_web_demo_and_generate_recipe_take_the_raw_folder(folder, tmp_path):
