@@ -410,10 +410,13 @@ def test_nan_loss_stops_with_the_message_and_a_checkpoint(folder, data, tmp_path
     from unimodal.training import NonFiniteLossError
 
     out = tmp_path / "nan"
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
     with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step \d+; stopping \(the last good "
                                                  r"checkpoint is .*step-\d+\)"):
         finetune.main(finetune_args(folder, data, out, "--learning_rate", "1e30", "--save_steps", "1",
                                     "--max_steps", "10"))
+    # the recipe's preemption handlers are gone with it, although it raised
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == handlers
     saved = checkpoint_names(out)
     assert saved and all(name.startswith("step-") for name in saved)  # complete ones, no .tmp left
     assert not (out / "final").exists()

@@ -130,53 +130,53 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     sharded = weights_sharded(accelerator)  # ZeRO-3 / FSDP: no sampling from one process
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="fine-tuning")
     meter, metrics = Throughput(), {}
-    preemption = Preemption(args.preemption_grace_s)  # SIGTERM / SIGUSR1: checkpoint, exit 75
-    model.train()
-    for micro_step, batch in infinite_batches(accelerator, train_loader, start_micro_step, len(train_loader)):
-        if step >= total_steps:
-            break
-        lr = args.learning_rate * cosine_with_warmup(step, args.warmup_steps, total_steps, args.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with accelerator.accumulate(model):
-            loss = batch_loss(model, batch, args.loss, args.loss_chunk_size)
-            # One all-reduce for [loss, tokens, positions]: a NaN on any process stops them all
-            # (none is left waiting in a collective), and tokens/s counts every process.
-            ids = batch["input_ids"]  # [B, T]
-            local = torch.stack([loss.detach().float(), (ids != processor.pad_token_id).sum().float(),
-                                 torch.tensor(float(ids.numel()), device=ids.device)])
-            sums = accelerator.reduce(local, reduction="sum")
-            mean_loss = sums[0] / accelerator.num_processes
-            check_finite(mean_loss, step, checkpoints)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
-        meter.tick(int(sums[1]), int(sums[2]))
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        progress.update()
-        if step < total_steps and preemption.should_stop(accelerator):
-            raise preemption.stop(accelerator, checkpoints, step, {"micro_step": micro_step + 1})
-        if step % args.log_steps == 0 or step == total_steps:
-            speed = meter.window_rate()
-            progress.set_postfix(loss=f"{mean_loss.item():.3f}", tok_s=f"{speed:.0f}")
-            accelerator.log({"train/loss": mean_loss.item(), "train/lr": lr, "train/tokens_per_s": speed}, step=step)
-        if (args.eval_steps and step % args.eval_steps == 0) or step == total_steps:
-            metrics = evaluate(accelerator, model, eval_loaders, args.loss, args.loss_chunk_size)
-            accelerator.log(metrics, step=step)
-            accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if args.sample_prompts and not sharded:
-                save_samples(accelerator, model, processor, args.sample_prompts, sampling, out, step,
-                             seed=args.seed, tensorboard=args.report_to == "tensorboard")
-            meter.skip()
-        if step % args.save_steps == 0 and step < total_steps:
-            checkpoints.save(accelerator, step, {"micro_step": micro_step + 1})
-            meter.skip()
-    progress.close()
-    preemption.restore()  # the signals' default action again (a preemption now kills the final save)
+    with Preemption(args.preemption_grace_s) as preemption:  # SIGTERM / SIGUSR1: checkpoint, exit 75
+        model.train()
+        for micro_step, batch in infinite_batches(accelerator, train_loader, start_micro_step, len(train_loader)):
+            if step >= total_steps:
+                break
+            lr = args.learning_rate * cosine_with_warmup(step, args.warmup_steps, total_steps, args.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with accelerator.accumulate(model):
+                loss = batch_loss(model, batch, args.loss, args.loss_chunk_size)
+                # One all-reduce for [loss, tokens, positions]: a NaN on any process stops them all
+                # (none is left waiting in a collective), and tokens/s counts every process.
+                ids = batch["input_ids"]  # [B, T]
+                local = torch.stack([loss.detach().float(), (ids != processor.pad_token_id).sum().float(),
+                                     torch.tensor(float(ids.numel()), device=ids.device)])
+                sums = accelerator.reduce(local, reduction="sum")
+                mean_loss = sums[0] / accelerator.num_processes
+                check_finite(mean_loss, step, checkpoints)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            meter.tick(int(sums[1]), int(sums[2]))
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            progress.update()
+            if step < total_steps and preemption.should_stop(accelerator):
+                raise preemption.stop(accelerator, checkpoints, step, {"micro_step": micro_step + 1})
+            if step % args.log_steps == 0 or step == total_steps:
+                speed = meter.window_rate()
+                progress.set_postfix(loss=f"{mean_loss.item():.3f}", tok_s=f"{speed:.0f}")
+                accelerator.log({"train/loss": mean_loss.item(), "train/lr": lr, "train/tokens_per_s": speed},
+                                step=step)
+            if (args.eval_steps and step % args.eval_steps == 0) or step == total_steps:
+                metrics = evaluate(accelerator, model, eval_loaders, args.loss, args.loss_chunk_size)
+                accelerator.log(metrics, step=step)
+                accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                if args.sample_prompts and not sharded:
+                    save_samples(accelerator, model, processor, args.sample_prompts, sampling, out, step,
+                                 seed=args.seed, tensorboard=args.report_to == "tensorboard")
+                meter.skip()
+            if step % args.save_steps == 0 and step < total_steps:
+                checkpoints.save(accelerator, step, {"micro_step": micro_step + 1})
+                meter.skip()
+        progress.close()
     if accelerator.is_main_process:
         meter.save(out / "train_stats.json", steps=step, num_processes=accelerator.num_processes)
 

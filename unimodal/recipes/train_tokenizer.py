@@ -140,26 +140,25 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     # 3. Train. Each step updates the VQ-GAN, then (from disc_start) the discriminator.
     progress = tqdm(total=train_config.max_steps, initial=step, disable=not accelerator.is_main_process,
                     desc="tokenizer")
-    preemption = Preemption(args.preemption_grace_s)  # SIGTERM / SIGUSR1: checkpoint, exit 75
-    for _, pixels in infinite_batches(accelerator, loader, step, len(loader)):
-        if step >= train_config.max_steps:
-            break
-        logs = trainer.step(pixels, step)
-        step += 1
-        progress.update()
-        if step % args.log_steps == 0 or step == train_config.max_steps:
-            progress.set_postfix(rec=f"{logs['reconstruction_loss']:.4f}", usage=f"{logs['usage']:.2f}")
-            accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
-        if step % args.sample_steps == 0 or step == train_config.max_steps:
-            save_grid(step)
-        if args.eval_steps and step % args.eval_steps == 0 and step < train_config.max_steps:
-            evaluate(step)
-        if step % args.save_steps == 0 or step == train_config.max_steps:
-            checkpoints.save(accelerator, step, tensors=trainer.state_tensors())
-        if step < train_config.max_steps and preemption.should_stop(accelerator):
-            raise preemption.stop(accelerator, checkpoints, step, tensors=trainer.state_tensors())
-    progress.close()
-    preemption.restore()  # the signals' default action again
+    with Preemption(args.preemption_grace_s) as preemption:  # SIGTERM / SIGUSR1: checkpoint, exit 75
+        for _, pixels in infinite_batches(accelerator, loader, step, len(loader)):
+            if step >= train_config.max_steps:
+                break
+            logs = trainer.step(pixels, step)
+            step += 1
+            progress.update()
+            if step % args.log_steps == 0 or step == train_config.max_steps:
+                progress.set_postfix(rec=f"{logs['reconstruction_loss']:.4f}", usage=f"{logs['usage']:.2f}")
+                accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
+            if step % args.sample_steps == 0 or step == train_config.max_steps:
+                save_grid(step)
+            if args.eval_steps and step % args.eval_steps == 0 and step < train_config.max_steps:
+                evaluate(step)
+            if step % args.save_steps == 0 or step == train_config.max_steps:
+                checkpoints.save(accelerator, step, tensors=trainer.state_tensors())
+            if step < train_config.max_steps and preemption.should_stop(accelerator):
+                raise preemption.stop(accelerator, checkpoints, step, tensors=trainer.state_tensors())
+        progress.close()
 
     # 4. Final evaluation, rank-consistency check of the codebook, and the save_pretrained folder.
     fingerprints = gather_object([codebook_fingerprint(trainer.vqgan)])

@@ -103,8 +103,15 @@ class Preemption:
         self.restore()
         return Preempted(message)
 
+    def __enter__(self) -> Preemption:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()  # also when the block raises: no handler of a finished run is left behind
+
     def restore(self) -> None:
-        """Put back the signal handlers that were there before."""
+        """Put back the signal handlers that were there before (`Preemption` as a context manager
+        does so when its block ends)."""
         for number, previous in self._previous.items():
             signal.signal(number, previous)  # type: ignore[arg-type]
         self._previous = {}
