@@ -54,12 +54,14 @@ from unimodal.training import (
     infinite_batches,
     make_accelerator,
     parse_config,
+    return_large_blocks_to_the_system,
     step_in_backward,
     weights_sharded,
 )
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
+    return_large_blocks_to_the_system()  # freed activations leave the resident set
     model_args, data_args, lora_args, args = parse_config(
         (ModelArguments, DataArguments, LoraArguments, FinetuneArguments), argv, prog=prog, description=__doc__)
     out = Path(args.output_dir)

@@ -36,6 +36,7 @@ from unimodal.training import (
     infinite_batches,
     make_accelerator,
     parse_config,
+    return_large_blocks_to_the_system,
 )
 from unimodal.vq.losses import VQGANLoss, VQGANLossConfig
 from unimodal.vq.model import VQGAN
@@ -59,6 +60,7 @@ class TokenizerRunArguments(RunArguments):
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
+    return_large_blocks_to_the_system()  # freed activations leave the resident set
     model_args, data_args, loss_config, train_config, args = parse_config(
         (VQGANModelArguments, ImageDataArguments, VQGANLossConfig, VQGANTrainConfig, TokenizerRunArguments), argv,
         prog=prog, description=__doc__)

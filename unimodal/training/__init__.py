@@ -18,10 +18,13 @@ live here:
 - `loop`: ``infinite_batches`` (exact mid-epoch resume), ``cosine_with_warmup``, ``Throughput``,
   ``adamw`` (torch's fused AdamW where the parameters allow it), ``step_in_backward`` (each
   parameter stepped as soon as its gradient is complete; ``check_step_in_backward`` says where not).
+- `allocator`: ``return_large_blocks_to_the_system`` (glibc keeps freed heap blocks: a fixed
+  ``mmap`` threshold returns them, several GB at real shapes).
 - `loss`: ``causal_lm_loss`` (the LM head only where a loss is taken, in chunks), ``batch_loss``.
 """
 
 from .accelerator import make_accelerator, weights_sharded, zero3_disabled
+from .allocator import return_large_blocks_to_the_system
 from .checkpoints import CheckpointManager, CheckpointSpaceError, NonFiniteLossError, check_finite
 from .config import RunArguments, parse_config, resolve_config, shipped_configs
 from .loop import Throughput, adamw, check_step_in_backward, cosine_with_warmup, infinite_batches, step_in_backward
@@ -34,5 +37,6 @@ __all__ = [
     "NonFiniteLossError", "Preempted", "Preemption", "RunArguments", "Throughput", "batch_loss",
     "adamw", "batch_loss_sums", "causal_lm_loss", "check_finite", "check_step_in_backward", "continued_micro_step",
     "cosine_with_warmup", "infinite_batches", "step_in_backward",
-    "make_accelerator", "parse_config", "resolve_config", "shipped_configs", "weights_sharded", "zero3_disabled",
+    "make_accelerator", "parse_config", "resolve_config", "return_large_blocks_to_the_system", "shipped_configs",
+    "weights_sharded", "zero3_disabled",
 ]
