@@ -3,10 +3,10 @@
 glibc's malloc serves a large block from the heap once a block of its size has been freed (its
 ``mmap`` threshold adapts upwards, to at most 32 MiB), and freed heap memory mostly stays with the
 process. A training step allocates and frees activations, gradients and logit chunks of 1-32 MiB
-many times, so the resident set keeps the high-water mark of every pattern it has seen: at the
-Qwen2.5-0.5B shape (4 x 1,100 tokens, checkpointing, step in backward) 12.4 GB against 8.9 GB
-with a fixed threshold (benchmarks/scale.py and docs/distributed.md). A fixed threshold sends
-every block above it to ``mmap``, which ``free`` returns to the system at once.
+many times, so the resident set keeps the high-water mark of every pattern it has seen. A fixed
+threshold sends every block above it to ``mmap``, which ``free`` returns to the system at once:
+at the Qwen2.5-0.5B shape (4 x 1,100 tokens, checkpointing) the recipe's peak fell from 11.55 to
+9.37 GB (docs/benchmarks.md, "Real scale").
 """
 
 from __future__ import annotations
