@@ -89,7 +89,8 @@ DIST = {"single": None, "zero3": "zero3.yaml", "ddp": "ddp_cpu.yaml", "zero2": "
 # checkpointing (without it the model's own loss does not fit in 24 GB: 16 B/param + 105 KB per token
 # and layer + ~3 logits-sized buffers), ours and the model's loss on t2i and i2t, TRL on i2t; the
 # VQ-GAN, the measured activation constants, the step in backward (memory), generation and ZeRO-3.
-# 60-75 min on an idle 2-core EPYC (the estimate is printed first; one full-shape step is 3-5 min).
+# Its variants took 28 min on the idle 2-core Intel kind (2026-12-02); slower kinds take longer
+# (the estimate for the machine at hand is printed first).
 # LoRA and no-GC rows: --only.
 DEFAULT_PLAN = ["vq-b1", "vq-b2", "act", "lm-full-gc-t2i-ours", "lm-full-gc-t2i-model", "lm-full-gc-i2t-ours",
                 "lm-full-gc-i2t-model", "lm-full-gc-i2t-trl", "lm-inbwd-gc-t2i-ours", "lm-inbwd-gc-t2i-model", "gen",

@@ -12,7 +12,6 @@ at the Qwen2.5-0.5B shape (4 x 1,100 tokens, checkpointing) the recipe's peak fe
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h; fixing it also turns the adaptive threshold off
@@ -25,10 +24,8 @@ def return_large_blocks_to_the_system(threshold: int = LARGE_BLOCK_BYTES) -> boo
     e.g. macOS, musl: their allocators are left as they are)."""
     if not sys.platform.startswith("linux"):
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    try:  # the process's own symbols: libc's, without find_library's ldconfig subprocess
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # musl has no mallopt
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, int(threshold)))
