@@ -61,7 +61,6 @@ from unimodal.training import (
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
-    return_large_blocks_to_the_system()  # freed activations leave the resident set
     model_args, data_args, lora_args, args = parse_config(
         (ModelArguments, DataArguments, LoraArguments, FinetuneArguments), argv, prog=prog, description=__doc__)
     out = Path(args.output_dir)
@@ -84,6 +83,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
         return prepare_model(model_args, lora_args, data_processor, args.gradient_checkpointing)
 
     model, processor = build_model()
+    return_large_blocks_to_the_system(model)  # large models: freed activations leave the resident set
     base = model_args.model_name_or_path or f"{model.config.model_type} built from a config"
     with bad_input():  # their ValueErrors say what in the data or the model to fix
         train_data, eval_data = load_task_data(data_args, processor, seed=args.seed)

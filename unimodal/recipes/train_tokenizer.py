@@ -60,7 +60,6 @@ class TokenizerRunArguments(RunArguments):
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
-    return_large_blocks_to_the_system()  # freed activations leave the resident set
     model_args, data_args, loss_config, train_config, args = parse_config(
         (VQGANModelArguments, ImageDataArguments, VQGANLossConfig, VQGANTrainConfig, TokenizerRunArguments), argv,
         prog=prog, description=__doc__)
@@ -73,6 +72,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
 
     # 1. Model, objective and data; sizes are checked here, before any training step.
     model = model_args.build(data_args.image_size)
+    return_large_blocks_to_the_system(model)  # large models: freed activations leave the resident set
     model.check_pixels(torch.zeros(1, 3, data_args.image_size, data_args.image_size))
     loss_fn = VQGANLoss(loss_config)
     side = loss_fn.discriminator.min_side

@@ -19,7 +19,7 @@ live here:
   ``adamw`` (torch's fused AdamW where the parameters allow it), ``step_in_backward`` (each
   parameter stepped as soon as its gradient is complete; ``check_step_in_backward`` says where not).
 - `allocator`: ``return_large_blocks_to_the_system`` (glibc keeps freed heap blocks: a fixed
-  ``mmap`` threshold returns them, several GB at real shapes).
+  ``mmap`` threshold returns them, several GB at real shapes; models from 50M parameters up).
 - `loss`: ``causal_lm_loss`` (the LM head only where a loss is taken, in chunks), ``batch_loss``.
 """
 
