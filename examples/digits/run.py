@@ -1,6 +1,6 @@
 """The whole mission on handwritten digits, from one command, with no downloads (`make demo`).
 
-    python examples/digits/run.py                          # ~10 min on 2 idle CPU cores
+    python examples/digits/run.py                          # 10-13 min on 2 idle CPU cores
     python examples/digits/run.py --finetune_epochs 3 --baseline false  # quicker, VQ-GAN only
 
 1. Data: scikit-learn's 8x8 digits, upsampled to 16 px and captioned ("a handwritten digit
