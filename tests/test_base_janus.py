@@ -146,7 +146,9 @@ def test_logits_follow_janus_generation_path(janus):
         text, image = _reference_logits(model, ids, model.text_vocab_size)
         only_image = model(input_ids=ids, image_logits=True, logits_to_keep=1).logits
     assert torch.equal(ours, torch.cat([text, image], -1))
-    assert torch.equal(only_image, image[:, -1:])
+    # One row through the head instead of T: BLAS may round a different M differently (it does on
+    # the AVX2-only Zen 3 kind), so equal to fp32 rounding, not bit for bit.
+    torch.testing.assert_close(only_image, image[:, -1:], rtol=1e-5, atol=1e-6)
 
 
 def test_loss_is_exact_per_head_cross_entropy(janus):
