@@ -10,7 +10,7 @@ at the Qwen2.5-0.5B shape (4 x 1,100 tokens, checkpointing) the recipe's peak fe
 
 It costs page faults: every block above the threshold is mapped, zeroed and unmapped again each
 time. A large model does seconds of arithmetic per such block, a small one almost none: on the
-digits demo's pixel lane (a 2.5M-parameter LM, 9.6 MB activations) 28% of the fine-tune's CPU
+digits demo's pixel lane (a 2.6M-parameter LM, 9.6 MB activations) 28% of the fine-tune's CPU
 time went to the kernel. So the recipes apply it from ``LARGE_MODEL_PARAMETERS`` up, where the
 retained blocks are gigabytes.
 """
