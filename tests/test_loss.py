@@ -262,6 +262,45 @@ def test_fused_head_computes_each_chunks_logits_once():
     assert matmuls == {True: chunks, False: 2 * chunks}, matmuls
 
 
+class ShapedOutputs(TorchDispatchMode):
+    """Names of the ops whose output has ``shape``."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.names = tuple(shape), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and tuple(out.shape) == self.shape:
+            self.names.append(func.__name__)
+        return out
+
+
+@pytest.mark.parametrize("targets", ["some", "none"])
+def test_tied_embedding_backward_builds_no_second_vocab_gradient(targets):
+    # The fused head's [V, H] gradient exists from the forward; the tied embedding adds its rows
+    # into it in place instead of building a second dense [V, H] (the step's peak at 160k rows).
+    # The gradients equal the model's own loss (padding rows included), also with no target.
+    model = build("qwen2", tie=True)
+    inputs, labels = padded_batch()
+    inputs["input_ids"][1, :3] = model.config.pad_token_id  # the padding row gets no gradient
+    if targets == "none":
+        labels = torch.full_like(labels, -100)
+    kw = {"num_items_in_batch": 1}  # a finite (zero) loss without targets
+    (ref_loss, ref), (loss, ours) = own_and_chunked(model, inputs, labels, **kw)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)  # a sum (/ 1), not a mean
+    weight = model.get_input_embeddings().weight
+    assert weight is model.lm_head.weight and model.get_input_embeddings().padding_idx == 0
+    for name, grad in ref.items():
+        torch.testing.assert_close(ours[name], grad, atol=1e-5, rtol=0)
+    model.zero_grad(set_to_none=True)
+    loss = causal_lm_loss(model, labels=labels, **inputs, **kw).loss
+    with ShapedOutputs(weight.shape) as mode:
+        loss.backward()
+    assert set(mode.names) <= {"mul_.Tensor", "index_add_.default", "detach.default"}, mode.names
+    assert "forward" not in model.get_input_embeddings().__dict__  # only during the forward
+
+
 def test_refuses_a_head_that_is_not_linear():
     model = build("llama")
     model.lm_head = torch.nn.Sequential(model.lm_head)

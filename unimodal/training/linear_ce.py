@@ -9,6 +9,12 @@ transforms. Backward then only scales them by the incoming gradient (the sum is 
 Against checkpointing each chunk (recompute its logits in backward, then two matmuls) that saves
 one of the head's three matmuls over the target positions and never keeps any logits: the same
 idea as Liger-Kernel's fused linear cross-entropy, here in plain torch so it runs on every device.
+
+A tied input embedding (Qwen2.5, Gemma, SmolLM2) shares the head's weight: autograd would add its
+gradient ([V, H] dense, built at the very end of backward when every other gradient exists) to the
+head's, a second [V, H] fp32 block at the step's peak (573 MB at 160k x 896). `TiedGrad` hands the
+head's gradient to the embedding's backward (`tied_embedding`), which adds its rows into it in
+place and returns it as the weight's only gradient.
 """
 
 from __future__ import annotations
@@ -84,16 +90,58 @@ def _losses_and_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targe
     return losses, (grad_hidden, grad_weight, grad_bias)
 
 
+class TiedGrad:
+    """The fused head's weight gradient on its way to the tied embedding's backward (one forward).
+
+    ``embedded``: the embedding ran in this forward (so its backward will run after the head's and
+    take the gradient); only then does the head hand it over instead of returning it."""
+
+    def __init__(self) -> None:
+        self.embedded = False
+        self.grad: Tensor | None = None
+
+    def take(self) -> Tensor | None:
+        grad, self.grad = self.grad, None
+        return grad
+
+
+class _TiedEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids: Tensor, weight: Tensor, padding_idx: int | None, tied: TiedGrad) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.padding_idx, ctx.tied, ctx.shape = padding_idx, tied, weight.shape
+        tied.embedded = True
+        return F.embedding(ids, weight, padding_idx)  # [..., H]
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (ids,) = ctx.saved_tensors
+        ids, rows = ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1])  # [n], [n, H]
+        if ctx.padding_idx is not None:  # as F.embedding: the padding row gets no gradient
+            rows = rows.masked_fill((ids == ctx.padding_idx)[:, None], 0)
+        grad = ctx.tied.take()  # [V, H], the head's (None: it was not handed over)
+        if grad is None:
+            grad = rows.new_zeros(ctx.shape)
+        return None, grad.index_add_(0, ids, rows.to(grad.dtype)), None, None
+
+
+def tied_embedding(embedding: torch.nn.Embedding, tied: TiedGrad):
+    """A ``forward`` for ``embedding`` (a plain ``nn.Embedding`` without max_norm or
+    scale_grad_by_freq) whose backward adds into the head gradient that ``tied`` carries."""
+    return lambda ids: _TiedEmbedding.apply(ids, embedding.weight, embedding.padding_idx, tied)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                steps: Steps, chunk: int) -> tuple[Tensor, Tensor]:
+                steps: Steps, chunk: int, tied: TiedGrad | None) -> tuple[Tensor, Tensor]:
         # -> (sum of token losses [] fp32, token losses [N] fp32, not differentiable)
         losses, grads = _losses_and_grads(hidden, weight, bias, targets, steps, chunk,
                                           tuple(ctx.needs_input_grad[:3]))
         ctx.mark_non_differentiable(losses)
         ctx.save_for_backward(*grads)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.tied = tied if tied is not None and tied.embedded else None
         return losses.sum(), losses
 
     @staticmethod
@@ -102,17 +150,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # saved tensors after this node, so the returned ones become .grad without a copy.
         out = [None if saved is None else saved.mul_(grad_total.to(saved.dtype)).to(dtype)
                for saved, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True)]
-        return out[0], out[1], out[2], None, None, None
+        if ctx.tied is not None:  # the tied embedding's backward (later) adds to it and returns it
+            ctx.tied.grad, out[1] = out[1], None
+        return out[0], out[1], out[2], None, None, None, None
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
-                         steps: Steps = (), chunk: int = 1024) -> tuple[Tensor, Tensor]:
+                         steps: Steps = (), chunk: int = 1024,
+                         tied: TiedGrad | None = None) -> tuple[Tensor, Tensor]:
     """``(sum of token losses [] fp32, token losses [N] fp32, detached)`` of a Linear head
     (``weight`` [V, H], ``bias`` [V] or None) over ``hidden`` [N, H] and ``targets`` [N] (all
-    valid, no -100), ``chunk`` rows at a time; gradients flow to hidden, weight and bias."""
+    valid, no -100), ``chunk`` rows at a time; gradients flow to hidden, weight and bias
+    (``tied``: the weight's through the tied embedding of this forward, see `TiedGrad`)."""
     chunk = max(1, int(chunk))
     if not torch.is_grad_enabled():
         losses, _ = _losses_and_grads(hidden, weight, bias, targets, steps, chunk, (False, False, False))
         return losses.sum(), losses
-    total, losses = _LinearCrossEntropy.apply(hidden, weight, bias, targets, steps, chunk)
+    total, losses = _LinearCrossEntropy.apply(hidden, weight, bias, targets, steps, chunk, tied)
     return total, losses

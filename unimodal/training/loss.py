@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from ..extend import layer_rows
-from .linear_ce import Steps, linear_cross_entropy, transform_logits
+from .linear_ce import Steps, TiedGrad, linear_cross_entropy, tied_embedding, transform_logits
 from .loss_choice import chunked_loss_refusal, resolve_loss_method
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,8 @@ def causal_lm_loss(
     # No cache: transformers then also derives the block-diagonal mask of packed rows from
     # position_ids (with a cache it would let documents attend to each other).
     forward_kwargs["use_cache"] = False
-    out = _with_head(head, capture, model, input_ids=input_ids, **forward_kwargs)
+    forwards = {head: capture, **_tied_forwards(inner, capture)}
+    out = _with_head(forwards, model, input_ids=input_ids, **forward_kwargs)
     if capture.result is None:
         raise UnsupportedModelError("the model's forward did not call its output head")
     total, row_sums, row_counts = capture.result
@@ -261,6 +262,7 @@ class _LossHead(_StandIn):
         # heads go through their own forward, chunk by chunk under checkpointing.
         self.fused = fused and type(head).forward is nn.Linear.forward and not _zero3(head)
         self.result: tuple[Tensor, Tensor, Tensor] | None = None
+        self.tied: TiedGrad | None = None  # set by `_tied_forwards`
 
     def __call__(self, hidden: Tensor) -> Tensor:  # hidden: [B, T, H]
         if self.result is not None:
@@ -275,7 +277,7 @@ class _LossHead(_StandIn):
         if self.fused:
             head = cast(nn.Linear, self._head)
             total, token_losses = linear_cross_entropy(picked, head.weight, head.bias, targets, self.steps,
-                                                       self.chunk_size)
+                                                       self.chunk_size, self.tied)
             return self._finish(total, token_losses, rows, hidden)
         # Checkpointed: backward recomputes one chunk's logits at a time instead of keeping them.
         run = partial(checkpoint, _chunk_losses, use_reentrant=False) if torch.is_grad_enabled() \
@@ -293,6 +295,20 @@ class _LossHead(_StandIn):
         row_sums = torch.zeros(batch, device=total.device).index_add_(0, rows, token_losses.detach())
         self.result = (total, row_sums, torch.bincount(rows, minlength=batch))
         return total.reshape(1, 1, 1).expand(*hidden.shape[:-1], 0)  # [B, T, 0], tied to the loss
+
+
+def _tied_forwards(inner: PreTrainedModel, capture: _LossHead) -> dict[nn.Module, Any]:
+    """``{input embedding: its forward}`` where a fused head's weight is the embedding's: its
+    backward then adds into the head's gradient instead of building a second [V, H] block at the
+    step's peak (`linear_ce.TiedGrad`). Empty where that does not apply (no gradients, not fused,
+    untied, an embedding with max_norm / scale_grad_by_freq or of another class)."""
+    embedding = inner.get_input_embeddings()
+    if not (capture.fused and torch.is_grad_enabled() and type(embedding) is nn.Embedding
+            and embedding.weight is cast(nn.Linear, capture._head).weight and embedding.weight.requires_grad
+            and embedding.max_norm is None and not embedding.scale_grad_by_freq and not embedding.sparse):
+        return {}
+    capture.tied = TiedGrad()
+    return {embedding: tied_embedding(embedding, capture.tied)}
 
 
 def _zero3(head: nn.Module) -> bool:
@@ -315,8 +331,9 @@ def _same_on_all_ranks(head: nn.Module, chunks: int, device: torch.device) -> in
     return int(count.item())
 
 
-def _with_head(head: nn.Module, stand_in: _StandIn, model: nn.Module, **kw):
-    """Call ``model(**kw)`` with ``head.forward`` replaced by ``stand_in``, restored afterwards.
+def _with_head(forwards: dict[nn.Module, Any], model: nn.Module, **kw):
+    """Call ``model(**kw)`` with ``module.forward`` replaced by ``forwards[module]`` (the head's
+    stand-in, maybe the tied embedding's forward), restored afterwards.
 
     The head is NOT replaced in the module tree: ZeRO-3 gathers a parameter that a module reads
     without calling the module holding it (PEFT's trainable-token deltas in an ``nn.ParameterDict``)
@@ -326,15 +343,17 @@ def _with_head(head: nn.Module, stand_in: _StandIn, model: nn.Module, **kw):
     instance's ``forward`` keeps the tree, and the head's own hooks run once around the stand-in
     (its direct parameters gathered for all chunks, fetched again before the chunks' checkpointed
     recompute); PEFT submodules inside it run their hooks per chunk."""
-    saved = head.__dict__.get("forward", _NOTHING)  # an instance-level forward someone set
-    head.__dict__["forward"] = stand_in  # not via nn.Module.__setattr__: no registration
+    saved = {module: module.__dict__.get("forward", _NOTHING) for module in forwards}  # set by others
+    for module, forward in forwards.items():
+        module.__dict__["forward"] = forward  # not via nn.Module.__setattr__: no registration
     try:
         return model(**kw)
     finally:
-        if saved is _NOTHING:
-            del head.__dict__["forward"]
-        else:
-            head.__dict__["forward"] = saved
+        for module, forward in saved.items():
+            if forward is _NOTHING:
+                del module.__dict__["forward"]
+            else:
+                module.__dict__["forward"] = forward
 
 
 _NOTHING = object()
@@ -371,7 +390,7 @@ def _probe(model, inner, head, steps, input_ids, inputs_embeds) -> None:
     # fork_rng: dropout in this extra forward must not shift the training run's random stream.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
                                device_type=device.type), torch.no_grad():
-        out = _with_head(head, probe, model, labels=labels, use_cache=False, **sample)
+        out = _with_head({head: probe}, model, labels=labels, use_cache=False, **sample)
         if probe.fake is None:
             raise UnsupportedModelError("the model's forward did not call its output head")
         expected = transform_logits(steps, probe.fake)
