@@ -326,16 +326,17 @@ def test_refuses_router_aux_loss():
         causal_lm_loss(model, labels=labels, **inputs)
 
 
-@pytest.mark.parametrize("find_unused", [False, True])
-def test_through_ddp(find_unused):
+@pytest.mark.parametrize("find_unused,tie", [(False, False), (True, False), (False, True)])
+def test_through_ddp(find_unused, tie):
     # One gloo process: checks that the reducer sees the loss's graph through the wrapper's
-    # forward (a second step raises if the first one's reduction did not finish).
+    # forward (a second step raises if the first one's reduction did not finish); tied: the
+    # shared weight's gradient reaches the reducer once, through the embedding (TiedGrad).
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        model = build("llama")
+        model = build("qwen2" if tie else "llama", tie=tie)
         ddp = DistributedDataParallel(model, find_unused_parameters=find_unused)
         inputs, labels = padded_batch()
         for _ in range(2):
