@@ -7,7 +7,8 @@ a stand-in that takes the last hidden states [B, T, H], keeps the N positions wh
 is not -100 ([N, H]) and computes the cross-entropy ``chunk_size`` rows at a time: at most one
 [chunk_size, V] block of logits lives, forward or backward. A plain ``nn.Linear`` head (full
 fine-tunes, DDP, ZeRO-1/2, FSDP) takes its gradients while each chunk's logits exist
-(`linear_ce`: three matmuls over the targets, as the model's own loss, none recomputed); a head
+(`linear_ce`: three matmuls over the targets, as the model's own loss, none recomputed; a tied
+input embedding adds its rows into that [V, H] gradient in place, `_tied_forwards`); a head
 under PEFT or partitioned by ZeRO-3 is called chunk by chunk under ``torch.utils.checkpoint``
 (its own forward and hooks run, backward recomputes one chunk's logits at a time).
 
