@@ -16,6 +16,7 @@ from ..errors import UserError, bad_input
 from ..extend import add_image_tokens, new_token_ids
 from ..offline import build_causal_lm
 from ..processor import PROCESSOR_CONFIG_NAME, UnimodalProcessor
+from ..training import chunk_mlps
 from .args import ModelArguments
 from .lora import LoraArguments, apply_lora
 
@@ -63,13 +64,19 @@ def load_model_and_processor(
 
 
 def prepare_model(model_args: ModelArguments, lora_args: LoraArguments, data_processor: UnimodalProcessor,
-                  gradient_checkpointing: bool = False) -> tuple[torch.nn.Module, UnimodalProcessor]:
+                  gradient_checkpointing: bool = False, mlp_chunk_size: int = 0
+                  ) -> tuple[torch.nn.Module, UnimodalProcessor]:
     """The model the fine-tuning recipe trains and its processor: `load_model_and_processor`, then
-    gradient checkpointing (non-reentrant) and LoRA as asked (a unified base applies LoRA in its
+    gradient checkpointing (non-reentrant; with ``mlp_chunk_size`` > 0 each MLP's backward in
+    chunks of that many tokens, `chunk_mlps`) and LoRA as asked (a unified base applies LoRA in its
     own way, e.g. Janus's generation head; else `apply_lora` with the new token rows trained)."""
+    if mlp_chunk_size < 0:
+        raise UserError(f"mlp_chunk_size must be >= 0 tokens (0: off), got {mlp_chunk_size}")
     lm, processor = load_model_and_processor(model_args, data_processor)
     if gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if mlp_chunk_size > 0:
+            chunk_mlps(lm, mlp_chunk_size)
     if not lora_args.use_lora:
         return lm, processor
     unified = base_for(lm.config)

@@ -21,6 +21,8 @@ live here:
 - `allocator`: ``return_large_blocks_to_the_system`` (glibc keeps freed heap blocks: a fixed
   ``mmap`` threshold returns them, several GB at real shapes; models from 50M parameters up).
 - `loss`: ``causal_lm_loss`` (the LM head only where a loss is taken, in chunks), ``batch_loss``.
+- `mlp_chunks`: ``chunk_mlps`` (checkpointed MLPs recompute their backward a chunk of tokens at a
+  time: no [N, intermediate] tensors, no extra forward).
 """
 
 from .accelerator import make_accelerator, weights_sharded, zero3_disabled
@@ -29,13 +31,15 @@ from .checkpoints import CheckpointManager, CheckpointSpaceError, NonFiniteLossE
 from .config import RunArguments, parse_config, resolve_config, shipped_configs
 from .loop import Throughput, adamw, check_step_in_backward, cosine_with_warmup, infinite_batches, step_in_backward
 from .loss import LOSS_METHODS, batch_loss, batch_loss_sums, causal_lm_loss
+from .mlp_chunks import chunk_mlps
 from .resume import CheckpointError, continued_micro_step
 from .signals import PREEMPTED_EXIT_CODE, Preempted, Preemption
 
 __all__ = [
     "LOSS_METHODS", "PREEMPTED_EXIT_CODE", "CheckpointError", "CheckpointManager", "CheckpointSpaceError",
     "NonFiniteLossError", "Preempted", "Preemption", "RunArguments", "Throughput", "batch_loss",
-    "adamw", "batch_loss_sums", "causal_lm_loss", "check_finite", "check_step_in_backward", "continued_micro_step",
+    "adamw", "batch_loss_sums", "causal_lm_loss", "check_finite", "check_step_in_backward", "chunk_mlps",
+    "continued_micro_step",
     "cosine_with_warmup", "infinite_batches", "step_in_backward",
     "make_accelerator", "parse_config", "resolve_config", "return_large_blocks_to_the_system", "shipped_configs",
     "weights_sharded", "zero3_disabled",
