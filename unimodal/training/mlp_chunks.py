@@ -67,9 +67,9 @@ class _ChunkedMLP(torch.autograd.Function):
                 got = torch.autograd.grad(out, (chunk, *ctx.params), grad_out[start:start + ctx.chunk_size],
                                           allow_unused=True)
                 grad_x[start:start + ctx.chunk_size] = got[0]
-                for i, g in enumerate(got[1:]):
+                for i, (g, total) in enumerate(zip(got[1:], grads, strict=True)):
                     if g is not None:
-                        grads[i] = g if grads[i] is None else grads[i].add_(g)
+                        grads[i] = g if total is None else total.add_(g)
         return grad_x, None, None, None, *grads
 
 
