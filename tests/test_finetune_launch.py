@@ -63,9 +63,11 @@ def test_deepspeed_zero3_lora_trains_new_rows_and_adapters(data_root):
     out, model_loss = data_root / "zero3_lora", data_root / "zero3_lora_model_loss"
     lora = ("--use_lora", "true", "--lora_r", "4")
     # The chunked loss in chunks of 64 positions (a few head calls per step, not as many on each
-    # rank, each gathering the head and its untied trainable-token rows, recomputed in backward)
-    # against the model's own loss.
-    run(command("zero3.yaml", data_root, out, *lora, "--loss_chunk_size", "64"))
+    # rank, each gathering the head and its untied trainable-token rows, recomputed in backward),
+    # checkpointed layers (whose MLPs keep their plain backward under ZeRO-3 whatever
+    # mlp_chunk_size says), against the model's own loss and plain layers.
+    run(command("zero3.yaml", data_root, out, *lora, "--loss_chunk_size", "64", "--gradient_checkpointing", "true",
+                "--mlp_chunk_size", "64"))
     run(command("zero3.yaml", data_root, model_loss, *lora, "--loss", "model"))
     assert_loadable(out)
     got = weights(out)
@@ -140,8 +142,7 @@ def test_one_process_lora_adapter_epochs_accumulation_bf16_samples(data_root, te
     out = data_root / "single"
     cmd = command(None, data_root, out, "--model_name_or_path", str(base), "--max_steps", "0", "--num_epochs", "1",
                   "--packing", "true", "--gradient_accumulation_steps", "2", "--mixed_precision", "bf16",
-                  "--gradient_checkpointing",
-                  "true", "--use_lora", "true", "--merge_lora", "false", "--eval_steps", "10",
+                  "--gradient_checkpointing", "true", "--mlp_chunk_size", "64", "--use_lora", "true", "--merge_lora", "false", "--eval_steps", "10",
                   "--sample_prompts", "a handwritten digit one", "a handwritten digit two",
                   "--report_to", "tensorboard")
     run(cmd)

@@ -16,6 +16,10 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU launch; on GPUs see test_fsdp_on_gpus"),
 ]
 
+# Checkpointed layers with the MLPs' backward in chunks of 64 tokens (FSDP2's hooks around each
+# MLP unshard its weights for the chunks); the DDP reference runs plain layers.
+CHECKPOINTED = ("--gradient_checkpointing", "true", "--mlp_chunk_size", "64")
+
 
 def fsdp_command(data_root: Path, out: Path, *extra: str) -> list[str]:
     """The recipe under fsdp.yaml with 2 processes (the config says 8, one per GPU of a machine)."""
@@ -42,7 +46,7 @@ def data_root(tmp_path_factory, finetune_data_factory):
 @pytest.fixture(scope="module")
 def fsdp_run(data_root):
     out = data_root / "fsdp"
-    return out, run(fsdp_command(data_root, out))
+    return out, run(fsdp_command(data_root, out, *CHECKPOINTED))
 
 
 def test_fsdp2_shards_and_matches_ddp(fsdp_run, data_root):
@@ -59,7 +63,7 @@ def test_fsdp2_shards_and_matches_ddp(fsdp_run, data_root):
 
 def test_fsdp2_sigkill_then_relaunch_resumes_to_the_same_weights(fsdp_run, data_root):
     out = data_root / "fsdp_killed"
-    cmd = fsdp_command(data_root, out)
+    cmd = fsdp_command(data_root, out, *CHECKPOINTED)
     launcher = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
     first = out / "checkpoints" / "step-00000003"
@@ -69,7 +73,7 @@ def test_fsdp2_sigkill_then_relaunch_resumes_to_the_same_weights(fsdp_run, data_
     assert first.exists(), "the run never wrote its first checkpoint"
     kill_tree(launcher.pid)
     assert not (out / "final").exists(), "the run finished before the kill: raise STEPS"
-    resumed = run(fsdp_command(data_root, out))
+    resumed = run(fsdp_command(data_root, out, *CHECKPOINTED))
     assert "resuming at step" in resumed.stdout + resumed.stderr
     assert_sharded_checkpoints(out)
     reference, got = weights(fsdp_run[0]), weights(out)

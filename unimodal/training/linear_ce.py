@@ -70,13 +70,16 @@ def _losses_and_grads(hidden: Tensor, weight: Tensor, bias: Tensor | None, targe
         h, t = hidden[start:start + chunk], targets[start:start + chunk]  # [n, H], [n]
         raw = F.linear(h, weight, bias)  # [n, V], in the model's (or autocast's) dtype
         z = transform_logits(steps, raw).float()  # a new tensor, or raw itself (fp32, no steps)
-        lse = torch.logsumexp(z, dim=-1)  # [n]
-        losses[start:start + chunk] = lse - z.gather(1, t[:, None]).squeeze(1)
+        target = z.gather(1, t[:, None]).squeeze(1)  # [n]
+        # logsumexp and softmax in z's buffer (torch.logsumexp would allocate another [n, V]); raw
+        # is read again only when there are steps, and then z is not raw.
+        peak = z.amax(dim=-1)  # [n]
+        e = z.sub_(peak[:, None]).exp_()  # [n, V] exp(z - max)
+        total = e.sum(dim=-1)  # [n]
+        losses[start:start + chunk] = total.log() + peak - target
         if not any(need):
             continue
-        # G = softmax(z) - onehot(t) = d loss / d z, in z's buffer (raw is read again only when
-        # there are steps, and then z is not raw).
-        g = z.sub_(lse[:, None]).exp_()
+        g = e.div_(total[:, None])  # G = softmax(z) - onehot(t) = d loss / d z
         g[torch.arange(len(t), device=g.device), t] -= 1
         g = _transform_grad(steps, raw, g).to(raw.dtype)  # the dtype the head's backward would use
         if grad_hidden is not None:

@@ -76,14 +76,17 @@ class _ChunkedMLP(torch.autograd.Function):
 def chunked_forward(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
                     chunk_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """``forward`` (a token-wise module's own) with its backward in chunks of ``chunk_size`` tokens.
-    Runs ``forward`` as is where chunks would not help or would not be exact: no gradients, at most
-    one chunk of tokens, or an active dropout (a recomputed chunk would draw another mask)."""
+    Runs ``forward`` as is where chunks would not help or would not work: no gradients, at most one
+    chunk of tokens, an active dropout (a recomputed chunk would draw another mask), or DeepSpeed
+    ZeRO-3 weights (its hooks gather them for the module's own forward and backward, not for a
+    recomputation inside that backward)."""
 
     def run(x: torch.Tensor) -> torch.Tensor:
         params = tuple(p for p in module.parameters() if p.requires_grad)
         dropout = module.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
+        zero3 = any(hasattr(p, "ds_id") for p in module.parameters())  # a ZeRO-3-partitioned parameter
         tokens = x.numel() // x.shape[-1]
-        if not torch.is_grad_enabled() or not x.requires_grad or tokens <= chunk_size or dropout:
+        if not torch.is_grad_enabled() or not x.requires_grad or tokens <= chunk_size or dropout or zero3:
             return forward(x)
         flat = x.reshape(tokens, x.shape[-1])  # [N, H]
         out = _ChunkedMLP.apply(flat, _SaveInput.apply(flat), forward, chunk_size, *params)
