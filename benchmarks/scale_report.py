@@ -168,7 +168,6 @@ MEASURED_ACT = {
 STRATEGIES = ("DDP", "ZeRO-2", "ZeRO-3", "ZeRO-3 + offload", "FSDP2")
 GB = 2**30  # as peak_memory_gb reports
 GPU_OVERHEAD_GB = 1.5  # CUDA context, allocator fragmentation, communication buffers (derived)
-CPU_PROCESS_GB = 0.45  # a CPU run's resident set before the model: torch, transformers, data (measured, --quick)
 CHUNK_LOGITS = 256 * 2**20  # fp32 logits of one chunk of the chunked loss (unimodal.training.loss default)
 
 
@@ -205,25 +204,26 @@ def state_gb(s, lora: bool, strategy: str, n: int) -> tuple[float, float]:
     return gpu / GB, 0.0
 
 
-def activations_gb(act: dict, s, tokens: int, batch: int, gc: bool, chunked: bool, bf16: bool = True) -> float:
+def activations_gb(act: dict, s, tokens: int, batch: int, gc: bool, chunked: bool, bf16: bool = True,
+                   mlp_chunk: int = 0) -> float:
     """Peak activation memory of a step: what the forward keeps (the measured constants, KB per
-    token) + in backward one layer recomputed (GC) and one layer of activation gradients; the
+    token) + in backward one layer recomputed (GC) and one layer of activation gradients; with
+    ``mlp_chunk`` (the recipe's ``mlp_chunk_size``, GC only) the recomputed MLP's four
+    [tokens, intermediate] tensors and their gradients exist for that many tokens only. The
     model's loss peaks at ~3 fp32 logits-sized buffers (logits or log-softmax, their gradient, the
     upcast), ours at one chunk's (x3). bf16: the fp32 measurement halved (derived)."""
-    per = 1024 * batch * tokens * (0.5 if bf16 else 1.0)  # KB per token -> bytes
+    scale = 0.5 if bf16 else 1.0
+    per = 1024 * batch * tokens * scale  # KB per token -> bytes
     kept = s.layers * (act["layer_gc"] if gc else act["layer"]) * per
     backward = act["layer"] * per * (2 if gc else 1)
+    if gc and mlp_chunk:
+        mlp_bytes_per_token = 4 * s.intermediate * 4 * scale  # gate, up, activation, product
+        backward -= 2 * mlp_bytes_per_token * max(0, batch * tokens - mlp_chunk)
     if chunked:
         loss = act["head_ours"] * 1024 * batch * tokens + 3 * CHUNK_LOGITS
     else:
         loss = 3 * 4 * head_rows(s) * batch * tokens
     return (kept + backward + loss) / GB
-
-
-def cpu_step_gb(s, act: dict, batch: int, gc: bool, chunked: bool) -> float:
-    """One CPU process, fp32 AdamW (16 B per parameter), what benchmarks/scale.py's lm rows measure."""
-    return CPU_PROCESS_GB + 16 * lm_params(s)[0] / GB + activations_gb(
-        act, s, s.sample_tokens, batch, gc, chunked, bf16=False)
 
 
 def run_activations(args, shape) -> dict:
@@ -282,6 +282,8 @@ def run_activations(args, shape) -> dict:
 def memory_guide(shapes: dict, n: int = 8, batch: int = 4) -> str:
     """docs/distributed.md's derived table: GB per GPU with n GPUs, ``batch`` samples per GPU,
     bf16, gradient checkpointing and our chunked loss unless a column says otherwise."""
+    from unimodal.training.mlp_chunks import MLP_CHUNK_SIZE  # the recipe's mlp_chunk_size default
+
     lines = ["| LM | fine-tune | strategy | 256 image tokens | 1024 | 1024, no GC | 1024, model's loss | "
              "smallest GPU, 1024 | CPU RAM |", "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
     for name, s in shapes.items():
@@ -290,7 +292,10 @@ def memory_guide(shapes: dict, n: int = 8, batch: int = 4) -> str:
             for strategy in STRATEGIES:
                 gpu, cpu = state_gb(s, lora, strategy, n)
                 columns = ((256, True, True), (1024, True, True), (1024, False, True), (1024, True, False))
-                cells = [gpu + GPU_OVERHEAD_GB + activations_gb(act, s, image + s.caption_tokens + 4, batch, gc, ours)
+                # ZeRO-3 keeps the MLPs' plain backward (unimodal.training.mlp_chunks)
+                mlp_chunk = 0 if strategy.startswith("ZeRO-3") else MLP_CHUNK_SIZE
+                cells = [gpu + GPU_OVERHEAD_GB + activations_gb(act, s, image + s.caption_tokens + 4, batch, gc, ours,
+                                                                mlp_chunk=mlp_chunk)
                          for image, gc, ours in columns]
                 fits = next((f"{g} GB" for g in (24, 48, 80) if cells[1] <= 0.95 * g), "> 80 GB")
                 lines.append(f"| {name.upper()} | {'LoRA r=16' if lora else 'full'} | {strategy} | "

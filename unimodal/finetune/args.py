@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..training.config import RunArguments
+from ..training.mlp_chunks import MLP_CHUNK_SIZE
 
 
 @dataclass
@@ -89,8 +90,9 @@ class FinetuneArguments(RunArguments):
     optimizer_in_backward: bool = False
     gradient_checkpointing: bool = False
     # With gradient_checkpointing: each decoder MLP's backward recomputes this many tokens at a
-    # time (unimodal.training.mlp_chunks; ~0.45 GB less at the 0.5B shape, same gradients); 0: off.
-    mlp_chunk_size: int = 1024
+    # time (unimodal.training.mlp_chunks: a layer's backward at the 0.5B shape, 4 x 1,100 tokens,
+    # 675 -> 100 MB; same gradients); 0: off.
+    mlp_chunk_size: int = MLP_CHUNK_SIZE
     # "chunked": the LM head runs only at positions that take a loss, a chunk of them at a time
     # (no [B, T, V] logits; unimodal.training.loss); "model": the model's own ``.loss``.
     loss: str = "chunked"
