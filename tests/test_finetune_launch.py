@@ -142,7 +142,8 @@ def test_one_process_lora_adapter_epochs_accumulation_bf16_samples(data_root, te
     out = data_root / "single"
     cmd = command(None, data_root, out, "--model_name_or_path", str(base), "--max_steps", "0", "--num_epochs", "1",
                   "--packing", "true", "--gradient_accumulation_steps", "2", "--mixed_precision", "bf16",
-                  "--gradient_checkpointing", "true", "--mlp_chunk_size", "64", "--use_lora", "true", "--merge_lora", "false", "--eval_steps", "10",
+                  "--gradient_checkpointing", "true", "--mlp_chunk_size", "64",
+                  "--use_lora", "true", "--merge_lora", "false", "--eval_steps", "10",
                   "--sample_prompts", "a handwritten digit one", "a handwritten digit two",
                   "--report_to", "tensorboard")
     run(cmd)
