@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from test_loss import build, padded_batch
+from test_loss import LargestTensor, build, padded_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from unimodal.training.mlp_chunks import chunk_mlps
@@ -27,6 +27,12 @@ def loss_and_grads(model, inputs, labels, autocast=False):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_same_grads(got, want):
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)
+
+
 def plain_and_chunked(model_type, **kw):
     plain = checkpointed(build(model_type, **kw))
     chunked = copy.deepcopy(plain)
@@ -41,9 +47,7 @@ def test_same_loss_and_gradients_as_the_plain_layers(model_type, tie):
     want_loss, want = loss_and_grads(plain, inputs, labels)
     got_loss, got = loss_and_grads(chunked, inputs, labels)
     torch.testing.assert_close(got_loss, want_loss, rtol=0, atol=1e-6)
-    assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)
+    assert_same_grads(got, want)
 
 
 class MatmulDtypes(TorchDispatchMode):
@@ -86,24 +90,7 @@ def test_lora_on_the_mlp_trains_the_same_adapters():
     _, want = loss_and_grads(plain, inputs, labels)
     _, got = loss_and_grads(chunked, inputs, labels)
     assert any("mlp.down_proj.lora_A" in name for name in want)
-    assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)
-
-
-class LargestIntermediate(TorchDispatchMode):
-    """The most elements of any tensor an op creates while the mode is on."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
+    assert_same_grads(got, want)
 
 
 @pytest.mark.parametrize("chunks", [False, True], ids=["plain: [N, I] in backward", "chunked: [chunk, I]"])
@@ -114,7 +101,7 @@ def test_backward_never_builds_an_intermediate_for_all_tokens(chunks):
         chunk_mlps(model, CHUNK)
     inputs, labels = padded_batch(vocab=23)
     loss = model(**inputs, labels=labels, use_cache=False).loss
-    with LargestIntermediate() as seen:
+    with LargestTensor() as seen:
         loss.backward()
     tokens = inputs["input_ids"].numel()
     if chunks:
