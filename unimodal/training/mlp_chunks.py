@@ -83,12 +83,12 @@ def chunked_forward(module: nn.Module, forward: Callable[[torch.Tensor], torch.T
     recomputation inside that backward)."""
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        params = tuple(p for p in module.parameters() if p.requires_grad)
         dropout = module.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
         zero3 = any(hasattr(p, "ds_id") for p in module.parameters())  # a ZeRO-3-partitioned parameter
         tokens = x.numel() // x.shape[-1]
         if not torch.is_grad_enabled() or not x.requires_grad or tokens <= chunk_size or dropout or zero3:
             return forward(x)
+        params = tuple(p for p in module.parameters() if p.requires_grad)
         flat = x.reshape(tokens, x.shape[-1])  # [N, H]
         out = _ChunkedMLP.apply(flat, _SaveInput.apply(flat), forward, chunk_size, *params)
         return out.view(*x.shape[:-1], out.shape[-1])
