@@ -80,8 +80,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> Path:
     data_processor = load_data_processor(data_args.dataset_path)
 
     def build_model():  # again at the end under ZeRO-3 / FSDP: a whole copy to gather the shards into
-        return prepare_model(model_args, lora_args, data_processor, args.gradient_checkpointing,
-                             args.mlp_chunk_size)
+        return prepare_model(model_args, lora_args, data_processor, args.gradient_checkpointing, args.mlp_chunk_size)
 
     model, processor = build_model()
     return_large_blocks_to_the_system(model)  # large models: freed activations leave the resident set
