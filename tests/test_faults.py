@@ -247,6 +247,11 @@ def test_checkpoint_of_another_config_is_refused_in_process(finished, tmp_path):
         checkpoints.check(finished / "checkpoints" / "step-00000009", accelerator)
     CheckpointManager(finished / "checkpoints", config={**saved, "max_steps": 99, "eval_steps": 2}).check(
         finished / "checkpoints" / "step-00000009", accelerator)  # settings a relaunch may change
+    # mlp_chunk_size changes memory only, and a config from before it existed lacks it
+    before_mlp_chunks = {k: v for k, v in saved.items() if k != "mlp_chunk_size"}
+    for config in ({**saved, "mlp_chunk_size": 64}, before_mlp_chunks):
+        CheckpointManager(finished / "checkpoints", config=config).check(
+            finished / "checkpoints" / "step-00000009", accelerator)
 
 
 @pytest.mark.slow

@@ -10,12 +10,15 @@ from ..errors import UserError
 
 # Settings a relaunch may change and still continue the same run: where and how often it logs,
 # evaluates, samples and saves, how long it trains, and the accumulation that keeps the global
-# batch when the process count changes (checked separately). Everything else must match.
+# batch when the process count changes (checked separately), and mlp_chunk_size (memory only: the
+# same gradients, so checkpoints written before the setting existed resume too). Everything else
+# must match.
 RESUMABLE_FIELDS = frozenset({
     "output_dir", "max_steps", "num_epochs", "log_steps", "eval_steps", "save_steps", "keep_last", "report_to",
     "push_to_hub", "hub_model_id", "hub_private", "preemption_grace_s", "eval_batch_size",
     "gradient_accumulation_steps", "sample_prompts", "sample_steps", "sample_guidance_scale",
     "sample_temperature", "sample_top_k", "sample_top_p", "merge_lora", "num_workers", "num_samples_in_grid",
+    "mlp_chunk_size",
 })
 _MISSING = "<not set>"
 
