@@ -183,12 +183,13 @@ def tokens_per_crop(args) -> int:
     return (args.crop // 4) ** 2  # the f4 model
 
 
-def eval_samples(args) -> int:
-    """Held-out crops: ``--eval_samples``, or enough for 4 tokens per code at the largest K (usage
-    on fewer tokens than codes cannot reach 100%)."""
+def eval_samples(args, k: int) -> int:
+    """Held-out crops for a codebook of ``k`` codes: ``--eval_samples``, or at least 512 and enough
+    for 4 tokens per code (usage on fewer tokens than codes cannot reach 100%). Rows are compared
+    within one K, so each K gets its own count: 4096 crops for every K cost 2x the training time."""
     if args.eval_samples:
         return args.eval_samples
-    return max(512, math.ceil(4 * args.max_k / tokens_per_crop(args)))
+    return max(512, math.ceil(4 * k / tokens_per_crop(args)))
 
 
 def train_batches(args, steps: int):
@@ -200,9 +201,9 @@ def train_batches(args, steps: int):
         yield torch.stack([data[i] for i in range(step * args.batch_size, (step + 1) * args.batch_size)])
 
 
-def held_out(args) -> torch.Tensor:
+def held_out(args, k: int) -> torch.Tensor:
     """Held-out crops from the part of each photo no training crop touches ``[N, 3, crop, crop]``."""
-    data = ShippedCrops(CropPolicy(args.crop, True, 0.1, 0.4), "eval", eval_samples(args), seed=args.seed)
+    data = ShippedCrops(CropPolicy(args.crop, True, 0.1, 0.4), "eval", eval_samples(args, k), seed=args.seed)
     return torch.stack([data[i] for i in range(len(data))])
 
 
@@ -235,7 +236,7 @@ def quality(spec: str, args, steps: int) -> dict:
     start = time.perf_counter()
     for step, batch in enumerate(train_batches(args, steps)):  # the same batches for every variant
         logs = trainer.step(batch, step)
-    eval_pixels = held_out(args)
+    eval_pixels = held_out(args, v.k)
     vq = trainer.vqgan.eval()
     with torch.no_grad():
         out = [vq(b) for b in eval_pixels.split(256)]
@@ -256,7 +257,7 @@ def measure_speed(rows: list[dict], args) -> None:
     best of ``--speed_rounds``: on a shared machine each variant then sees the same load (the
     parallel quality runs cannot be timed fairly). Speed does not depend on the trained weights."""
     batches = list(train_batches(args, args.speed_steps + 1))
-    encode_pixels = held_out(args)[:512]
+    encode_pixels = held_out(args, 0)[:512]
     trainers = {row["name"]: build_trainer(variant(row["name"]), args, args.steps) for row in rows}
     for trainer in trainers.values():
         trainer.step(batches[0], 0)  # untimed warm-up: k-means init, allocator, oneDNN kernels
@@ -355,13 +356,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="variants trained in parallel")
     args = parser.parse_args(argv)
     specs = [s if "@" in s else f"{s}@{k}" for s in args.variants for k in ([0] if "@" in s else args.sizes)]
-    args.max_k = max(variant(s).k for s in specs)  # fails on a bad name before any training
+    for s in specs:
+        variant(s)  # fails on a bad name before any training
     torch.set_num_threads(args.threads)
     wall = time.perf_counter()
 
     rows = train_all(specs, args, args.steps)
     measure_speed(rows, args)
-    print(f"\n{args.steps} steps x batch {args.batch_size}, {eval_samples(args)} held-out {args.crop} px crops "
+    held = "/".join(str(n) for n in sorted({eval_samples(args, r["k"]) for r in rows}))
+    print(f"\n{args.steps} steps x batch {args.batch_size}, {held} held-out {args.crop} px crops "
           f"({tokens_per_crop(args)} tokens each); {datetime.date.today()}, {platform.machine()} x {os.cpu_count()} "
           f"cores, {min(args.jobs, len(specs))} variants at a time x {args.threads} thread(s), torch "
           f"{torch.__version__}; {time.perf_counter() - wall:.0f} s wall\n")

@@ -82,6 +82,20 @@ def test_ssim_matches_skimage_on_random_images():
     assert 0.2 < ours.mean() < 0.9
 
 
+def test_ssim_of_a_large_batch_is_computed_in_chunks_with_the_same_values(monkeypatch):
+    import unimodal.evaluation.metrics as metrics
+
+    x, y = rand_pixels(7, 3, 16, 16, seed=2), rand_pixels(7, 3, 16, 16, seed=3)
+    y = 0.5 * x + 0.5 * y
+    whole = ssim(x, y, reduction="none")
+    monkeypatch.setattr(metrics, "SSIM_CHUNK_VALUES", 2 * 3 * 16 * 16)  # chunks of 2, 2, 2, 1 images
+    chunked = ssim(x, y, reduction="none")
+    assert chunked.shape == (7,)
+    torch.testing.assert_close(chunked, whole, atol=1e-12, rtol=0)
+    ref = torch.tensor([_skimage_ssim(x[i], y[i]) for i in range(7)], dtype=torch.float64)
+    torch.testing.assert_close(chunked, ref, atol=1e-6, rtol=0)
+
+
 def test_ssim_matches_skimage_on_structured_images():
     from skimage import filters
 

@@ -39,6 +39,7 @@ FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
 # Pixels live in [-1, 1]: the data range used by PSNR and SSIM.
 DATA_RANGE = 2.0
+SSIM_CHUNK_VALUES = 2**18  # input values per torchmetrics call in `ssim`
 
 
 def as_pixels(images: Images) -> torch.Tensor:
@@ -104,11 +105,16 @@ def ssim(pred: Images, target: Images, sigma: float = 1.5, reduction: str = "mea
             f"SSIM window of {2 * radius + 1} px (sigma={sigma}) exceeds the {pred.shape[-2]}x{pred.shape[-1]} "
             f"image; pass a smaller sigma (e.g. sigma=0.5 gives a 5 px window)"
         )
-    _, ssim_map = structural_similarity_index_measure(
-        pred, target, gaussian_kernel=True, sigma=sigma, data_range=DATA_RANGE, reduction="none",
-        return_full_image=True)  # [B, C, H, W]
-    inside = ssim_map[..., radius : ssim_map.shape[-2] - radius, radius : ssim_map.shape[-1] - radius]
-    return _reduce(inside.mean(dim=(1, 2, 3)), reduction)  # [B] or []
+    # torchmetrics holds ~1.7 kB per input value at once (padded copies, float64 products): 22 GB
+    # for 4096 crops of 32 px in one call. Chunks of ~2^18 values keep it near 0.5 GB, same speed.
+    chunk, per_image = max(1, SSIM_CHUNK_VALUES // pred[0].numel()), []
+    for p, t in zip(pred.split(chunk), target.split(chunk)):
+        _, ssim_map = structural_similarity_index_measure(
+            p, t, gaussian_kernel=True, sigma=sigma, data_range=DATA_RANGE, reduction="none",
+            return_full_image=True)  # [b, C, H, W]
+        inside = ssim_map[..., radius : ssim_map.shape[-2] - radius, radius : ssim_map.shape[-1] - radius]
+        per_image.append(inside.mean(dim=(1, 2, 3)))  # [b]
+    return _reduce(torch.cat(per_image), reduction)  # [B] or []
 
 
 def _code_histogram(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
