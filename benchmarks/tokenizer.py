@@ -159,7 +159,7 @@ def variant(spec: str, k: int | None = None) -> Variant:
         "ours-ema-kmeans": ({**PLAIN, "ema_decay": 0.99, "kmeans_init": True, "dead_code_threshold": 1}, None,
                             "ours: VQ, plain 64-d, EMA + k-means + restart"),
         "fsq": ({"quantizer": "fsq", "fsq_levels": levels, "embed_dim": len(levels)}, None, f"ours: FSQ {levels}"),
-        "lfq": ({"quantizer": "lfq", "embed_dim": bits}, None, f"ours: LFQ {bits} bits (per-bit entropy)"),
+        "lfq": ({"quantizer": "lfq", "embed_dim": bits}, None, f"ours: LFQ {bits} bits"),
         "simvq": ({"quantizer": "simvq"}, None, "ours: SimVQ 8-d"),
         "vqp": ({"embed_dim": 64}, lambda: _vqp_vq(kk, 64), "vector_quantize_pytorch: VQ, EMA + k-means + dead-code 2"),
         "vqp-cosine": ({}, lambda: _vqp_vq(kk, 8, use_cosine_sim=True),

@@ -4,6 +4,7 @@ statistics on 2 gloo processes, safetensors round trip, `add_image_tokens`, fp32
 autocast, the tokenizer recipe; parity of the codes with `vector_quantize_pytorch`."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -208,7 +209,23 @@ def test_lfq_matches_vector_quantize_pytorch():
     torch.testing.assert_close(ours.codebook(), ref.codebook)
     per_token, codebook = ours.entropies(ours.flatten(z))
     torch.testing.assert_close(per_token, parts.per_sample_entropy, rtol=1e-4, atol=1e-5)  # exact factorisation
-    assert parts.batch_entropy <= codebook <= parts.batch_entropy * 1.1  # per-bit bound, close on random latents
+    torch.testing.assert_close(codebook, parts.batch_entropy, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [1, 7, 10])
+def test_lfq_codebook_entropy_is_exact_where_the_bits_are_correlated(bits):
+    # Every latent's bits equal (two codes, all-0 and all-1), each bit balanced over the batch: the
+    # bits' marginals would read bits * ln 2, the batch uses two codes. The reference is the mean
+    # softmax over all 2^bits codes, which is what the library computes.
+    q = LookupFreeQuantizer(2**bits, inv_temperature=2.0)
+    sign = torch.tensor([1.0, -1.0]).repeat(32).unsqueeze(1)  # [64, 1]
+    flat = sign * (0.3 + torch.rand(64, bits, generator=torch.Generator().manual_seed(bits)))  # [64, bits]
+    mean = (2 * q.inv_temperature * flat @ q.codebook().t()).softmax(-1).mean(0)  # [K]
+    reference = -(mean * mean.clamp(min=1e-5).log()).sum()
+    _, codebook = q.entropies(flat)
+    torch.testing.assert_close(codebook, reference, rtol=1e-5, atol=1e-6)
+    if bits > 1:  # the bits' marginals are balanced: a bound from them would read ~bits * ln 2
+        assert codebook < 0.5 * bits * math.log(2)
 
 
 def test_simvq_matches_vector_quantize_pytorch():
