@@ -192,3 +192,53 @@ def test_large_freed_blocks_leave_the_resident_set():
     assert fixed < 16, fixed  # the 384 MB of freed blocks went back to the system
     assert adaptive > 200, adaptive  # glibc's adaptive threshold keeps them: what the fix is for
     assert small > 200, small  # below LARGE_MODEL_PARAMETERS: no page faults for every block
+
+
+DEEPSPEED_BUCKETS = """
+import json, os, sys, torch
+stage, config_file = sys.argv[1], sys.argv[2]
+os.environ.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE=stage, MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=sys.argv[3], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+if config_file != "-":
+    os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = config_file
+from unimodal.offline import build_causal_lm
+from unimodal.training import make_accelerator
+accelerator = make_accelerator(log_with=None)
+model = build_causal_lm("qwen2", vocab_size=256, hidden_size=48, num_layers=1, num_heads=4, num_key_value_heads=2,
+                        intermediate_size=96)
+loader = torch.utils.data.DataLoader(list(range(4)), batch_size=2)
+engine, _, _ = accelerator.prepare(model, torch.optim.AdamW(model.parameters()), loader)
+print(json.dumps({"reduce": engine.optimizer.reduce_bucket_size,
+                  "zero": accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]}))
+"""
+
+
+@pytest.mark.parametrize("stage", ["2", "3"])
+def test_deepspeed_buckets_are_sized_by_the_model_unless_the_user_sets_them(tmp_path, stage):
+    """DeepSpeed's own default gradient bucket is 5e8 elements (2 GB in fp32, per process): the
+    0.5B-shape ZeRO-3 run did not fit in 21 GB with it. A launch config's unset sizes follow the
+    model's hidden size (48^2); a DeepSpeed config file is taken as written (its unset sizes are
+    DeepSpeed's)."""
+    import json
+    import subprocess
+    import sys
+
+    from launching import env, free_port
+
+    script = tmp_path / "buckets.py"
+    script.write_text(DEEPSPEED_BUCKETS)
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1,
+                                "zero_optimization": {"stage": int(stage)}}))
+    results = []
+    for config_file in ("-", str(user)):
+        proc = subprocess.run([sys.executable, str(script), stage, config_file, str(free_port())], env=env(),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    plugin_sized, user_sized = results
+    assert plugin_sized["reduce"] == 48 * 48
+    if stage == "3":
+        assert plugin_sized["zero"]["stage3_prefetch_bucket_size"] == int(0.9 * 48 * 48)
+        assert plugin_sized["zero"]["stage3_param_persistence_threshold"] == 480
+    assert user_sized["reduce"] == 500_000_000 and "stage3_prefetch_bucket_size" not in user_sized["zero"]

@@ -56,11 +56,30 @@ def make_accelerator(
             "the shipped one's path (recipes/configs/accelerate/ddp_cpu.yaml in a clone)."
         )
     plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and max_grad_norm is not None:
-        if plugin.deepspeed_config.get("gradient_clipping", "auto") == "auto":
+    if plugin is not None:
+        if max_grad_norm is not None and plugin.deepspeed_config.get("gradient_clipping", "auto") == "auto":
             plugin.deepspeed_config["gradient_clipping"] = max_grad_norm
+        if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none") == "none":  # a user's file is kept as is
+            _size_buckets_by_model(plugin.deepspeed_config)
     set_seed(seed)
     return accelerator
+
+
+# A launch config's `deepspeed_config` section cannot set these, and DeepSpeed's defaults ignore the
+# model: a 5e8-element gradient bucket (2 GB per process in fp32, filled every step: the 0.5B-shape
+# ZeRO-3 run did not fit in 21 GB with it) and 5e7-element prefetches. "auto" makes accelerate's
+# `prepare` size them from the model's hidden size H: reduce bucket H^2, prefetch 0.9 H^2,
+# parameters under 10 H kept whole on every rank (the values of transformers' DeepSpeed examples).
+MODEL_SIZED_ZERO_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
+
+
+def _size_buckets_by_model(config: dict) -> None:
+    """Set the ZeRO-2/3 bucket sizes of a launch config's DeepSpeed settings to "auto"."""
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage", 0) < 2:
+        return
+    for key in MODEL_SIZED_ZERO_KEYS:
+        zero.setdefault(key, "auto")
 
 
 def _fsdp_on_cpu(accelerator) -> None:
