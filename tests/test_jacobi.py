@@ -51,7 +51,24 @@ def test_greedy_jacobi_is_greedy_token_by_token_exactly(lm, window, guidance):
                                  decoding="jacobi", window=window, stats=stats)
     assert torch.equal(jacobi, token)
     assert stats.tokens == 3 * processor.num_image_tokens
-    assert stats.forward_passes <= 1 + processor.num_image_tokens  # the prefill, then one token per pass at least
+    assert stats.forward_passes <= processor.num_image_tokens  # at least one token per pass, the prefill's too
+
+
+def test_the_prefill_verifies_the_first_window(lm):
+    """Where every draft is right, a span within one window takes one pass: the prefill."""
+    import copy
+
+    model, processor = lm
+    model = copy.deepcopy(model)
+    lo, hi = processor.image_token_range
+    with torch.no_grad():  # equal image rows: every image logit ties, so greedy picks code 0 (the first draft)
+        model.get_output_embeddings().weight[lo:hi] = 0.0
+    sampling = SamplingConfig(guidance_scale=3.0, do_sample=False)
+    stats = DecodeStats()
+    codes = sample_image_tokens(model, processor, rows_of(processor), sampling, progress=False, decoding="jacobi",
+                                window=processor.num_image_tokens, stats=stats)
+    assert (codes == lo).all()
+    assert stats.forward_passes == 1 and stats.accepted == 3 * (processor.num_image_tokens - 1)
 
 
 def test_rows_accept_different_counts_and_do_not_depend_on_their_batch(lm):

@@ -52,6 +52,9 @@ class _EndOfLineRows:
     def extend(self, ids: torch.Tensor) -> torch.Tensor:
         raise ValueError(JACOBI_REFUSED)
 
+    def prefill_extend(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
+        raise ValueError(JACOBI_REFUSED)
+
     def crop(self, n: int) -> None:
         raise ValueError(JACOBI_REFUSED)
 

@@ -62,6 +62,15 @@ class KVDecoder:
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run the prompts; returns next-token logits ``[B, V']`` (float32)."""
+        return self._prefill(input_ids, attention_mask, 1)[:, -1]
+
+    def prefill_extend(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
+        """`prefill` whose last ``n`` ids are treated as `extend` treats its ids: the logits after
+        each of them ``[B, n, V']``. One pass for a prompt and the first speculative window
+        (what `JacobiDecoding` verifies its first drafts with)."""
+        return self._prefill(input_ids, attention_mask, n)
+
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int) -> torch.Tensor:
         input_ids = input_ids.to(self.device)
         mask = attention_mask.to(self.device, torch.long)
         if not (mask[:, -1] == 1).all():
@@ -70,7 +79,7 @@ class KVDecoder:
         self.attention_mask = self._prompt_mask(mask)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # pads get 0, masked anyway
         self.positions = positions[:, -1:]
-        return self._forward(input_ids, positions)[:, -1]
+        return self._forward(input_ids, positions, keep)
 
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
         """Feed one id per row ``[B]``; returns the following logits ``[B, V']``."""

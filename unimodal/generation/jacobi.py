@@ -10,6 +10,8 @@ token-by-token sampling gives it. The drafts after a rejection are redrawn from 
 at their positions (computed after the rejected drafts: the Jacobi iteration, ``q`` = that
 ``p``); positions new to the window start as uniform draws over the image codes. Greedy decoding
 accepts a draft iff it is the argmax, which reproduces token-by-token greedy decoding exactly.
+The first pass is the prefill itself (prompt, ``<boi>`` and the first drafts in one forward), so a
+span of N tokens takes at most N passes, as token by token does, and usually fewer.
 
 Rows accept different counts. The KV cache keeps the positions every unfinished row has accepted
 (the shortest row's prefix); each pass re-feeds a row's accepted tokens past that point, so the
@@ -95,9 +97,6 @@ class JacobiDecoding:
         assert decoder.vocab_slice is not None, "JacobiDecoding needs a decoder over the image ids"
         lo, hi = decoder.vocab_slice
         codes_k, window, device = hi - lo, self.window, decoder.device
-        decoder.prefill(prompt_ids[:, :-1], attention_mask[:, :-1])  # <boi> is fed with the first drafts
-        if stats is not None:
-            stats.forward_passes += 1
         boi = prompt_ids[:rows, -1:].to(device)  # [B, 1]
         slots = torch.arange(2 * window + 1, device=device)  # window slots, relative to a row's last accepted
         # u[b, g, j]: row b's uniforms of slot group g (0: first drafts, g > 0: its g-th pass)
@@ -114,6 +113,7 @@ class JacobiDecoding:
             drafts = (u[:, 0, 1 : window + 1, 1] * codes_k).long().clamp_(max=codes_k - 1)  # uniform: [B, W]
             q = torch.full((rows, window, codes_k), 1 / codes_k, device=device)  # their distribution
         cached = 0  # image positions (after <boi>) in the KV cache, the same for every row
+        prefilled = False
         while True:
             active = n < n_tokens
             k = torch.where(active, (n_tokens - 1 - n).clamp(max=window), 0)  # drafts to verify per row
@@ -125,7 +125,15 @@ class JacobiDecoding:
             accepted = codes.gather(1, (pos - 1).clamp(0, n_tokens - 1).expand(rows, -1)) + lo
             drafted = drafts.gather(1, rel.clamp(0, window - 1)) + lo
             tokens = torch.where(rel < 0, torch.where(pos == 0, boi, accepted), drafted)  # [B, width]
-            logits = decoder.extend(torch.cat([tokens, tokens]) if guided else tokens)  # [R, width, K]
+            fed = torch.cat([tokens, tokens]) if guided else tokens  # [R, width]
+            if not prefilled:  # the first pass is the prefill: prompt, <boi> and the first drafts
+                prompt = prompt_ids[:, :-1].to(device)
+                mask = torch.cat([attention_mask[:, :-1].to(device), attention_mask.new_ones(len(fed), width)
+                                  .to(device)], 1)
+                logits = decoder.prefill_extend(torch.cat([prompt, fed], 1), mask, width)  # [R, width, K]
+                prefilled = True
+            else:
+                logits = decoder.extend(fed)  # [R, width, K]
             # Row b's distributions at its window: j = 0 (after its last accepted) .. W: [B, W + 1, K]
             at = (offset[:, None] + slots[: window + 1]).clamp(max=width - 1)
             raw = logits.gather(1, torch.cat([at, at] if guided else [at])[..., None].expand(-1, -1, codes_k))
