@@ -153,7 +153,10 @@ def variant(spec: str, k: int | None = None) -> Variant:
     kk = {"fsq": math.prod(levels), "vqp-fsq": math.prod(levels), "lfq": 2 ** bits, "vqp-lfq": 2 ** bits}.get(family, k)
     specs: dict[str, tuple[dict, Callable[[], nn.Module] | None, str]] = {
         "ours": ({}, None, "ours: VQ, l2-norm 8-d codes + dead-code restart (default)"),
-        "ours-window100": ({"usage_window": 100}, None, "ours: VQ, l2-norm 8-d + restart over 100 batches"),
+        "ours-batches100": ({"usage_window": 100}, None, "ours: VQ, l2-norm 8-d + restart over 100 batches"),
+        **{window_family(n, t): ({"usage_tokens_per_code": n, "dead_code_threshold": t}, None,
+                                 f"ours: VQ, l2-norm 8-d + restart if < {t} picks in {n} latents per code")
+           for n, t in WINDOWS},
         "ours-plain": (PLAIN, None, "ours: VQ, plain 64-d codes"),
         "ours-plain-restart": ({**PLAIN, "dead_code_threshold": 1}, None, "ours: VQ, plain 64-d + dead-code restart"),
         "ours-ema-kmeans": ({**PLAIN, "ema_decay": 0.99, "kmeans_init": True, "dead_code_threshold": 1}, None,
@@ -173,8 +176,17 @@ def variant(spec: str, k: int | None = None) -> Variant:
     return Variant(f"{family}@{k}", k, kk, {**overrides, "codebook_size": kk}, factory, description)
 
 
-FAMILIES = ("ours", "ours-window100", "ours-plain", "ours-plain-restart", "ours-ema-kmeans", "fsq", "lfq", "simvq",
-            "vqp", "vqp-cosine", "vqp-fsq", "vqp-lfq", "vqp-simvq", "no-quantizer")
+# ours-window<n>[-threshold<t>]: usage_tokens_per_code n (and dead_code_threshold t) instead of the config's
+WINDOWS = ((2, 1), (4, 1), (8, 1), (16, 1), (32, 1), (4, 2), (8, 2), (8, 3), (16, 4))
+
+
+def window_family(n: int, t: int) -> str:
+    return f"ours-window{n}" + (f"-threshold{t}" if t != 1 else "")
+
+
+FAMILIES = ("ours", "ours-batches100", *(window_family(n, t) for n, t in WINDOWS), "ours-plain", "ours-plain-restart",
+            "ours-ema-kmeans", "fsq", "lfq", "simvq", "vqp", "vqp-cosine", "vqp-fsq", "vqp-lfq", "vqp-simvq",
+            "no-quantizer")
 DEFAULT = ["ours", "fsq", "lfq", "simvq", "vqp"]
 NEVER = 10**9  # disc_start: the discriminator never trains here
 
@@ -217,13 +229,11 @@ def held_out(args, k: int) -> torch.Tensor:
 def build_trainer(v: Variant, args, steps: int) -> VQGANTrainer:
     """The shared encoder/decoder with this variant's quantizer, and the shared train step.
 
-    The rolling usage window (and with it our VQ's dead-code restart) spans at least 2 tokens per
-    code: 20 batches of 1024 tokens could not all meet 65,536 codes.
+    The rolling usage window (and with it our VQ's dead-code restart) is `VQGANConfig`'s
+    ``usage_tokens_per_code`` latents per code, unless the variant sets it.
     """
     torch.manual_seed(args.seed)
-    window = max(int(BASE_MODEL.get("usage_window", 20)),
-                 math.ceil(2 * v.k / (args.batch_size * tokens_per_crop(args))))
-    vq = VQGANModelArguments(model={**BASE_MODEL, "usage_window": window, **v.overrides}).build(image_size=args.crop)
+    vq = VQGANModelArguments(model={**BASE_MODEL, **v.overrides}).build(image_size=args.crop)
     if v.factory is not None:
         vq.quantize = v.factory()
     loss = VQGANLoss(VQGANLossConfig(disc_start=NEVER, disc_layers=2, disc_channels=8))

@@ -105,13 +105,14 @@ def test_spherical_kmeans_returns_unit_centres_on_the_directions():
     assert torch.cdist(directions, found).min(1).values.max() < 1e-4
 
 
-def test_dead_code_restart_raises_usage_on_a_collapsed_codebook():
+@pytest.mark.parametrize("window", [{}, {"usage_window": 2}], ids=["latents-per-code", "batches"])
+def test_dead_code_restart_raises_usage_on_a_collapsed_codebook(window):
     def run(threshold):
         torch.manual_seed(0)
-        vq = VectorQuantizer(32, 4, dead_code_threshold=threshold, usage_window=2)
+        vq = VectorQuantizer(32, 4, dead_code_threshold=threshold, **window)  # default: 4 * 32 latents = 2 batches
         with torch.no_grad():
             vq.embedding.weight.fill_(10.0)  # every code identical and far away: all latents pick code 0
-        for step in range(6):
+        for step in range(12):
             out = vq(latents(seed=step))
         return out.usage.item(), out.perplexity.item()
 
@@ -133,6 +134,84 @@ def test_restarted_codes_are_encoder_outputs_and_wait_a_window():
     assert restarted.any()
     for e in vq.embedding.weight[restarted]:
         assert torch.isclose(flat, e).all(1).any(), "a restarted code is one of the batch's latents"
+
+
+def test_restart_window_scales_with_the_codebook_size():
+    # 1024 codes picked in turn, 8 a batch: each code once per 128 batches, i.e. once per K latents,
+    # as often as any other. A window of 100 batches (the old VQGANConfig default; the shipped
+    # configs had 20) calls such codes dead and restarts them; the default window of 4 latents
+    # per code (4 picks each) restarts none.
+    def run(**window):
+        torch.manual_seed(0)
+        vq = VectorQuantizer(1024, 4, dead_code_threshold=1, **window)
+        for step in range(1100):
+            codes = torch.arange(1024)[(step * 8) % 1024:][:8]
+            vq(vq.embedding.weight[codes].detach().t().reshape(1, 4, 1, 8).clone())
+        return vq
+
+    assert (run(usage_window=100).restarted_at > 0).any(), "the old batch window restarts codes in regular use"
+    vq = run()
+    assert vq.window == 4 * 1024 and int(vq.clock) == 1100 * 8
+    assert not (vq.restarted_at > 0).any() and vq.usage.item() == 1.0
+
+
+def test_window_counts_latents_not_batches():
+    vq = VectorQuantizer(8, 2, usage_tokens_per_code=1)  # the last 8 latents, however batched
+    with torch.no_grad():
+        vq.embedding.weight.copy_(torch.arange(16.0).view(8, 2))
+
+    def batch_of(codes):  # latents equal to the given codes -> [1, 2, 1, n]
+        return vq.embedding.weight[torch.tensor(codes)].t().reshape(1, 2, 1, -1).clone()
+
+    # whole batches: one is in the window while it ended fewer than 8 latents ago
+    assert vq(batch_of([0, 1])).usage.item() == 2 / 8
+    assert vq(batch_of([2, 3, 4, 5, 6, 7])).usage.item() == 1.0
+    assert vq(batch_of([0, 0, 0, 0, 0, 0])).usage.item() == 7 / 8  # [0, 1] ended 12 latents ago, [2..7] 6
+    assert vq(batch_of([0, 0])).usage.item() == 1 / 8  # [2..7] ended 8 latents ago
+
+
+def _old_batch_window_rule(counts: list[torch.Tensor], window: int, threshold: int) -> list[torch.Tensor]:
+    """The rule before usage_tokens_per_code: [window, K] histogram, restart if its sum < threshold."""
+    ring, restarted_at, dead_per_step = torch.zeros(window, counts[0].numel()), torch.zeros(counts[0].numel()), []
+    for step, c in enumerate(counts, 1):
+        ring[(step - 1) % window] = c
+        dead = (ring.sum(0) < threshold) & (step - restarted_at >= window)
+        restarted_at[dead] = step
+        dead_per_step.append(dead)
+    return dead_per_step
+
+
+def test_usage_window_in_batches_keeps_the_old_rule_exactly():
+    # configs saved with usage_window (batches) restart exactly the codes they restarted before
+    vq = VectorQuantizer(16, 2, dead_code_threshold=2, usage_window=3)
+    with torch.no_grad():
+        vq.embedding.weight.copy_(torch.randn(16, 2, generator=torch.Generator().manual_seed(0)) * 10)
+    g = torch.Generator().manual_seed(1)
+    counts, dead = [], []
+    for _ in range(30):
+        # a few codes per batch, some repeated; restarts copy latents, so re-derive codes each batch
+        codes = torch.randint(0, 16, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g)
+        before = vq.restarted_at.clone()
+        out = vq(vq.embedding.weight[codes].detach().t().reshape(1, 2, 1, -1).clone())
+        counts.append(torch.bincount(out.codes.flatten(), minlength=16).float())
+        dead.append(vq.restarted_at != before)
+    for step, (ours, old) in enumerate(zip(dead, _old_batch_window_rule(counts, 3, 2))):
+        assert torch.equal(ours, old), step
+
+
+def test_config_window_settings_and_old_configs(tmp_path):
+    from unimodal import VQGAN, VQGANConfig
+
+    tiny = dict(codebook_size=64, image_size=16, ch=16, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[],
+                z_channels=16, num_groups=8, embed_dim=4)
+    assert VQGAN(VQGANConfig(**tiny)).quantize.window == 4 * 64  # latents
+    VQGAN(VQGANConfig(**tiny, usage_window=20)).save_pretrained(tmp_path)  # as configs were saved before
+    old = VQGAN.from_pretrained(tmp_path).quantize
+    assert old.window_batches == 20 and old.window == 20  # batches, as it was trained
+    with pytest.raises(ValueError, match="usage_tokens_per_code must be > 0"):
+        VQGANConfig(**tiny, usage_tokens_per_code=0)
+    with pytest.raises(ValueError, match="usage_window"):
+        VQGANConfig(**tiny, usage_window=0)
 
 
 def test_perplexity_and_rolling_usage_are_exact():
@@ -165,6 +244,7 @@ def test_l2_normalised_codes():
 
 def test_l2_norm_with_restart_backpropagates():
     # restarts overwrite the weight in place during forward; backward must still work
+    torch.manual_seed(0)  # an init that leaves codes unpicked (the result depended on earlier tests)
     vq = VectorQuantizer(16, 4, use_l2_norm=True, dead_code_threshold=1, usage_window=1)
     out = vq(latents())
     assert (vq.restarted_at == 1).any()
@@ -202,9 +282,8 @@ def _sync_worker(rank: int, world: int, store: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         torch.manual_seed(1234 + rank)  # different latents and RNG state on each rank
-        vq = VectorQuantizer(
-            16, 3, ema_decay=0.8, kmeans_init=True, kmeans_iters=3, dead_code_threshold=2, usage_window=2
-        )
+        # window: 4 latents per code = 64 = 1 step of both ranks' 2 * 32 latents
+        vq = VectorQuantizer(16, 3, ema_decay=0.8, kmeans_init=True, kmeans_iters=3, dead_code_threshold=2)
         for _ in range(6):
             z = torch.randn(2, 3, 4, 4) + rank * 3.0
             out = vq(z)
@@ -223,8 +302,8 @@ def test_codebook_statistics_stay_identical_across_two_processes(tmp_path):
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert not torch.equal(r0["last_codes"], r1["last_codes"]), "ranks must see different data"
-    for key in ("weight", "ema_cluster_size", "ema_embed_sum", "usage_counts", "restarted_at", "step", "initted"):
+    for key in ("weight", "ema_cluster_size", "ema_embed_sum", "recent_picks", "restarted_at", "clock", "initted"):
         assert torch.equal(r0[key], r1[key]), key
     # global statistics: both ranks' 32 latents per step are counted
-    assert int(r0["usage_counts"].sum()) == 2 * 2 * 32
+    assert int(r0["clock"]) == 6 * 2 * 32
     assert bool(r0["initted"]) and (r0["restarted_at"] > 0).any()

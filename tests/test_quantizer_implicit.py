@@ -254,11 +254,11 @@ def _sync_worker(rank: int, world: int, store: str, out_dir: str) -> None:
         state = {}
         for name in ("fsq", "lfq", "simvq"):
             torch.manual_seed(0)  # the same SimVQ codebook on both ranks (DDP would broadcast it)
-            q = build_quantizer(tiny(name, usage_window=2).config).train()
+            q = build_quantizer(tiny(name).config).train()
             torch.manual_seed(100 + rank)  # different latents on each rank
             for _ in range(3):
                 out = q(torch.randn(2, q.dim, 4, 4) + rank)
-            state.update({f"{name}.usage_counts": q.usage_counts.clone(), f"{name}.step": q.step.clone(),
+            state.update({f"{name}.recent_picks": q.recent_picks.clone(), f"{name}.clock": q.clock.clone(),
                           f"{name}.perplexity": out.perplexity, f"{name}.usage": out.usage,
                           f"{name}.codes": out.codes})
         torch.save(state, f"{out_dir}/rank{rank}.pt")
@@ -273,10 +273,10 @@ def test_usage_and_perplexity_are_synchronised_across_two_processes(tmp_path):
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for name in ("fsq", "lfq", "simvq"):
         assert not torch.equal(r0[f"{name}.codes"], r1[f"{name}.codes"]), "ranks must see different data"
-        for key in ("usage_counts", "step", "perplexity", "usage"):
+        for key in ("recent_picks", "clock", "perplexity", "usage"):
             assert torch.equal(r0[f"{name}.{key}"], r1[f"{name}.{key}"]), (name, key)
-        # the window holds both ranks' 32 latents of each of its 2 batches
-        assert int(r0[f"{name}.usage_counts"].sum()) == 2 * 2 * 32 and int(r0[f"{name}.step"]) == 3
+        # the clock counts both ranks' 32 latents of each of the 3 batches
+        assert int(r0[f"{name}.clock"]) == 3 * 2 * 32
 
 
 # ----------------------------------------------------------------------------- the recipe

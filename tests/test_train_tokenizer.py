@@ -30,7 +30,7 @@ def _recipe():
 def _tiny_trainer(tmp_path, disc_start=1, **train):
     torch.manual_seed(0)
     vq = VQGAN(VQGANConfig(codebook_size=32, image_size=16, ch=16, ch_mult=[1, 2], num_res_blocks=1,
-                           z_channels=16, embed_dim=4, num_groups=8, dead_code_threshold=1, usage_window=2))
+                           z_channels=16, embed_dim=4, num_groups=8, dead_code_threshold=1))
     loss = VQGANLoss(VQGANLossConfig(disc_start=disc_start, disc_layers=2, disc_channels=8))
     acc = make_accelerator(project_dir=tmp_path, log_with=None)
     config = VQGANTrainConfig(learning_rate=3e-3, disc_learning_rate=1e-3, max_steps=100, **train)
@@ -76,7 +76,7 @@ def test_state_tensors_round_trip_and_fingerprint(tmp_path):
     trainer.step(_smooth_batch(), 0)
     saved = trainer.state_tensors()
     # The non-persistent usage window (which state_dict skips) and the EMA copy are in there.
-    assert "vqgan.quantize.usage_counts" in saved and any(k.startswith("ema.") for k in saved)
+    assert "vqgan.quantize.recent_picks" in saved and any(k.startswith("ema.") for k in saved)
     fingerprint = codebook_fingerprint(trainer.vqgan)
     trainer.step(_smooth_batch(), 1)
     assert codebook_fingerprint(trainer.vqgan) != fingerprint
@@ -84,7 +84,7 @@ def test_state_tensors_round_trip_and_fingerprint(tmp_path):
     for name, tensor in trainer._extra_tensors().items():
         assert torch.equal(tensor, saved[name]), name
     with torch.no_grad():
-        trainer.vqgan.quantize.usage_counts[0, 0] += 1  # a buffer alone changes the fingerprint
+        trainer.vqgan.quantize.recent_picks[0, 0] += 1  # a buffer alone changes the fingerprint
     assert codebook_fingerprint(trainer.vqgan) != codebook_fingerprint(trainer.ema.model)
     with pytest.raises(ValueError, match="checkpoint lacks"):
         trainer.load_state_tensors({k: v for k, v in saved.items() if not k.startswith("ema.")})

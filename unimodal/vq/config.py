@@ -48,11 +48,17 @@ class VQGANConfig(PretrainedConfig):
         kmeans_init: initialise the codebook with k-means on the first training batch (give it at
             least ``codebook_size`` latents, else codes repeat until dead-code restart spreads them).
         kmeans_iters: Lloyd iterations of that k-means.
-        dead_code_threshold: a code picked fewer than this many times over the last
-            ``usage_window`` training batches is restarted from a random latent of the batch; 0
-            disables. Codes are judged once a full window has passed since the start or since their
-            last restart.
-        usage_window: number of recent training batches the codebook usage is measured over.
+        dead_code_threshold: a code picked fewer than this many times in the usage window (below)
+            is restarted from a random latent of the batch; 0 disables. Codes are judged once a
+            full window has passed since the start or since their last restart.
+        usage_tokens_per_code: the window that codebook usage (logged in training) and the
+            dead-code test are measured over, in training latents per code: the last
+            ``usage_tokens_per_code * codebook_size`` latents of all processes together, so it
+            means the same at any codebook size, batch size and process count (a code used as
+            often as the others is picked ``usage_tokens_per_code`` times in it).
+        usage_window: deprecated, for configs saved before ``usage_tokens_per_code``: if set, the
+            window is the last this many training batches instead (too short for large codebooks:
+            32 batches of 1024 latents restart codes used less than once per 2 latents per code).
         mid_attention: put self-attention in the middle blocks (taming); Chameleon's
             ``attn_type: none`` and diffusers' ``mid_block_add_attention=False`` leave it out.
         decoder_norm: ``"group"`` (taming) or ``"spatial"``: every decoder norm becomes MoVQ's
@@ -99,7 +105,8 @@ class VQGANConfig(PretrainedConfig):
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
         dead_code_threshold: int = 0,
-        usage_window: int = 100,
+        usage_tokens_per_code: float = 4.0,
+        usage_window: int | None = None,
         mid_attention: bool = True,
         decoder_norm: str = "group",
         encoder_latent_convs: list[int] | tuple[int, ...] = (),
@@ -130,6 +137,7 @@ class VQGANConfig(PretrainedConfig):
         self.kmeans_init = kmeans_init
         self.kmeans_iters = kmeans_iters
         self.dead_code_threshold = dead_code_threshold
+        self.usage_tokens_per_code = usage_tokens_per_code
         self.usage_window = usage_window
         self.mid_attention = mid_attention
         self.decoder_norm = decoder_norm
@@ -166,6 +174,11 @@ class VQGANConfig(PretrainedConfig):
             )
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if not self.usage_tokens_per_code > 0:
+            raise ValueError(f"usage_tokens_per_code must be > 0, got {self.usage_tokens_per_code}")
+        if self.usage_window is not None and self.usage_window < 1:
+            raise ValueError(f"usage_window (batches, deprecated) must be >= 1 or None, got {self.usage_window}; "
+                             "leave it out to use usage_tokens_per_code")
         if self.codebook_size < 2:
             raise ValueError(f"codebook_size must be at least 2, got {self.codebook_size}")
         if self.decoder_norm not in ("group", "spatial"):

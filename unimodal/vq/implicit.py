@@ -22,66 +22,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .quantizer import QuantizerOutput, all_reduce_sum_, code_perplexity
-
-
-class CodeUsage(nn.Module):
-    """Rolling code histogram over the last ``window`` training batches, summed over all ranks.
-
-    The statistics `VectorQuantizer` keeps for its usage figure (same buffer names, so checkpoints
-    and `codebook_fingerprint` treat every quantizer alike); rebuilt after a load, so not saved.
-    """
-
-    usage_counts: torch.Tensor
-    step: torch.Tensor
-
-    def __init__(self, codebook_size: int, window: int):
-        super().__init__()
-        self.codebook_size, self.usage_window = codebook_size, window
-        counts = torch.zeros(window, codebook_size, dtype=torch.int32)  # [W, K] picks per batch
-        self.register_buffer("usage_counts", counts, persistent=False)
-        self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=False)
-
-    @torch.no_grad()
-    def reset_statistics(self) -> None:
-        """Forget the rolling usage window."""
-        self.usage_counts.zero_()
-        self.step.zero_()
-
-    @property
-    def usage(self) -> torch.Tensor:
-        """Fraction of codes picked at least once in the last ``usage_window`` training batches."""
-        return (self.usage_counts.sum(0) > 0).float().mean()
-
-    @torch.no_grad()
-    def count(self, codes: torch.Tensor, training: bool) -> torch.Tensor:
-        """Histogram ``[K]`` of ``codes`` (any shape); in training summed over ranks and recorded."""
-        counts = torch.bincount(codes.flatten(), minlength=self.codebook_size)
-        if training:
-            all_reduce_sum_(counts)  # every rank sees the global histogram
-            self.usage_counts[int(self.step) % self.usage_window] = counts.to(torch.int32)
-            self.step += 1
-        return counts
-
-    def output(self, quantized: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor, codebook_loss: torch.Tensor,
-               commitment_loss: torch.Tensor, loss: torch.Tensor) -> QuantizerOutput:
-        """Assemble the `QuantizerOutput` of one batch (perplexity from ``counts [K]``)."""
-        return QuantizerOutput(quantized=quantized, codes=codes, loss=loss, codebook_loss=codebook_loss,
-                               commitment_loss=commitment_loss, perplexity=code_perplexity(counts.float()),
-                               usage=self.usage)
-
-    @staticmethod
-    def flatten(z: torch.Tensor) -> torch.Tensor:
-        """``[B, D, h, w]`` latents -> ``[B*h*w, D]`` fp32."""
-        return z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-
-    @staticmethod
-    def unflatten(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """``[B*h*w, D]`` -> ``[B, D, h, w]`` in the layout (not dtype) of ``like``."""
-        b, d, h, w = like.shape
-        return flat.view(b, h, w, d).permute(0, 3, 1, 2)
+from .quantizer import CodeUsage, QuantizerOutput
 
 
 class FSQuantizer(CodeUsage):
@@ -89,14 +31,15 @@ class FSQuantizer(CodeUsage):
 
     Args:
         levels: values per channel, each >= 3 (e.g. ``[8, 5, 5, 5]`` = 1000 codes).
-        usage_window: training batches the rolling usage covers.
+        usage_tokens_per_code, usage_window: the rolling usage window (`CodeUsage`).
     """
 
     levels: torch.Tensor
     basis: torch.Tensor
 
-    def __init__(self, levels: list[int] | tuple[int, ...], usage_window: int = 100):
-        super().__init__(math.prod(levels), usage_window)
+    def __init__(self, levels: list[int] | tuple[int, ...], usage_tokens_per_code: float = 4.0,
+                 usage_window: int | None = None):
+        super().__init__(math.prod(levels), usage_tokens_per_code, usage_window)
         self.dim, self.level_list = len(levels), list(levels)
         # Derived constants, rebuilt from the config: not saved.
         self.register_buffer("levels", torch.empty(self.dim, dtype=torch.long), persistent=False)  # [d]
@@ -188,14 +131,15 @@ class LookupFreeQuantizer(CodeUsage):
             (``per-token entropy - gamma * codebook entropy``).
         inv_temperature: sharpness of the soft assignment the entropies are measured on
             (``p(bit = 1) = sigmoid(4 * inv_temperature * z)``, the softmax over the ``K`` codes).
-        usage_window: training batches the rolling usage covers.
+        usage_tokens_per_code, usage_window: the rolling usage window (`CodeUsage`).
     """
 
     bit_values: torch.Tensor
 
     def __init__(self, codebook_size: int, beta: float = 0.25, entropy_weight: float = 0.1,
-                 diversity_gamma: float = 1.0, inv_temperature: float = 100.0, usage_window: int = 100):
-        super().__init__(codebook_size, usage_window)
+                 diversity_gamma: float = 1.0, inv_temperature: float = 100.0, usage_tokens_per_code: float = 4.0,
+                 usage_window: int | None = None):
+        super().__init__(codebook_size, usage_tokens_per_code, usage_window)
         self.dim = int(math.log2(codebook_size))
         if 2 ** self.dim != codebook_size:
             raise ValueError(f"LFQ needs a power-of-two codebook_size, got {codebook_size}")

@@ -35,15 +35,16 @@ QUANTIZER_CLASSES = (VectorQuantizer, FSQuantizer, LookupFreeQuantizer, SimVQuan
 
 def build_quantizer(config: VQGANConfig) -> Quantizer:
     """The quantizer ``config.quantizer`` names, with its settings from ``config``."""
+    window: dict[str, Any] = dict(usage_tokens_per_code=config.usage_tokens_per_code, usage_window=config.usage_window)
     if config.quantizer == "fsq":
         assert config.fsq_levels is not None  # VQGANConfig checks it
-        return FSQuantizer(config.fsq_levels, usage_window=config.usage_window)
+        return FSQuantizer(config.fsq_levels, **window)
     if config.quantizer == "lfq":
         return LookupFreeQuantizer(config.codebook_size, beta=config.beta, entropy_weight=config.lfq_entropy_weight,
                                    diversity_gamma=config.lfq_diversity_gamma,
-                                   inv_temperature=config.lfq_inv_temperature, usage_window=config.usage_window)
+                                   inv_temperature=config.lfq_inv_temperature, **window)
     if config.quantizer == "simvq":
-        return SimVQuantizer(config.codebook_size, config.embed_dim, beta=config.beta, usage_window=config.usage_window)
+        return SimVQuantizer(config.codebook_size, config.embed_dim, beta=config.beta, **window)
     return VectorQuantizer(
         config.codebook_size,
         config.embed_dim,
@@ -53,7 +54,7 @@ def build_quantizer(config: VQGANConfig) -> Quantizer:
         kmeans_init=config.kmeans_init,
         kmeans_iters=config.kmeans_iters,
         dead_code_threshold=config.dead_code_threshold,
-        usage_window=config.usage_window,
+        **window,
     )
 
 

@@ -15,6 +15,7 @@ an identical codebook; without it they are local no-ops.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -127,7 +128,8 @@ class QuantizerOutput:
             EMA updates (the EMA moves the codes) and for FSQ; LFQ's entropy penalty.
         commitment_loss: ``||z - sg[e]||^2`` (unweighted).
         perplexity: ``exp(entropy)`` of this batch's code histogram (all ranks when distributed).
-        usage: fraction of codes picked at least once over the last ``usage_window`` training batches.
+        usage: fraction of codes picked at least once in the rolling window of training latents
+            (`CodeUsage`).
     """
 
     quantized: torch.Tensor
@@ -139,7 +141,93 @@ class QuantizerOutput:
     usage: torch.Tensor
 
 
-class VectorQuantizer(nn.Module):
+NEVER = -(2**62)  # clock reading of a pick that never happened
+
+
+class CodeUsage(nn.Module):
+    """Which codes training picked recently (summed over all ranks): every quantizer's rolling
+    usage figure and `VectorQuantizer`'s dead-code test.
+
+    The window is the last ``tokens_per_code * K`` training latents of all ranks together, so a
+    code used as often as the others is seen ``tokens_per_code`` times in it at any codebook size,
+    batch size or process count. A fixed number of batches does not scale: 20 batches of 1024
+    latents are 20 latents per code at K = 1024 but 1.25 at K = 16,384, where a code drawn at its
+    uniform share is missed by chance (e^-1.25 = 29% of the time) and restarted; see
+    docs/tokenizer.md. ``window_batches`` (configs saved with ``usage_window``) keeps that older
+    window of the last that many batches instead: the clock then counts batches, not latents.
+
+    Instead of a ``[window, K]`` histogram the statistics are the clock reading of each code's
+    ``picks`` most recent picks, ``[K, picks]``: O(K) memory at any window. A batch's picks read
+    the clock at the batch's end, so the window holds whole batches: those that ended fewer than
+    ``window`` latents ago (always the current one). A code had fewer than ``picks`` picks in the
+    window exactly when its oldest kept reading lies before it. Rebuilt after a load, not saved.
+    """
+
+    clock: torch.Tensor  # [] training latents seen (training batches with ``window_batches``)
+    recent_picks: torch.Tensor  # [K, picks] clock readings of each code's latest picks, newest first
+
+    def __init__(self, codebook_size: int, tokens_per_code: float = 4.0, window_batches: int | None = None,
+                 picks: int = 1):
+        super().__init__()
+        if window_batches is None and not tokens_per_code > 0:
+            raise ValueError(f"usage_tokens_per_code must be > 0, got {tokens_per_code}")
+        if window_batches is not None and window_batches < 1:
+            raise ValueError(f"usage_window (batches) must be >= 1 or None, got {window_batches}")
+        self.codebook_size, self.tokens_per_code, self.window_batches = codebook_size, tokens_per_code, window_batches
+        # the window in clock units: batches, or latents
+        self.window = window_batches or max(1, math.ceil(tokens_per_code * codebook_size))
+        self.register_buffer("clock", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("recent_picks", torch.full((codebook_size, picks), NEVER), persistent=False)
+
+    @torch.no_grad()
+    def reset_statistics(self) -> None:
+        """Forget the usage record."""
+        self.clock.zero_()
+        self.recent_picks.fill_(NEVER)
+
+    @property
+    def usage(self) -> torch.Tensor:
+        """Fraction of codes picked at least once in the window."""
+        return (self.recent_picks[:, 0] > self.clock - self.window).float().mean()
+
+    def underused(self) -> torch.Tensor:
+        """``[K]`` bool: codes picked fewer than ``picks`` times in the window."""
+        return self.recent_picks[:, -1] <= self.clock - self.window
+
+    @torch.no_grad()
+    def count(self, codes: torch.Tensor, training: bool) -> torch.Tensor:
+        """Histogram ``[K]`` of ``codes`` (any shape); in training summed over ranks and recorded."""
+        counts = torch.bincount(codes.flatten(), minlength=self.codebook_size)
+        if training:
+            all_reduce_sum_(counts)  # every rank sees the global histogram
+            self.clock += 1 if self.window_batches else counts.sum()
+            # shift each code's readings right by its picks this batch (at most `picks`), newest first
+            c = counts.clamp(max=self.recent_picks.shape[1]).unsqueeze(1)  # [K, 1]
+            j = torch.arange(self.recent_picks.shape[1], device=codes.device)  # [picks]
+            older = self.recent_picks.gather(1, (j - c).clamp(min=0))
+            self.recent_picks.copy_(torch.where(j < c, self.clock, older))
+        return counts
+
+    def output(self, quantized: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor, codebook_loss: torch.Tensor,
+               commitment_loss: torch.Tensor, loss: torch.Tensor) -> QuantizerOutput:
+        """Assemble the `QuantizerOutput` of one batch (perplexity from ``counts [K]``)."""
+        return QuantizerOutput(quantized=quantized, codes=codes, loss=loss, codebook_loss=codebook_loss,
+                               commitment_loss=commitment_loss, perplexity=code_perplexity(counts.float()),
+                               usage=self.usage)
+
+    @staticmethod
+    def flatten(z: torch.Tensor) -> torch.Tensor:
+        """``[B, D, h, w]`` latents -> ``[B*h*w, D]`` fp32."""
+        return z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+
+    @staticmethod
+    def unflatten(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``[B*h*w, D]`` -> ``[B, D, h, w]`` in the layout (not dtype) of ``like``."""
+        b, d, h, w = like.shape
+        return flat.view(b, h, w, d).permute(0, 3, 1, 2)
+
+
+class VectorQuantizer(CodeUsage):
     """Codebook of ``codebook_size`` vectors of size ``dim``; see the module docstring.
 
     Args:
@@ -150,9 +238,12 @@ class VectorQuantizer(nn.Module):
         ema_decay: update codes as an EMA of their assigned latents (no codebook loss); None = off.
         kmeans_init: set the codebook by k-means on the first training batch.
         kmeans_iters: Lloyd iterations for that.
-        dead_code_threshold: restart codes picked fewer times than this over the last
-            ``usage_window`` training batches (and not restarted within it); 0 = off.
-        usage_window: batches the rolling usage (and dead-code test) covers.
+        dead_code_threshold: restart codes picked fewer times than this in the rolling window
+            (and not restarted within it); 0 = off.
+        usage_tokens_per_code: the window, in training latents per code: the last
+            ``usage_tokens_per_code * codebook_size`` latents (`CodeUsage`).
+        usage_window: if set, the window is the last this many training batches instead (the rule
+            of configs saved before ``usage_tokens_per_code``).
     """
 
     # Buffers registered in __init__ (the EMA ones only with ``ema_decay``, ``initted`` only with
@@ -160,8 +251,6 @@ class VectorQuantizer(nn.Module):
     ema_cluster_size: torch.Tensor
     ema_embed_sum: torch.Tensor
     initted: torch.Tensor
-    usage_counts: torch.Tensor
-    step: torch.Tensor
     restarted_at: torch.Tensor
 
     def __init__(
@@ -174,13 +263,14 @@ class VectorQuantizer(nn.Module):
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
         dead_code_threshold: int = 0,
-        usage_window: int = 100,
+        usage_tokens_per_code: float = 4.0,
+        usage_window: int | None = None,
     ):
-        super().__init__()
-        self.codebook_size, self.dim, self.beta = codebook_size, dim, beta
+        super().__init__(codebook_size, usage_tokens_per_code, usage_window, picks=max(1, dead_code_threshold))
+        self.dim, self.beta = dim, beta
         self.use_l2_norm, self.ema_decay = use_l2_norm, ema_decay
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
-        self.dead_code_threshold, self.usage_window = dead_code_threshold, usage_window
+        self.dead_code_threshold = dead_code_threshold
         self.embedding = nn.Embedding(codebook_size, dim)  # taming's name: quantize.embedding.weight
         if ema_decay is not None:
             # The EMA owns the codebook; gradients would fight it.
@@ -189,10 +279,7 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("ema_embed_sum", torch.zeros(codebook_size, dim))  # [K, D] decayed sums
         if kmeans_init:
             self.register_buffer("initted", torch.tensor(False))  # saved: a loaded codebook is not re-initialised
-        # Training statistics, rebuilt within `usage_window` batches after a load, so not saved.
-        counts = torch.zeros(usage_window, codebook_size, dtype=torch.int32)  # [W, K] picks per batch
-        self.register_buffer("usage_counts", counts, persistent=False)
-        self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=False)  # training batches seen
+        # Clock reading of each code's last restart; like the usage record, rebuilt after a load.
         self.register_buffer("restarted_at", torch.zeros(codebook_size, dtype=torch.long), persistent=False)
         self.reset_parameters()
 
@@ -212,9 +299,9 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def reset_statistics(self) -> None:
-        """Forget the rolling usage window and restart history."""
-        for buf in (self.usage_counts, self.step, self.restarted_at):
-            buf.zero_()
+        """Forget the usage record and restart history."""
+        super().reset_statistics()
+        self.restarted_at.zero_()
 
     def codebook(self) -> torch.Tensor:
         """The codes as used for lookup, fp32 ``[K, D]`` (unit length with ``use_l2_norm``)."""
@@ -234,11 +321,6 @@ class VectorQuantizer(nn.Module):
         """Codes ``LongTensor[B, h, w]`` -> latents ``[B, D, h, w]`` (fp32)."""
         return self.codebook()[codes].permute(0, 3, 1, 2).contiguous()
 
-    @property
-    def usage(self) -> torch.Tensor:
-        """Fraction of codes picked at least once in the last ``usage_window`` training batches."""
-        return (self.usage_counts.sum(0) > 0).float().mean()
-
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """Quantise latents ``z [B, D, h, w]``; in training mode also update codebook statistics."""
         b, d, h, w = z.shape
@@ -253,9 +335,8 @@ class VectorQuantizer(nn.Module):
             zq = codebook[codes]  # [N, D]; indexing saves only `codes` for backward
             commitment = F.mse_loss(flat, zq.detach())
             codebook_loss = F.mse_loss(zq, flat.detach()) if self.ema_decay is None else flat.new_zeros(())
-            counts = torch.bincount(codes, minlength=self.codebook_size)  # [K]
+            counts = self.count(codes, self.training)  # [K], summed over ranks in training
             if self.training:
-                all_reduce_sum_(counts)  # every rank sees the global histogram
                 self._update_statistics(flat.detach(), codes, counts)
             perplexity = code_perplexity(counts.float())
             # straight-through: forward value zq, gradient of the identity to z
@@ -297,9 +378,7 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _update_statistics(self, flat: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor) -> None:
-        """Rolling usage, EMA codebook update and dead-code restart, after one training batch."""
-        self.usage_counts[int(self.step) % self.usage_window] = counts.to(torch.int32)
-        self.step += 1
+        """EMA codebook update and dead-code restart, after one training batch (recorded by `count`)."""
         if self.ema_decay is not None:
             sums = torch.zeros(self.codebook_size, self.dim, device=flat.device).index_add_(0, codes, flat)
             all_reduce_sum_(sums)  # [K, D] summed latents per code over all ranks
@@ -315,8 +394,7 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor) -> None:
         # Judged over a full window, counted from the start or from the code's last restart.
-        window_counts = self.usage_counts.sum(0)
-        dead = (window_counts < self.dead_code_threshold) & (self.step - self.restarted_at >= self.usage_window)
+        dead = self.underused() & (self.clock - self.restarted_at >= self.window)
         dead_idx = dead.nonzero().squeeze(1)  # identical on all ranks: usage is all-reduced
         if dead_idx.numel() == 0:
             return
@@ -325,4 +403,4 @@ class VectorQuantizer(nn.Module):
             vectors = flat[torch.randint(flat.shape[0], (dead_idx.numel(),), device=flat.device)]
         broadcast_(vectors)  # rank 0's latents replace the dead codes everywhere
         self._set_codes(dead_idx, vectors)
-        self.restarted_at[dead_idx] = self.step
+        self.restarted_at[dead_idx] = self.clock

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
-from .implicit import CodeUsage
-from .quantizer import QuantizerOutput, nearest_code
+from .quantizer import CodeUsage, QuantizerOutput, nearest_code
 
 
 class SimVQuantizer(CodeUsage):
@@ -32,13 +31,14 @@ class SimVQuantizer(CodeUsage):
         codebook_size: number of codes K.
         dim: size D of each code.
         beta: commitment loss weight.
-        usage_window: training batches the rolling usage covers.
+        usage_tokens_per_code, usage_window: the rolling usage window (`CodeUsage`).
     """
 
     frozen_codebook: torch.Tensor
 
-    def __init__(self, codebook_size: int, dim: int, beta: float = 0.25, usage_window: int = 100):
-        super().__init__(codebook_size, usage_window)
+    def __init__(self, codebook_size: int, dim: int, beta: float = 0.25, usage_tokens_per_code: float = 4.0,
+                 usage_window: int | None = None):
+        super().__init__(codebook_size, usage_tokens_per_code, usage_window)
         self.dim, self.beta = dim, beta
         # Saved (persistent) though never trained: the codes are C W^T, so C is part of the model.
         self.register_buffer("frozen_codebook", torch.empty(codebook_size, dim))  # [K, D]

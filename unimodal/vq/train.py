@@ -186,7 +186,9 @@ class VQGANTrainer:
         missing = sorted(set(targets) - set(state))
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}; was it written "
-                             "with another model config or weight_ema_decay?")
+                             "with another model config or weight_ema_decay, or by a unimodal older than the "
+                             "quantizer's recent_picks usage record (then start from its saved VQ-GAN with "
+                             "model_name_or_path)?")
         for name, target in targets.items():
             target.copy_(state[name])
 
