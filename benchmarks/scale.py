@@ -24,7 +24,7 @@ Variants (``--only`` takes names or shell patterns):
   samples, 1 process vs 2-process DeepSpeed ZeRO-3 (and DDP / ZeRO-2) over gloo.
 
 Each child's peak is its own maximum resident set (``ru_maxrss``; GPU: max allocated). The parent
-samples the resident memory of the child's whole process tree and kills it above
+samples the memory (PSS: shared pages once) of the child's whole process tree and kills it above
 ``--memory_limit_gb`` (default: what the machine has free at the start less 1.5 GB): that row then
 reads "did not fit in N GB" and the run goes on.
 """

@@ -37,7 +37,7 @@ from .bases import base_for
 from .extend import layer_rows, unwrap_peft
 from .generation.sampling import SamplingConfig, set_sampling
 from .processor import PROCESSOR_CONFIG_NAME, UnimodalProcessor
-from .training.accelerator import weights_sharded, zero3_disabled
+from .training.accelerator import gather_zero3_into, weights_sharded, zero3_disabled
 
 ADAPTER_SUBFOLDER = "adapter"
 ADAPTER_CONFIG_NAME = "unimodal_adapter.json"
@@ -136,26 +136,34 @@ def save_finetuned(
     own (``generation_config.json``; see `unimodal.generation.model_sampling`); ``None`` keeps
     whatever the model's generation config holds.
 
-    Under DeepSpeed ZeRO-3 or FSDP each process holds a shard: ``accelerator.get_state_dict``
-    gathers the full weights (ZeRO-3 needs ``zero3_save_16bit_model: true`` in the launch config),
-    and every process must take part or it hangs. The main process then loads them into
-    ``rebuild()``, a fresh copy of the trained model's structure (base + new rows + LoRA), because
-    the module it trained holds only its shard. Otherwise the unwrapped model is used as is.
+    Under DeepSpeed ZeRO-3 or FSDP each process holds a shard, so the main process builds
+    ``rebuild()``, a fresh copy of the trained model's structure (base + new rows + LoRA), and the
+    full weights are gathered into it: ZeRO-3's one parameter at a time (`gather_zero3_into`),
+    FSDP's with ``accelerator.get_state_dict``. Every process must take part or it hangs.
+    Otherwise the unwrapped model is used as is.
     """
+    from accelerate.utils import DistributedType
+
     output_dir = Path(output_dir)
     sharded = weights_sharded(accelerator)
-    # Every rank: a collective when sharded (elsewhere it would only copy the weights).
-    state_dict = accelerator.get_state_dict(model) if sharded else None
+    if sharded and rebuild is None:
+        raise ValueError("with sharded weights save_finetuned needs rebuild= to hold the gathered weights")
+    copy = None
+    if sharded and accelerator.is_main_process:
+        assert rebuild is not None
+        with zero3_disabled():  # a plain copy on this process, not one more ZeRO-3 shard
+            copy = rebuild()
+    # Every rank from here: the gathers are collectives.
+    if sharded and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        gather_zero3_into(model, copy)  # one parameter at a time
+    elif sharded:  # FSDP
+        state_dict = accelerator.get_state_dict(model)
+        if copy is not None:
+            copy.load_state_dict(state_dict)
+        del state_dict
     if accelerator.is_main_process:
-        if sharded:
-            if rebuild is None:
-                raise ValueError("with sharded weights save_finetuned needs rebuild= to hold the gathered weights")
-            with zero3_disabled():  # a plain copy on this process, not one more ZeRO-3 shard
-                model = rebuild()
-            assert state_dict is not None  # gathered above when sharded
-            model.load_state_dict(state_dict)
-        else:
-            model = accelerator.unwrap_model(model)
+        model = copy if sharded else accelerator.unwrap_model(model)
+        assert model is not None
         is_peft = hasattr(model, "peft_config")
         adapter = is_peft and not merge_lora
         unified = base_for(unwrap_peft(model).config)  # Chameleon / Emu3 / Janus: saved in its own format
