@@ -162,8 +162,11 @@ def save_finetuned(
             copy.load_state_dict(state_dict)
         del state_dict
     if accelerator.is_main_process:
-        model = copy if sharded else accelerator.unwrap_model(model)
-        assert model is not None
+        if sharded:
+            assert copy is not None  # built above on this process
+            model = copy
+        else:
+            model = accelerator.unwrap_model(model)
         is_peft = hasattr(model, "peft_config")
         adapter = is_peft and not merge_lora
         unified = base_for(unwrap_peft(model).config)  # Chameleon / Emu3 / Janus: saved in its own format
