@@ -89,10 +89,10 @@ class ChildRun:
 
 
 def run_child(cmd: list[str], env: dict, limit_gb: float, timeout_s: float, poll_s: float = 0.25) -> ChildRun:
-    """Run ``cmd``, sampling the memory of it and all its descendants (``accelerate launch``
-    workers included; `_proportional_set`). Over ``limit_gb`` the tree is killed and reported as "did not
-    fit", so one variant that needs more memory than the machine has ends as a table row instead
-    of waking the OOM killer (which may pick another process of the machine)."""
+    """Run ``cmd``, sampling the memory (`_proportional_set`) of it and all its descendants
+    (``accelerate launch`` workers included). Over ``limit_gb`` the tree is killed and reported as
+    "did not fit", so one variant that needs more memory than the machine has ends as a table row
+    instead of waking the OOM killer (which may pick another process of the machine)."""
     import psutil
 
     start = time.perf_counter()
@@ -103,14 +103,14 @@ def run_child(cmd: list[str], env: dict, limit_gb: float, timeout_s: float, poll
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
-                rss = sum(_proportional_set(p) for p in [root, *root.children(recursive=True)]) / 2**30
+                used = sum(_proportional_set(p) for p in [root, *root.children(recursive=True)]) / 2**30
             except psutil.Error:  # a process ended between listing and reading
-                rss = 0.0
-            run.tree_peak_gb = max(run.tree_peak_gb, rss)
-            over, late = rss > limit_gb, time.perf_counter() - start > timeout_s
+                used = 0.0
+            run.tree_peak_gb = max(run.tree_peak_gb, used)
+            over, late = used > limit_gb, time.perf_counter() - start > timeout_s
             if over or late:
                 _kill_tree(root)
-                run.error = (f"did not fit in {limit_gb:.1f} GB (killed at {rss:.1f} GB)" if over
+                run.error = (f"did not fit in {limit_gb:.1f} GB (killed at {used:.1f} GB)" if over
                              else f"timed out after {timeout_s:.0f} s")
                 break
             time.sleep(poll_s)

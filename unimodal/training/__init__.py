@@ -7,8 +7,9 @@ live here:
   ``--key value`` and ``--section.key value`` overrides), ``RunArguments`` (the run arguments
   every training recipe extends), ``shipped_configs``.
 - `accelerator`: ``make_accelerator`` (gloo on CPU, else DeepSpeed silently runs as one process;
-  a seedable sampler, so a resumed run sees exactly the batches an uninterrupted one would),
-  ``weights_sharded``, ``zero3_disabled``.
+  a seedable sampler, so a resumed run sees exactly the batches an uninterrupted one would; ZeRO
+  bucket sizes from the model's hidden size), ``weights_sharded``, ``zero3_disabled``,
+  ``gather_zero3_into`` (a ZeRO-3 model's weights into a plain copy, one parameter at a time).
 - `checkpoints`: ``CheckpointManager`` (state written to a temporary folder, then renamed, so a
   crash mid-save never leaves a half checkpoint a relaunch would resume from), ``check_finite``.
 - `resume`: ``check_resumable`` (same config, a process count the run can continue from),
@@ -25,7 +26,7 @@ live here:
   time: no [N, intermediate] tensors, no extra forward).
 """
 
-from .accelerator import make_accelerator, weights_sharded, zero3_disabled
+from .accelerator import gather_zero3_into, make_accelerator, weights_sharded, zero3_disabled
 from .allocator import return_large_blocks_to_the_system
 from .checkpoints import CheckpointManager, CheckpointSpaceError, NonFiniteLossError, check_finite
 from .config import RunArguments, parse_config, resolve_config, shipped_configs
@@ -42,5 +43,5 @@ __all__ = [
     "continued_micro_step",
     "cosine_with_warmup", "infinite_batches", "step_in_backward",
     "make_accelerator", "parse_config", "resolve_config", "return_large_blocks_to_the_system", "shipped_configs",
-    "weights_sharded", "zero3_disabled",
+    "weights_sharded", "zero3_disabled", "gather_zero3_into",
 ]

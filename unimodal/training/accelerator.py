@@ -125,7 +125,6 @@ def zero3_disabled() -> Iterator[None]:
         hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
-
 def gather_zero3_into(engine, target: torch.nn.Module | None) -> None:
     """Copy the weights of a ZeRO-3 ``engine`` (what ``accelerator.prepare`` returned) into
     ``target``, a plain copy of its module on the main process (``None`` on the others), one
