@@ -131,6 +131,14 @@ class IgnoreDraftProbability(JacobiDecoding):
         return u < p_draft
 
 
+class KeepEveryDraft(JacobiDecoding):
+    """A wrong coupling: drafts past a rejection are kept as they are, though the next pass tests
+    them against this pass's distribution (as if they had been drawn from it)."""
+
+    def keep(self, p_draft, q_draft, u):
+        return torch.ones_like(u, dtype=torch.bool)
+
+
 # Total variation between 12,000 draws and the exact distribution: ~0.01-0.015 for these tokens.
 SAMPLES, DEPTH, TOLERANCE = 12_000, 3, 0.035
 
@@ -163,7 +171,7 @@ def test_jacobi_samples_the_token_by_token_distribution(distribution_case):
     assert max(jacobi) < TOLERANCE, f"jacobi: {jacobi}"
 
 
-@pytest.mark.parametrize("wrong", [AcceptAll, IgnoreDraftProbability])
+@pytest.mark.parametrize("wrong", [AcceptAll, IgnoreDraftProbability, KeepEveryDraft])
 def test_a_wrong_acceptance_rule_fails_the_distribution_test(distribution_case, wrong):
     distances = empirical_distance(distribution_case, wrong(window=4))
     assert max(distances) > TOLERANCE, f"{wrong.__name__} passed: {distances}"

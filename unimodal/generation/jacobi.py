@@ -8,7 +8,12 @@ the distribution the draft was drawn from; the first rejected draft is replaced 
 more. This is speculative sampling, so every accepted token has exactly the distribution
 token-by-token sampling gives it. The drafts after a rejection are redrawn from this pass's ``p``
 at their positions (computed after the rejected drafts: the Jacobi iteration, ``q`` = that
-``p``); positions new to the window start as uniform draws over the image codes. Greedy decoding
+``p``), maximally coupled to the drafts they replace (MC-SJD, So et al. 2025, arXiv 2510.24211):
+a draft stays with probability ``min(1, p(d) / q(d))``, else it is drawn from ``max(0, p - q)``,
+so it is distributed as ``p`` yet changes as rarely as possible from pass to pass, and the
+context of the drafts after it settles sooner. A draft's own randomness never feeds the
+distributions it is tested against (those read only earlier positions), which keeps the rule
+exact. Positions new to the window start as uniform draws over the image codes. Greedy decoding
 accepts a draft iff it is the argmax, which reproduces token-by-token greedy decoding exactly.
 The first pass is the prefill itself (prompt, ``<boi>`` and the first drafts in one forward), so a
 span of N tokens takes at most N passes, as token by token does, and usually fewer.
@@ -71,6 +76,11 @@ class JacobiDecoding:
     def accept(self, p_draft: torch.Tensor, q_draft: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """SJD's rule: accept a draft iff ``u < p(d) / q(d)`` (all ``[B, W]``, ``q(d) > 0``)."""
         return u * q_draft < p_draft
+
+    def keep(self, p_draft: torch.Tensor, q_draft: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The maximal coupling's keep branch for a draft past the first rejection: keep it iff
+        ``u < p(d) / q(d)`` (all ``[B, W]``), else it becomes a draw from ``max(0, p - q)``."""
+        return self.accept(p_draft, q_draft, u)
 
     @torch.no_grad()
     def sample(
@@ -154,22 +164,24 @@ class JacobiDecoding:
                 p = sampler.distribution(dummy, scores.view(-1, codes_k)).view(rows, window + 1, codes_k)
                 p_d = p[:, :window].gather(-1, drafts[..., None]).squeeze(-1)
                 q_d = q.gather(-1, drafts[..., None]).squeeze(-1)
-                ok = self.accept(p_d, q_d, g[:, :window, 0]) & verify
-                r = ok.long().cumprod(-1).sum(-1)  # [B]
-                rows_idx = torch.arange(rows, device=device)
-                p_r = p[rows_idx, r]  # [B, K]
-                rejected = r < k
-                q_r = q[rows_idx, r.clamp(max=window - 1)]
-                residual = torch.where(rejected[:, None], (p_r - q_r).clamp(min=0), p_r)
-                empty = residual.sum(-1) <= 0  # p == q at the rejected draft: measure zero, keep p
-                residual = torch.where(empty[:, None], p_r, residual)
-                new = _inverse_cdf(residual, g[rows_idx, r, 1])
+                ok = self.accept(p_d, q_d, g[:, :window, 0]) & verify  # [B, W]
+                r = ok.long().cumprod(-1).sum(-1)  # accepted drafts per row: [B]
+                # max(0, p - q) at every drafted slot, p past them; p where p == q (measure zero).
+                residual = torch.cat([torch.where(verify[..., None], (p[:, :window] - q).clamp(min=0),
+                                                  p[:, :window]), p[:, window:]], 1)  # [B, W + 1, K]
+                residual = torch.where(residual.sum(-1, keepdim=True) <= 0, p, residual)
+                drawn = _inverse_cdf(residual.reshape(-1, codes_k), g[:, : window + 1, 1].reshape(-1)).view(rows, -1)
+                new = drawn.gather(1, r[:, None]).squeeze(1)  # slot r: the rejected draft's replacement
+                # Past slot r the next drafts are p's draws coupled to the current ones (see the
+                # module docstring); the keep test reuses the slot's acceptance uniform, which the
+                # rule leaves unused past r.
+                kept = self.keep(p_d, q_d, g[:, :window, 0]) & verify
+                coupled = torch.cat([torch.where(kept, drafts, drawn[:, :window]), drawn[:, window:]], 1)
                 # Next window: slots r + 1 .. r + W. Drawn from this pass's p up to slot k, else uniform.
                 nxt = r[:, None] + 1 + slots[:window]  # [B, W] in 1 .. 2W
                 from_p = nxt <= k[:, None]
-                redrawn = _inverse_cdf(p.reshape(-1, codes_k), g[:, : window + 1, 1].reshape(-1)).view(rows, -1)
                 fresh = (g[:, :, 1].gather(1, nxt) * codes_k).long().clamp_(max=codes_k - 1)
-                next_drafts = torch.where(from_p, redrawn.gather(1, nxt.clamp(max=window)), fresh)
+                next_drafts = torch.where(from_p, coupled.gather(1, nxt.clamp(max=window)), fresh)
                 p_next = p.gather(1, nxt.clamp(max=window)[..., None].expand(-1, -1, codes_k))
                 next_q = torch.where(from_p[..., None], p_next, torch.full_like(p_next, 1 / codes_k))
             # Commit drafts 0 .. r-1 and the new token at slot r: codes n .. n + r
