@@ -35,10 +35,10 @@ outputs/digits-demo/final`` (``make demo``) and ``--smollm2_model outputs/smollm
 (``python examples/digits/run.py --config examples/smollm2/demo.yaml``), sampled with their own
 settings and a digits caption.
 
-Quality on digits (``--digits_model``, a third table): prompt fidelity and FID (judge features,
-the demo's ``classifier/`` next to ``final/``) of ``--quality_samples`` images per digit, for
+Quality on digits (a table per trained model): prompt fidelity and FID (judge features, the
+run's ``classifier/`` next to ``final/``) of ``--quality_samples`` images per digit, for
 token-by-token decoding with ``--seeds`` (their spread is the run-to-run noise) and Jacobi with
-the same seeds.
+the same seeds; forward passes there are per batch of ``--quality_batch`` rows (1: per image).
 
 Times are CPU seconds of this process (``time.process_time``; with the default single thread that
 is the work done, whatever other jobs share the machine), best of ``--repeats`` alternating runs.
@@ -230,8 +230,9 @@ def method_rows(label: str, model, processor, sampling, prompt: str, args) -> No
                   flush=True)
 
 
-def quality_rows(path: str, dtype: torch.dtype, args) -> None:
-    """Prompt fidelity and FID on digits: token-by-token with each seed (the noise), then Jacobi."""
+def quality_rows(label: str, path: str, dtype: torch.dtype, args) -> None:
+    """Prompt fidelity and FID on digits: token-by-token with each seed (the noise), then Jacobi.
+    ``path`` is a final/ folder of `examples/digits/run.py` (its judge is saved next to it)."""
     digits = digits_module()
     model, processor, sampling = trained(path, dtype)
     judge = digits.DigitClassifier.load(Path(resolve_output(path)).parent / "classifier")  # the demo saves it there
@@ -239,7 +240,7 @@ def quality_rows(path: str, dtype: torch.dtype, args) -> None:
     labels = [d for d in range(10) for _ in range(args.quality_samples)]
     rows = [processor.text_to_image_ids(digits.caption_for(d)) for d in labels]
     chunks = -(-len(rows) // args.quality_batch)
-    print(f"\n{len(rows)} images ({args.quality_samples} per digit) in batches of {args.quality_batch}, "
+    print(f"\n{label}: {len(rows)} images ({args.quality_samples} per digit) in batches of {args.quality_batch}, "
           f"the model's settings {sampling}; FID over the judge's features\n")
     print("| method | seed | prompt fidelity | FID | forward passes / image | acceptance | CPU s |")
     print("|---|---|---|---|---|---|---|")
@@ -293,12 +294,13 @@ def main() -> None:
     for name in args.models:
         model, processor = build(name, dtype, args.codebook_size, args.grid)
         method_rows(f"{name} (random weights)", model, processor, sampling, PROMPT, args)
-    for label, path in (("digits demo (trained)", args.digits_model), ("SmolLM2-135M (trained)", args.smollm2_model)):
-        if path:
-            model, processor, own = trained(path, dtype)
-            method_rows(label, model, processor, own, digits_module().caption_for(7), args)
-    if args.digits_model:
-        quality_rows(args.digits_model, dtype, args)
+    trained_models = [(label, path) for label, path in (("digits demo (trained)", args.digits_model),
+                                                        ("SmolLM2-135M (trained)", args.smollm2_model)) if path]
+    for label, path in trained_models:
+        model, processor, own = trained(path, dtype)
+        method_rows(label, model, processor, own, digits_module().caption_for(7), args)
+    for label, path in trained_models:
+        quality_rows(label, path, dtype, args)
 
 
 def speed_table(args, dtype: torch.dtype, sampling, n: int) -> None:

@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> Path:
         stage_times=times, extra={"judge_accuracy": judge_accuracy, "config": asdict(cfg),
                                   "load_average": {"start": load_before, "end": load_after}})
     print(f"\nDone in {total / 60:.1f} min.\n  report:  {report}\n  metrics: {metrics}\n"
-          f"  images:  {out}/*.png\n  model:   {out / 'model'}  (try: unimodal demo --model {out})")
+          f"  images:  {out}/*.png\n  model:   {out / FINAL_SUBFOLDER}  (try: unimodal demo --model {out})")
     return report
 
 
