@@ -118,6 +118,22 @@ def test_top_k_top_p_membership_equals_transformers_warpers(top_k, top_p):
     assert torch.equal(in_top_k_top_p(scores, every_id, top_k, top_p), expected)
 
 
+@pytest.mark.parametrize("spread", [0.3, 3.0])
+def test_top_k_top_p_membership_at_liquids_settings(spread):
+    # Liquid's k and p over 8192 codes: nearly flat scores (a random model) and peaked ones. Most
+    # verdicts here come from the bounds on the top-k mass, the rest from the exact mass; both
+    # must agree with transformers' warpers on every id, near the top-k and top-p edges too.
+    scores = torch.randn(4, 8192, generator=torch.Generator().manual_seed(7)) * spread
+    scores[1, 4090:4100] = scores[1, 4089]  # ties at one score
+    expected = hf_filtered(scores, 1.0, 4096, 0.99) > float("-inf")  # [4, V]
+    # Every 16th id by rank, and the 64 ranks either side of the kept set's edge: [4, 640]
+    by_rank = scores.argsort(-1, descending=True)
+    edges = expected.sum(-1, keepdim=True) + torch.arange(-64, 64)
+    ranks = torch.cat([torch.arange(0, 8192, 16).expand(4, -1), edges.clamp(0, 8191)], -1)
+    ids = by_rank.gather(-1, ranks)
+    assert torch.equal(in_top_k_top_p(scores, ids, 4096, 0.99), expected.gather(-1, ids))
+
+
 def test_token_sampler_draws_the_distribution_of_transformers_warpers():
     scores = torch.randn(1, 40, generator=torch.Generator().manual_seed(0)) * 2
     sampling = SamplingConfig(temperature=0.7, top_k=12, top_p=0.9)
@@ -133,6 +149,28 @@ def test_token_sampler_draws_the_distribution_of_transformers_warpers():
     assert alone == TokenSampler(sampling)(torch.zeros(6, 0), mixed, u).tolist()
     greedy = TokenSampler(SamplingConfig(do_sample=False))
     assert greedy(torch.zeros(6, 0), mixed, None).tolist() == mixed.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("top_k,top_p,tie", [(12, 1.0, False), (12, 1.0, True), (None, 0.3, False), (40, 0.5, False)])
+def test_filtered_draws_follow_transformers_warpers(top_k, top_p, tie):
+    # Flat scores over 200 ids keep little mass, so most proposals are filtered out and the rows
+    # draw from the filtered distribution itself (a partial sort; ties at its edge: the warpers).
+    scores = torch.randn(1, 200, generator=torch.Generator().manual_seed(2)) * 0.5
+    if tie:  # the 11th to 14th best ids share one score: a tie across the top-k's edge
+        scores[0, scores[0].argsort(descending=True)[10:14]] = scores[0].sort(descending=True).values[10]
+    sampling = SamplingConfig(top_k=top_k, top_p=top_p)
+    n = 40000
+    picked = TokenSampler(sampling)(torch.zeros(n, 0), scores.expand(n, 200), RowUniforms(1, n, seed=1).values[0])
+    freq = torch.bincount(picked, minlength=200).double() / n
+    target = hf_filtered(scores, 1.0, top_k or 200, top_p).softmax(-1)[0].double()
+    assert freq[target == 0].sum() == 0
+    assert torch.allclose(freq, target, atol=0.006), (freq - target).abs().max()
+
+
+def test_sampling_never_returns_a_forbidden_id_at_the_ends_of_the_unit_interval():
+    scores = torch.tensor([[float("-inf"), 0.0, 0.0, float("-inf")]] * 2)
+    u = torch.tensor([[0.0, 0.0], [1 - 2**-60, 0.0]], dtype=torch.float64)  # the second rounds to 1 in float32
+    assert TokenSampler(SamplingConfig())(torch.zeros(2, 0), scores, u).tolist() == [1, 2]
 
 
 def test_row_uniforms_give_each_row_its_own_stream():
