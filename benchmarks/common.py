@@ -52,8 +52,10 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5, wall: bool 
 
 def bench_env(threads: int | None = None) -> dict[str, str]:
     """Environment of a benchmark child: the repo importable, offline, one DeepSpeed op cache
-    per user (as the tests use), ``threads`` OpenMP threads."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+    per user (as the tests use), ``threads`` OpenMP threads. The repo goes before any PYTHONPATH
+    already set (packages a GPU machine carries there)."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "TORCH_EXTENSIONS_DIR": os.environ.get(
                "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "unimodal" / "torch_extensions"))}
     if threads:

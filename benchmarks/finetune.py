@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import matmul_peak, peak_memory_gb, time_trainer
+from common import bench_env, matmul_peak, peak_memory_gb, time_trainer
 
 from unimodal.data import PROCESSOR_SUBFOLDER
 
@@ -156,7 +156,7 @@ def main() -> None:
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     prepare(root)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env = bench_env()
     results: dict[tuple[str, str], dict] = {}
     for precision in args.precisions:
         for _ in range(args.repeats):  # alternate: every system sees the same machine load

@@ -19,7 +19,8 @@ Variants (``--only`` takes names or shell patterns):
   and loss mask. ``inbwd``: full fine-tune with the optimizer step inside backward
   (``optimizer_in_backward: true``, which needs ``max_grad_norm: 0``; the other modes clip at 1.0).
 - ``gen``: one 1024-token image with CFG (Liquid's settings) at that shape: ours
-  (`benchmarks/generate.py` ``run_ours``) vs transformers' ``generate`` CFG (``run_hf``).
+  (`benchmarks/generate.py` ``run_ours``) vs transformers' ``generate`` CFG (``run_hf``), and ours
+  with the static cache and compiled step (CUDA graphs on a GPU; its warm-up reported apart).
 - ``dist-<single|zero3|ddp|zero2>``: peak memory per process of the recipe at ``--dist_batch``
   samples, 1 process vs 2-process DeepSpeed ZeRO-3 (and DDP / ZeRO-2) over gloo.
 
@@ -38,6 +39,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
@@ -257,7 +259,7 @@ def run_gen(args, shape: Shape) -> dict:
 
     from unimodal.data import PROCESSOR_SUBFOLDER
     from unimodal.finetune import load_model_and_processor
-    from unimodal.generation import resolve_sampling
+    from unimodal.generation import DecodeStats, resolve_sampling
     from unimodal.processor import UnimodalProcessor
 
     root = Path(args.root)
@@ -272,8 +274,22 @@ def run_gen(args, shape: Shape) -> dict:
     start = clock()
     run_hf(model, processor, 1, sampling, tokens=hf_tokens)
     hf = clock() - start
+    # The static cache and compiled step (CUDA graphs on a GPU, inductor on a CPU): the first image
+    # compiles (its wall time is the warm-up), the second is timed. A failed compile falls back to
+    # the eager step with a warning, which the row then shows.
+    stats = DecodeStats()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        start = clock()
+        run_ours(model, processor, 1, sampling, static_cache=True, compile=True, stats=stats)
+        warm_up = clock() - start
+        start = clock()
+        run_ours(model, processor, 1, sampling, static_cache=True, compile=True)
+        compiled = clock() - start
+    fallback = [str(w.message)[:200] for w in caught if "eager" in str(w.message)]
     return {"tokens": n, "ours_tokens_per_s": n / ours, "hf_tokens": hf_tokens, "hf_tokens_per_s": hf_tokens / hf,
-            "peak_gb": peak_memory_gb()}
+            "compiled_tokens_per_s": n / compiled, "compiled_warm_up_s": warm_up,
+            "compile_seconds": stats.compile_seconds, "compile_fallback": fallback[:1], "peak_gb": peak_memory_gb()}
 
 
 def worker(args) -> None:
@@ -385,6 +401,7 @@ def main() -> None:
         got = runs[name]
         print(f"# {name}: {got.error or 'ok'} in {got.seconds:.0f} s (estimated {estimates[name]:.0f}); "
               f"peak {max([r.get('peak_gb', 0) for r in got.results] or [got.tree_peak_gb]):.2f} GB", flush=True)
+        print(f"#   {json.dumps(got.results)}", flush=True)  # the figures, should a time limit end the run early
     table = render_table(runs, shape, args, limit)
     print("\n" + table)
     if args.out:

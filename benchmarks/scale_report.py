@@ -60,7 +60,7 @@ def estimate_seconds(name: str, s, args, rate: float) -> float:
         ours = steps * max(2 * 2 * backbone / rate, 4 * backbone / (MEMORY_GB_PER_S * 1e9))
         hf = min(args.gen_hf_tokens or steps, steps) * 2 * max(2 * (backbone + head_rows(s) * s.hidden) / rate,
                              4 * (backbone + head_rows(s) * s.hidden) / (MEMORY_GB_PER_S * 1e9))
-        return 15 + ours + hf
+        return 45 + 3 * ours + hf  # eager, then the compiled step's warm-up (compiling ~30 s) and timed image
     if kind == "act":  # six forwards of a 1-2 layer model on one sample
         return 20 + 6 * 2 * (2 * layer_params(s) + head_rows(s) * s.hidden) * s.sample_tokens / train_rate
     flops = step_flops(s, args.dist_batch, "i2t", "ours", False, True)
@@ -134,6 +134,14 @@ def render_table(runs: dict, s, args, limit_gb: float) -> str:
             shortened = f", its first {got['hf_tokens']} tokens" if short else ""
             row(name, setting, f"transformers generate CFG{shortened}", "(same process)",
                 f"{got['hf_tokens_per_s']:.1f} tokens/s" if got else "-")
+            if got and got.get("compile_fallback"):
+                system = f"ours, static cache; the compile failed, eager step: {got['compile_fallback'][0]}"
+            else:
+                system = "ours, static cache + compiled step (CUDA graphs on a GPU, inductor on a CPU)"
+            row(name, setting, system, "(same process)",
+                f"{got['compiled_tokens_per_s']:.1f} tokens/s" if got else "-",
+                f"{_ratio(got['compiled_tokens_per_s'], got['hf_tokens_per_s'])} of generate; warm-up "
+                f"{got['compiled_warm_up_s']:.0f} s (compiling {got['compile_seconds']:.0f} s)" if got else "")
         elif kind == "act":
             kb = {k: f"{v / 1024:.1f} KB" for k, v in got.items() if k.endswith("bytes_per_token")}
             speed = (f"layer {kb['layer_bytes_per_token']} (GC {kb['layer_gc_bytes_per_token']}); head + loss: "

@@ -30,7 +30,9 @@ def env() -> dict:
     # so fresh clones (CI) on the same machine reuse it.
     # One thread per process (accelerate launch does the same): on a busy machine, OpenMP threads
     # spin-waiting for a core made a tiny one-process run 25x slower.
-    return {**os.environ, "PYTHONPATH": str(REPO), "TORCH_EXTENSIONS_DIR": os.environ.get(
+    # The repo first, then any PYTHONPATH already set (packages a GPU machine carries there).
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "TORCH_EXTENSIONS_DIR": os.environ.get(
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "unimodal" / "torch_extensions")),
             "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 

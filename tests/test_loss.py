@@ -173,6 +173,31 @@ def test_bf16_autocast_close_to_own_loss(fused):
     assert torch.nn.functional.cosine_similarity(ours_flat, ref_flat, dim=0) > 0.99
 
 
+def _cast_outputs_to_bf16(module, args, out):
+    """What FSDP2's mixed precision does to a bf16 model's forward outputs on a GPU."""
+    for key in ("logits", "loss"):
+        if out.get(key) is not None:
+            out[key] = out[key].to(torch.bfloat16)
+    return out
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0], ids=["plain", "config-only softcap"])
+def test_probe_sees_through_outputs_cast_to_bf16(softcap):
+    """bf16 weights and outputs (FSDP2 under bf16): the probe's logits and loss come back rounded
+    to bf16, which is no transform; a softcap the forward does not apply is still caught."""
+    model = build("llama", vocab=512, **({"final_logit_softcapping": softcap} if softcap else {}))
+    model.to(torch.bfloat16).register_forward_hook(_cast_outputs_to_bf16)
+    inputs, labels = padded_batch(512)
+    if softcap:
+        with pytest.raises(UnsupportedModelError, match="does not reproduce"):
+            causal_lm_loss(model, labels=labels, **inputs)
+        return
+    ours = causal_lm_loss(model, labels=labels, **inputs).loss
+    ref = model(**inputs, labels=labels).loss
+    assert ref.dtype == torch.bfloat16 and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref.float(), rtol=2e-2, atol=0)
+
+
 def test_eval_sums_per_row():
     model = build("llama").eval()
     inputs, labels = padded_batch()

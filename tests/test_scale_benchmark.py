@@ -45,6 +45,9 @@ def test_quick_run_has_every_row_of_the_default_plan(tmp_path):
         if name == "lm-full-gc-i2t-ours":
             assert "of TRL" in ratio
         if name == "gen":
-            assert "of generate" in ratio and len(rows[name]) == 2  # ours and transformers' generate
+            # ours, transformers' generate, ours compiled (its warm-up apart; not the eager fallback)
+            assert "of generate" in ratio and len(rows[name]) == 3
+            compiled = rows[name][2]
+            assert "compiled step" in compiled[2] and "warm-up" in compiled[5] and compiled[4] != "-"
         if name == "dist-zero3":
             assert len(peak.split(",")) == 2 and "of 1 process" in ratio  # one peak per process
