@@ -53,8 +53,10 @@ class KVDecoder:
             else None
         )
         self.cache: Any = None  # DynamicCache or StaticCache once prefilled
-        self.attention_mask: torch.Tensor | None = None  # [B, past + new]
+        self.attention_mask: torch.Tensor | None = None  # [B, past + new]: a view of _mask
+        self._mask: torch.Tensor | None = None  # [B, capacity]: the prompt's mask, then ones
         self.positions: torch.Tensor | None = None  # [B, 1] position of the last fed token
+        self._offsets: torch.Tensor | None = None  # [n]: 1..n, added to the positions of `extend`
 
     @property
     def device(self) -> torch.device:
@@ -76,7 +78,7 @@ class KVDecoder:
         if not (mask[:, -1] == 1).all():
             raise ValueError("prompts must be left-padded (the last column of attention_mask all ones)")
         self.cache = self._new_cache(mask)
-        self.attention_mask = self._prompt_mask(mask)
+        self.attention_mask, self._mask = self._prompt_mask(mask), None
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # pads get 0, masked anyway
         self.positions = positions[:, -1:]
         return self._forward(input_ids, positions, keep)
@@ -92,7 +94,9 @@ class KVDecoder:
             raise RuntimeError("call prefill() before step() or extend()")
         n = ids.shape[1]
         self._resize_mask(n)
-        positions = self.positions + torch.arange(1, n + 1, device=self.positions.device)  # [B, n]
+        if self._offsets is None or len(self._offsets) < n:
+            self._offsets = torch.arange(1, n + 1, device=self.positions.device)
+        positions = self.positions + self._offsets[:n]  # [B, n]
         self.positions = positions[:, -1:]
         return self._forward(ids.to(self.device), positions, n)
 
@@ -115,13 +119,15 @@ class KVDecoder:
         return mask
 
     def _resize_mask(self, n: int) -> None:
-        """Grow the mask by ``n`` columns of ones (``n < 0``: drop ``-n``)."""
+        """Grow the mask by ``n`` columns of ones (``n < 0``: drop ``-n``). The columns come from a
+        buffer of ones that doubles when full, not a ``torch.cat`` of the whole mask per step."""
         assert self.attention_mask is not None
-        if n > 0:
-            ones = self.attention_mask.new_ones(len(self.attention_mask), n)
-            self.attention_mask = torch.cat([self.attention_mask, ones], 1)
-        else:
-            self.attention_mask = self.attention_mask[:, :n]
+        length = self.attention_mask.shape[1] + n
+        if self._mask is None or length > self._mask.shape[1]:
+            grown = self.attention_mask.new_ones(len(self.attention_mask), max(2 * length, 64))
+            grown[:, :self.attention_mask.shape[1]] = self.attention_mask
+            self._mask = grown
+        self.attention_mask = self._mask[:, :length]
 
     def _call(self, kwargs: dict) -> Any:
         """The model call (a static cache's decoder compiles it)."""
