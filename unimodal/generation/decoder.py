@@ -56,7 +56,6 @@ class KVDecoder:
         self.attention_mask: torch.Tensor | None = None  # [B, past + new]: a view of _mask
         self._mask: torch.Tensor | None = None  # [B, capacity]: the prompt's mask, then ones
         self.positions: torch.Tensor | None = None  # [B, 1] position of the last fed token
-        self._offsets: torch.Tensor | None = None  # [n]: 1..n, added to the positions of `extend`
 
     @property
     def device(self) -> torch.device:
@@ -94,9 +93,7 @@ class KVDecoder:
             raise RuntimeError("call prefill() before step() or extend()")
         n = ids.shape[1]
         self._resize_mask(n)
-        if self._offsets is None or len(self._offsets) < n:
-            self._offsets = torch.arange(1, n + 1, device=self.positions.device)
-        positions = self.positions + self._offsets[:n]  # [B, n]
+        positions = self.positions + torch.arange(1, n + 1, device=self.positions.device)  # [B, n]
         self.positions = positions[:, -1:]
         return self._forward(ids.to(self.device), positions, n)
 
