@@ -244,7 +244,8 @@ def quality_rows(label: str, path: str, dtype: torch.dtype, args) -> None:
           f"the model's settings {sampling}; FID over the judge's features\n")
     print("| method | seed | prompt fidelity | FID | forward passes / image | acceptance | CPU s |")
     print("|---|---|---|---|---|---|---|")
-    for method in ("token", "jacobi"):
+    passes: dict[str, list[float]] = {"token": [], "jacobi": []}  # per image (or batch), per seed
+    for method in passes:
         for seed in args.seeds:
             stats, start = DecodeStats(), time.process_time()
             ids = sample_image_tokens(model, processor, rows, sampling, seed=seed, batch_size=args.quality_batch,
@@ -252,9 +253,13 @@ def quality_rows(label: str, path: str, dtype: torch.dtype, args) -> None:
             seconds = time.process_time() - start
             scores = score_text_to_image(decode_image_ids(processor, ids), labels, test["image"], test["label"],
                                          judge, judge.features)
+            passes[method].append(stats.forward_passes / chunks)
             print(f"| {method} | {seed} | {100 * scores.prompt_fidelity:.1f}% | {scores.fid:.2f} | "
-                  f"{stats.forward_passes / chunks:.1f} / {processor.num_image_tokens} | "
+                  f"{passes[method][-1]:.2f} / {processor.num_image_tokens} | "
                   f"{100 * stats.acceptance:.0f}% | {seconds:.0f} |", flush=True)
+    mean = {method: sum(p) / len(p) for method, p in passes.items()}
+    print(f"\nForward passes, mean over the seeds: token {mean['token']:.3f}, jacobi {mean['jacobi']:.3f} "
+          f"({mean['jacobi'] / mean['token']:.3f}x token-by-token)")
 
 
 def main() -> None:
