@@ -205,40 +205,27 @@ def in_top_k_top_p(
     the (top-k renormalised) mass of the ids scoring strictly higher is below ``top_p``.
     ``probs``: ``scores.softmax(-1)`` when the caller has it.
     """
-    return _top_k_top_p_verdict(scores, ids, top_k, top_p, probs)[0]
-
-
-def _top_k_top_p_verdict(
-    scores: torch.Tensor, ids: torch.Tensor, top_k: int | None, top_p: float, probs: torch.Tensor | None
-) -> tuple[torch.Tensor, bool]:
-    """`in_top_k_top_p`, and whether every id survives (the sampler's common case, settled with
-    one reduction: this runs once per generated token, where each small op costs microseconds)."""
     vocab = scores.shape[-1]
     top_k = top_k if top_k and top_k < vocab else None
-    if not top_k and top_p == 1:
-        return torch.ones_like(ids, dtype=torch.bool), True
     higher = scores.unsqueeze(1) > scores.gather(-1, ids).unsqueeze(-1)  # [B, n, V]
     if top_k:
         count = higher.sum(-1, dtype=torch.int32)  # [B, n]: ids scoring higher
         in_k = count < top_k
-        if top_p == 1:
-            return in_k, bool(in_k.all())
+    if top_p == 1:
+        return in_k if top_k else torch.ones_like(ids, dtype=torch.bool)
     probs = scores.softmax(-1) if probs is None else probs
     above = (probs.unsqueeze(1) * higher).sum(-1)  # [B, n]: mass of the ids scoring higher
     if not top_k:
-        keep = above < top_p
-        return keep, bool(keep.all())
+        return above < top_p
     # The verdict is `above < top_p * M` with M the top-k mass, which needs an O(V) selection; a
     # lower bound on M settles it for all ids but those near the top-p edge. The top-k holds the
     # c ids scoring higher (mass `above`), the id and the k - c - 1 best of the V - c - 1 others,
     # which share the rest of the mass: the V - k of them left out weigh at most their mean, so
-    # M >= 1 - rest * (V - k) / (V - 1 - c). Inside the top-k, c < k, so V - 1 - c >= V - k > 0
-    # (outside it the division's value is never used).
+    # M >= 1 - rest * (V - k) / (V - 1 - c), with V - 1 - c >= V - k > 0 inside the top-k (c < k).
     rest = (1 - above).sub_(probs.gather(-1, ids)).clamp_(min=0)  # [B, n]
-    # above < top_p * (1 - rest * (V - k) / (V - 1 - c)), written as one fused op
     keep = in_k & (torch.addcdiv(above, rest, (vocab - 1) - count, value=top_p * (vocab - top_k)) < top_p)
-    if bool(keep.all()):
-        return keep, True
+    if bool(keep.all()):  # the sampler's common case, settled in one reduction: each op counts per token
+        return keep
     unsure = in_k & ~keep & (above < top_p)
     if unsure.any():
         rows = unsure.any(-1)
@@ -246,7 +233,7 @@ def _top_k_top_p_verdict(
         kth = scores[sel].kthvalue(vocab - top_k + 1, dim=-1, keepdim=True).values
         mass = (probs[sel] * (scores[sel] >= kth)).sum(-1, keepdim=True)  # [b, 1]
         keep[sel] |= unsure[sel] & (above[sel] < top_p * mass)
-    return keep, False
+    return keep
 
 
 class TokenSampler:
@@ -310,9 +297,9 @@ class TokenSampler:
         ids = _inverse_cdf(probs, uniforms[:, 0])  # proposal: [B]
         if not self.filters:
             return ids
-        kept, every = _top_k_top_p_verdict(logits, ids.unsqueeze(-1), self.top_k, self.config.top_p, probs)
-        if not every:
-            rejected = ~kept.squeeze(-1)
+        kept = in_top_k_top_p(logits, ids.unsqueeze(-1), self.top_k, self.config.top_p, probs).squeeze(-1)
+        if not kept.all():
+            rejected = ~kept
             ids[rejected] = self._filtered_draw(input_ids[rejected], logits[rejected], uniforms[rejected, 1])
         return ids
 
